@@ -1,0 +1,28 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+# Each creates .venv, installs sdproxy into it, and fetches Consul (cached) before running.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint consul clean
+
+demo: $(VENV)/.installed consul
+	$(PY) -m proxy demo
+
+test: $(VENV)/.installed consul
+	$(PY) -m pytest -q -p no:cacheprovider
+
+consul: $(VENV)/.installed
+	$(PY) -m proxy.devconsul install
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check proxy tests
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info
