@@ -9,8 +9,14 @@ Components receive only their own section.
 
 from __future__ import annotations
 
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, NoReturn, Union
+from urllib.parse import urlsplit
 
 from proxy.model import Address
 
@@ -24,7 +30,7 @@ RETRY_ON = ("connect-failure", "reset", "timeout", "502", "503", "504")
 
 @dataclass(frozen=True)
 class AdminConfig:
-    listen: Address = Address("127.0.0.1", 9901)
+    listen: Address = Address("127.0.0.1", 9901)  # noqa: RUF009 (an immutable NamedTuple)
 
 
 @dataclass(frozen=True)
@@ -102,4 +108,350 @@ class ConfigError(Exception):
 
 
 def load(path: str, environ: Mapping[str, str]) -> Config:
-    raise NotImplementedError
+    """Read and validate the TOML file at `path`; raise ConfigError with every problem."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from None
+    except ValueError as e:  # TOMLDecodeError, or bytes that are not UTF-8
+        raise ConfigError([f"{path}: invalid TOML: {e}"]) from None
+
+    p = _Problems(path)
+    upstream_tables = doc.pop("upstreams", [])
+    top = _read(p, "", doc, _TOP)
+    consul = top.get("consul", {})
+    if "address" not in consul and environ.get("CONSUL_HTTP_ADDR"):
+        consul["address"] = _with_scheme(environ["CONSUL_HTTP_ADDR"])
+    if "token" not in consul and "CONSUL_HTTP_TOKEN" in environ:
+        consul["token"] = environ["CONSUL_HTTP_TOKEN"]
+    admin = AdminConfig(**top.get("admin", {}))
+    cfg = Config(
+        path=path,
+        admin=admin,
+        consul=ConsulConfig(**consul),
+        dns=DnsConfig(**top.get("dns", {})),
+        upstreams=_read_upstreams(p, upstream_tables, top.get("defaults", {}), admin.listen),
+    )
+    if not cfg.dns.nameservers and any(u.discovery == "dns" for u in cfg.upstreams):
+        p.add("dns.nameservers", 'must not be empty when an upstream uses discovery = "dns"')
+    if p.items:
+        raise ConfigError(p.items)
+    return cfg
+
+
+# --- problems and value converters ---------------------------------------------------
+#
+# A converter takes a raw TOML value and returns the typed value or raises _Invalid.
+# _Invalid carries (key-path suffix, message) pairs so that an array reports each bad
+# entry under its own index (`upstreams[0].retry_on[2]`) rather than only the first.
+
+
+class _Problems:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.items: list[str] = []
+        self.failed: set[str] = set()  # key paths whose value was rejected
+
+    def add(self, key: str, message: str) -> None:
+        self.items.append(f"{self.path}: {key}: {message}")
+
+
+class _Invalid(Exception):
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+Convert = Callable[[Any], Any]
+Schema = Mapping[str, Union[Convert, "Schema"]]  # a nested Schema is a subtable
+
+_TOML_KINDS = {bool: "boolean", int: "integer", str: "string", list: "array", dict: "table"}
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _fail(message: str) -> NoReturn:
+    raise _Invalid([("", message)])
+
+
+def _kind(value: object) -> str:
+    return _TOML_KINDS.get(type(value), type(value).__name__)  # float, datetime keep theirs
+
+
+def _typed(kind: type, name: str) -> Convert:
+    def convert(value: object) -> Any:
+        if type(value) is not kind:  # exact type: a bool must not pass as an integer
+            _fail(f"expected {name}, got {_kind(value)}")
+        return value
+
+    return convert
+
+
+def _where(convert: Convert, ok: Callable[[Any], bool], message: str) -> Convert:
+    """`convert`, then a rule on its result; `message` may show the value as {0}."""
+
+    def check(value: object) -> Any:
+        out = convert(value)
+        if not ok(out):
+            _fail(message.format(out))
+        return out
+
+    return check
+
+
+_string = _typed(str, "a string")
+_boolean = _typed(bool, "a boolean")
+_nonempty_string = _where(_string, bool, "must not be empty")
+_http_path = _where(_string, lambda s: s.startswith("/"), 'must start with "/", got "{0}"')
+
+
+def _integer(low: int, high: int | None = None) -> Convert:
+    rule = f"at least {low}" if high is None else f"{low}..{high}"
+    in_range: Callable[[int], bool] = lambda n: low <= n and (high is None or n <= high)
+    return _where(_typed(int, "an integer"), in_range, f"must be {rule}, got {{0}}")
+
+
+def _choice(choices: tuple[str, ...]) -> Convert:
+    return _where(
+        _string, lambda s: s in choices, f'must be one of {", ".join(choices)}; got "{{0}}"'
+    )
+
+
+def _duration(positive: bool = False) -> Convert:
+    """Seconds as a float, from "250ms", "1m30s", "1.5s" or a bare number of seconds."""
+
+    def convert(value: object) -> float:
+        if isinstance(value, str):
+            if value.startswith("-"):
+                _fail("must not be negative")
+            parts = _DURATION_PART.findall(value)
+            if not parts or "".join(n + u for n, u in parts) != value:
+                _fail(f'expected a duration like "250ms", "2s" or "1m", got "{value}"')
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+            if not math.isfinite(seconds):
+                _fail(f"must be a finite number of seconds, got {value}")
+            if seconds < 0:
+                _fail("must not be negative")
+        else:
+            _fail(f"expected a duration (string with a unit or seconds), got {_kind(value)}")
+        if positive and seconds == 0:
+            _fail("must be greater than 0")  # a zero interval or timeout would spin or fail
+        return seconds
+
+    return convert
+
+
+def _address(value: object) -> Address:
+    text = _string(value)
+    if "://" in text:
+        _fail(f'expected "host:port" without a scheme, got "{text}"')
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            _fail(f'expected "[IPv6]:port", got "{text}"')
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            _fail(f'"{host}" is not an IPv6 address')
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            _fail(f'expected "host:port", got "{text}"')
+        if ":" in host:
+            _fail(f'IPv6 addresses need brackets: "[{host}]:{port}"')
+    if not host or any(c.isspace() or c in "/[]" for c in host):
+        _fail(f'invalid host in "{text}"')
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        _fail(f'port must be 1..65535, got "{port}"')
+    return Address(host, int(port))
+
+
+def _list_of(item: Convert) -> Convert:
+    def convert(value: object) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            _fail(f"expected an array, got {_kind(value)}")
+        out: list[Any] = []
+        errors: list[tuple[str, str]] = []
+        for i, entry in enumerate(value):
+            try:
+                out.append(item(entry))
+            except _Invalid as e:
+                errors += [(f"[{i}]{at}", message) for at, message in e.errors]
+        if errors:
+            raise _Invalid(errors)
+        return tuple(out)
+
+    return convert
+
+
+def _is_hash_key(text: str) -> bool:
+    kind, sep, name = text.partition(":")
+    if not sep:
+        return text in ("source_ip", "path")
+    return kind in ("header", "cookie") and bool(name) and not any(c.isspace() for c in name)
+
+
+_hash_key = _where(
+    _string, _is_hash_key, 'must be source_ip, path, header:NAME or cookie:NAME; got "{0}"'
+)
+
+
+def _with_scheme(address: str) -> str:
+    # Consul's own clients accept "127.0.0.1:8500" in $CONSUL_HTTP_ADDR and mean http.
+    return address if "://" in address else f"http://{address}"
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+_consul_address = _where(
+    lambda v: _with_scheme(_nonempty_string(v)),
+    _is_http_url,
+    'expected "http(s)://host:port", got "{0}"',
+)
+
+
+def _upstream_only(value: object) -> NoReturn:
+    _fail("allowed only in [[upstreams]], not in [defaults]")
+
+
+# --- schemas: the keys each table accepts -----------------------------------------------
+
+_BREAKER: Schema = {"failures": _integer(1), "reset_timeout": _duration()}
+_HEALTH: Schema = {"path": _http_path, "interval": _duration(positive=True)}
+# Every upstream key that [defaults] may set as well.
+_INHERITED: Schema = {
+    "mode": _choice(MODES),
+    "tags": _list_of(_string),
+    "include_warning": _boolean,
+    "datacenters": _list_of(_nonempty_string),
+    "endpoints": _list_of(_address),
+    "file": _string,
+    "dns_type": _choice(DNS_TYPES),
+    "port": _integer(0, 65535),
+    "balance": _choice(BALANCERS),
+    "hash_key": _hash_key,
+    "connect_timeout": _duration(positive=True),
+    "request_timeout": _duration(positive=True),
+    "idle_timeout": _duration(positive=True),
+    "header_timeout": _duration(positive=True),
+    "max_header_size": _integer(1024),
+    "http_parser": _choice(HTTP_PARSERS),
+    "max_connections": _integer(1),
+    "retries": _integer(0),
+    "retry_on": _list_of(_choice(RETRY_ON)),
+    "drain_timeout": _duration(),
+    "breaker": _BREAKER,
+    "health": _HEALTH,
+}
+_UPSTREAM_ONLY: Schema = {
+    "name": _nonempty_string,
+    "listen": _address,
+    "discovery": _choice(DISCOVERY_KINDS),
+}
+_UPSTREAM: Schema = {**_UPSTREAM_ONLY, **_INHERITED}
+_DEFAULTS: Schema = {**{k: _upstream_only for k in _UPSTREAM_ONLY}, **_INHERITED}
+_TOP: Schema = {
+    "admin": {"listen": _address},
+    "consul": {
+        "address": _consul_address,
+        "token": _string,
+        "datacenter": _string,
+        "wait": _duration(),
+        "stale": _boolean,
+    },
+    "dns": {
+        "nameservers": _list_of(_address),
+        "domain": _nonempty_string,
+        "interval": _duration(positive=True),
+    },
+    "defaults": _DEFAULTS,
+}
+
+
+# --- reading tables ---------------------------------------------------------------------
+
+
+def _read(p: _Problems, prefix: str, table: object, schema: Schema) -> dict[str, Any]:
+    """Convert the known keys of `table`; report unknown keys and bad values under prefix."""
+    if not isinstance(table, dict):
+        p.add(prefix, f"expected a table, got {_kind(table)}")
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        path = f"{prefix}.{key}" if prefix else key
+        spec = schema.get(key)
+        if spec is None:
+            p.add(path, "unknown key")
+        elif isinstance(spec, Mapping):
+            out[key] = _read(p, path, value, spec)
+        else:
+            try:
+                out[key] = spec(value)
+            except _Invalid as e:
+                p.failed.add(path)
+                for at, message in e.errors:
+                    p.add(path + at, message)
+    return out
+
+
+def _read_upstreams(
+    p: _Problems, tables: object, defaults: dict[str, Any], admin_listen: Address
+) -> tuple[UpstreamConfig, ...]:
+    if not isinstance(tables, list):
+        p.add("upstreams", f"expected an array of tables ([[upstreams]]), got {_kind(tables)}")
+        return ()
+    out: list[UpstreamConfig] = []
+    # The first holder of each name and listen address, named in a duplicate's problem.
+    names: dict[object, str] = {}
+    listens: dict[object, str] = {}
+    if "admin.listen" not in p.failed:  # else it is the default, not what the user wrote
+        listens[admin_listen] = "admin.listen"
+    for i, table in enumerate(tables):
+        prefix = f"upstreams[{i}]"
+        own = _read(p, prefix, table, _UPSTREAM)
+        for key in ("name", "listen"):
+            if isinstance(table, dict) and key not in table:
+                p.add(f"{prefix}.{key}", "required")
+        if "name" not in own or "listen" not in own:
+            continue  # already reported; nothing sensible to build
+        merged = {**defaults, **own}
+        # Subtables merge key by key: an upstream may override one breaker field and
+        # inherit the other from [defaults.breaker].
+        merged["breaker"] = BreakerConfig(**_subtable(defaults, own, "breaker"))
+        if "health" in defaults or "health" in own:
+            merged["health"] = HealthConfig(**_subtable(defaults, own, "health"))
+        upstream = UpstreamConfig(**merged)
+        _check_upstream(p, prefix, upstream)
+        _claim(p, names, upstream.name, f"{prefix}.name")
+        _claim(p, listens, upstream.listen, f"{prefix}.listen")
+        out.append(upstream)
+    return tuple(out)
+
+
+def _subtable(defaults: dict[str, Any], own: dict[str, Any], key: str) -> dict[str, Any]:
+    return {**defaults.get(key, {}), **own.get(key, {})}
+
+
+def _claim(p: _Problems, holders: dict[object, str], value: object, key: str) -> None:
+    if value in holders:
+        p.add(key, f'"{value}" is already used by {holders[value]}')
+    holders.setdefault(value, key)
+
+
+def _check_upstream(p: _Problems, prefix: str, u: UpstreamConfig) -> None:
+    """Rules that tie one key to another, checked on the merged (inherited) values."""
+    read = ("discovery", "endpoints", "file", "dns_type", "port")
+    if any(f"{where}.{key}" in p.failed for where in (prefix, "defaults") for key in read):
+        return  # a rejected key fell back to its default; a rule on it would mislead
+    if u.discovery == "static" and not u.endpoints:
+        p.add(f"{prefix}.endpoints", 'required (at least one) when discovery = "static"')
+    if u.discovery == "file" and not u.file:
+        p.add(f"{prefix}.file", 'required when discovery = "file"')
+    if u.discovery == "dns" and u.dns_type == "A" and u.port == 0:
+        p.add(f"{prefix}.port", 'required (1..65535) when dns_type = "A"')
