@@ -1,0 +1,41 @@
+"""Discovery kinds by the name the config uses (`discovery = "..."`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from proxy.config import Config, UpstreamConfig
+from proxy.discovery import CatalogSink, Watcher
+
+
+def _consul(config: Config, upstream: UpstreamConfig, sink: CatalogSink, **kw: Any) -> Watcher:
+    from proxy.discovery.consul import ConsulWatcher
+
+    return ConsulWatcher(config.consul, upstream, sink, **kw)
+
+
+def _static(config: Config, upstream: UpstreamConfig, sink: CatalogSink, **kw: Any) -> Watcher:
+    from proxy.discovery.static import StaticWatcher
+
+    return StaticWatcher(upstream, sink)
+
+
+WATCHERS: dict[str, Callable[..., Watcher]] = {
+    "consul": _consul,
+    "static": _static,
+}
+
+
+class UnsupportedDiscovery(Exception):
+    pass
+
+
+def make_watcher(config: Config, upstream: UpstreamConfig, sink: CatalogSink,
+                 **kw: Any) -> Watcher:
+    try:
+        factory = WATCHERS[upstream.discovery]
+    except KeyError:
+        raise UnsupportedDiscovery(
+            f"upstream {upstream.name}: discovery {upstream.discovery!r} is not available in "
+            f"this version (available: {', '.join(WATCHERS)})") from None
+    return factory(config, upstream, sink, **kw)

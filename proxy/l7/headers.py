@@ -1,0 +1,108 @@
+"""Header rewriting and head serialization for the proxied exchange (sans-I/O).
+
+Requests go upstream as HTTP/1.1 with hop-by-hop headers dropped (RFC 9110 section 7.6.1:
+Connection and every header it names, Keep-Alive, Proxy-Connection, TE, Trailer,
+Transfer-Encoding, Upgrade), `X-Forwarded-For` appended with the client address and
+`X-Forwarded-Proto` set when the client did not send one. `Host` is kept. Framing is
+re-established by us: Content-Length is forwarded, chunked bodies are re-chunked.
+"""
+
+from __future__ import annotations
+
+from proxy.l7.framing import connection_tokens
+from proxy.l7.message import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, MessageHead
+
+HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade"))
+_XFF = b"x-forwarded-for"
+_XFP = b"x-forwarded-proto"
+_HOST = b"host"
+_CRLF = b"\r\n"
+
+
+def _forwardable(headers: list[tuple[bytes, bytes]]) -> tuple[list[bytes], dict[bytes, bytes]]:
+    """Header lines to forward and the values of the few headers we act on."""
+    connection = [v for n, v in headers if len(n) == 10 and n.lower() == b"connection"]
+    drop = HOP_BY_HOP | connection_tokens(connection) if connection else HOP_BY_HOP
+    lines: list[bytes] = []
+    seen: dict[bytes, bytes] = {}
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if lname == _XFF:
+            seen[_XFF] = seen[_XFF] + b", " + value if _XFF in seen else value
+            continue
+        if lname == _XFP or lname == _HOST:
+            seen[lname] = value
+        lines.append(name + b": " + value)
+    return lines, seen
+
+
+def encode_request(head: MessageHead, *, client_ip: bytes, default_host: bytes) -> bytes:
+    """The request head as sent upstream."""
+    lines, seen = _forwardable(head.headers)
+    xff = seen.get(_XFF)
+    lines.append(b"X-Forwarded-For: " + (xff + b", " + client_ip if xff else client_ip))
+    if _XFP not in seen:
+        lines.append(b"X-Forwarded-Proto: http")
+    if _HOST not in seen:  # an HTTP/1.0 client may omit Host; HTTP/1.1 upstreams need it
+        lines.append(b"Host: " + default_host)
+    if head.framing == CHUNKED:
+        lines.append(b"Transfer-Encoding: chunked")
+    return b"".join((head.method, b" ", head.target, b" HTTP/1.1\r\n",
+                     _CRLF.join(lines), b"\r\n\r\n"))
+
+
+def encode_response(head: MessageHead, *, request_version: bytes,
+                    request_keep_alive: bool) -> tuple[bytes, bool, bool]:
+    """(head bytes, chunk-encode the body?, keep the client connection?)."""
+    lines, _seen = _forwardable(head.headers)
+    keep = request_keep_alive
+    chunk = False
+    if head.framing in (CHUNKED, UNTIL_CLOSE):
+        if request_version == b"1.1":
+            chunk = True
+            lines.append(b"Transfer-Encoding: chunked")
+        else:
+            keep = False  # an HTTP/1.0 client learns the end of the body from the close
+    if not keep:
+        lines.append(b"Connection: close")
+    elif request_version != b"1.1":
+        lines.append(b"Connection: keep-alive")
+    reason = head.reason or b"-"
+    status_line = b"HTTP/1.1 %d %s\r\n" % (head.status, reason)
+    if not lines:
+        return status_line + _CRLF, chunk, keep
+    return b"".join((status_line, _CRLF.join(lines), b"\r\n\r\n")), chunk, keep
+
+
+def encode_interim(head: MessageHead) -> bytes:
+    """A 1xx response (e.g. 100 Continue) passed through to the client."""
+    lines, _seen = _forwardable(head.headers)
+    out = b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason or b"-")
+    return out + b"".join(line + _CRLF for line in lines) + _CRLF
+
+
+def encode_error(status: int, reason: bytes, upstream: str, detail: str,
+                 keep_alive: bool) -> bytes:
+    """A short text response sdproxy makes itself, naming the upstream."""
+    body = f"sdproxy: upstream {upstream}: {detail}\n".encode()
+    return b"".join((
+        b"HTTP/1.1 %d %s\r\n" % (status, reason),
+        b"Content-Type: text/plain; charset=utf-8\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+        b"" if keep_alive else b"Connection: close\r\n",
+        b"X-Sdproxy-Error: 1\r\n\r\n",
+        body,
+    ))
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+__all__ = ["CHUNKED", "LENGTH", "NO_BODY", "UNTIL_CLOSE", "encode_request", "encode_response",
+           "encode_interim", "encode_error", "chunk", "LAST_CHUNK"]

@@ -1,0 +1,62 @@
+"""Parser-neutral HTTP/1.x message events.
+
+Both parsers (httptools and h11) turn bytes into the same three calls on a sink:
+`on_head(MessageHead)`, `on_body(bytes)`, `on_end()`. The proxy logic sees only these, so
+either parser can drive it. Header names keep the case the peer sent; comparisons use
+`lower()`d names.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+# Framing of a message body (RFC 9112 section 6).
+NO_BODY = 0
+LENGTH = 1
+CHUNKED = 2
+UNTIL_CLOSE = 3
+
+IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+
+
+class MessageHead:
+    """The head of a request or a response, with the framing the parser decided."""
+
+    __slots__ = ("method", "target", "status", "reason", "version", "headers", "keep_alive",
+                 "framing", "content_length", "upgrade")
+
+    def __init__(self, *, method: bytes = b"", target: bytes = b"", status: int = 0,
+                 reason: bytes = b"", version: bytes = b"1.1",
+                 headers: list[tuple[bytes, bytes]] | None = None, keep_alive: bool = True,
+                 framing: int = NO_BODY, content_length: int | None = None,
+                 upgrade: bool = False) -> None:
+        self.method = method
+        self.target = target
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers if headers is not None else []
+        self.keep_alive = keep_alive
+        self.framing = framing
+        self.content_length = content_length
+        self.upgrade = upgrade
+
+    def __repr__(self) -> str:
+        first = (f"{self.method!r} {self.target!r}" if self.method else f"{self.status}")
+        return f"MessageHead({first} HTTP/{self.version.decode()} framing={self.framing})"
+
+
+class MessageSink(Protocol):
+    def on_head(self, head: MessageHead) -> None: ...
+
+    def on_body(self, data: bytes) -> None: ...
+
+    def on_end(self) -> None: ...
+
+
+class ParseError(Exception):
+    """The peer sent bytes that are not valid HTTP/1.x (maps to 400 for a client)."""
+
+
+class HeadTooLarge(ParseError):
+    """The head grew past the configured limit (maps to 431 for a client)."""

@@ -1,0 +1,235 @@
+"""The client side of HTTP mode: one asyncio.Protocol per client connection.
+
+Feeds bytes to the configured request parser and hands each request to an `Exchange`
+(http_exchange.py). Requests are served one at a time; a pipelined request's events are
+queued until the previous response ends. Owns the per-connection limits: the header
+deadline (408), the head size (431), malformed requests (400), `max_connections` (503),
+and which reasons currently pause reading from the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from proxy.config import UpstreamConfig
+from proxy.l7.headers import encode_error
+from proxy.l7.message import HeadTooLarge, MessageHead, ParseError
+from proxy.l7.parsers import PARSERS
+from proxy.protocols.http_exchange import Exchange
+from proxy.upstream.manager import UpstreamRuntime
+
+log = logging.getLogger("sdproxy.http")
+
+# Reasons to stop reading from the client, as bits.
+_PAUSE_PIPELINE = 1  # a further request waits for the current response
+_PAUSE_BODY = 2  # request body buffered past the high-water mark while connecting
+_PAUSE_UPSTREAM = 4  # the instance's socket buffer is full
+
+
+class HttpListener:
+    """Shared state of one HTTP listener: its upstream and connection count."""
+
+    def __init__(self, runtime: UpstreamRuntime, loop: asyncio.AbstractEventLoop) -> None:
+        self.runtime = runtime
+        self.cfg: UpstreamConfig = runtime.config
+        self.loop = loop
+        self.retry_on = frozenset(self.cfg.retry_on)
+        self.connections = 0
+        self.rejected_connections = 0
+        self.open: set[HttpDownstream] = set()
+
+    def protocol_factory(self) -> HttpDownstream:
+        return HttpDownstream(self)
+
+
+class HttpDownstream(asyncio.Protocol):
+    def __init__(self, listener: HttpListener) -> None:
+        self.listener = listener
+        self.runtime = listener.runtime
+        self.cfg = listener.cfg
+        self.loop = listener.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = PARSERS[self.cfg.http_parser][0](self, self.cfg.max_header_size)
+        self.client_ip = b"-"
+        self.exchange: Exchange | None = None
+        self.queue: list[tuple[str, Any]] = []
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.head_bytes = 0  # bytes received since the last response ended
+        self.requests_done = 0
+        self.paused = 0
+        self.write_paused = False
+        self.closed = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = str(peer[0]).encode()
+        listener = self.listener
+        if listener.connections >= self.cfg.max_connections:
+            listener.rejected_connections += 1
+            self.closed = True
+            self.transport.write(encode_error(503, b"Service Unavailable", self.runtime.name,
+                                              "too many connections", False))
+            self.transport.close()
+            return
+        listener.connections += 1
+        listener.open.add(self)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.exchange is None:
+            self.head_bytes += len(data)
+        try:
+            offset = self.parser.feed(data)
+            while offset is not None:
+                # An Upgrade request: until tunnelling lands, the Upgrade header is dropped
+                # as hop-by-hop and the connection goes on as plain HTTP.
+                self.parser = PARSERS[self.cfg.http_parser][0](self, self.cfg.max_header_size)
+                data = data[offset:]
+                offset = self.parser.feed(data) if data else None
+        except HeadTooLarge as e:
+            self._reject(431, str(e))
+        except ParseError as e:
+            self._reject(400, f"malformed request: {e}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed and self not in self.listener.open:
+            return
+        self.closed = True
+        self.listener.connections -= 1
+        self.listener.open.discard(self)
+        self._cancel_header_timer()
+        if self.exchange is not None:
+            self.exchange.on_client_lost()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.on_client_paused(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.on_client_paused(False)
+
+    # -- parser sink --------------------------------------------------------------------
+    def on_head(self, head: MessageHead) -> None:
+        if self.exchange is not None or self.queue:
+            self.queue.append(("head", head))
+            self._set_paused(_PAUSE_PIPELINE, True)
+            return
+        self._cancel_header_timer()
+        exchange = self.exchange = Exchange(self, head)
+        self.loop.create_task(exchange.run())
+
+    def on_body(self, data: bytes) -> None:
+        exchange = self.exchange
+        if self.queue or exchange is None or exchange.body_done:
+            self.queue.append(("body", data))
+        else:
+            exchange.on_client_body(data)
+
+    def on_end(self) -> None:
+        exchange = self.exchange
+        if self.queue or exchange is None or exchange.body_done:
+            self.queue.append(("end", None))
+        else:
+            exchange.on_client_end()
+
+    # -- called by the exchange ---------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_for_body(self, on: bool) -> None:
+        self._set_paused(_PAUSE_BODY, on)
+
+    def pause_for_upstream(self, on: bool) -> None:
+        self._set_paused(_PAUSE_UPSTREAM, on)
+
+    def on_exchange_done(self, exchange: Exchange, keep: bool) -> None:
+        self.exchange = None
+        self.requests_done += 1
+        self.paused &= ~(_PAUSE_BODY | _PAUSE_UPSTREAM)
+        if self.closed:
+            return
+        if not keep:
+            self.closed = True
+            self._cancel_header_timer()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.head_bytes = 0
+        queue, self.queue = self.queue, []
+        for kind, value in queue:
+            if kind == "head":
+                self.on_head(value)
+            elif kind == "body":
+                self.on_body(value)
+            else:
+                self.on_end()
+        if self.exchange is None:
+            self._arm_header_timer()
+        if not self.queue:
+            self._set_paused(_PAUSE_PIPELINE, False)
+        elif self.transport is not None and not self.paused:
+            self.transport.resume_reading()
+
+    # -- helpers ------------------------------------------------------------------------
+    def _set_paused(self, reason: int, on: bool) -> None:
+        before = self.paused
+        self.paused = before | reason if on else before & ~reason
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if self.paused and not before:
+            transport.pause_reading()
+        elif before and not self.paused:
+            transport.resume_reading()
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self.header_timer = self.loop.call_later(self.cfg.header_timeout, self._on_header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _on_header_timeout(self) -> None:
+        self.header_timer = None
+        if self.exchange is not None or self.closed:
+            return
+        if self.head_bytes or not self.requests_done:
+            self._reject(408, f"request head not complete within {self.cfg.header_timeout:g}s")
+        else:  # an idle keep-alive connection: close quietly, as HAProxy does
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def _reject(self, status: int, detail: str) -> None:
+        """Answer a client error ourselves and close the connection."""
+        reasons = {400: b"Bad Request", 408: b"Request Timeout",
+                   431: b"Request Header Fields Too Large"}
+        exchange = self.exchange
+        if exchange is not None:
+            started = exchange.response_started
+            exchange.on_client_lost()
+            if started:
+                self.abort()
+                return
+        self.write(encode_error(status, reasons[status], self.runtime.name, detail, False))
+        self.closed = True
+        self._cancel_header_timer()
+        if self.transport is not None:
+            self.transport.close()

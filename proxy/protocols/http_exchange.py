@@ -1,0 +1,308 @@
+"""One proxied HTTP request: pick an instance, send, relay the response, retry on failure.
+
+`run()` is the only coroutine of the request; it awaits one connect (when no pooled
+connection is idle) and one future per attempt. Everything else happens in callbacks
+from the two connections: request body chunks are written upstream as they arrive (or
+buffered while connecting, up to a high-water mark), response bytes are written to the
+client as they arrive, and each side's transport pauses the other when its buffer fills.
+
+The waiter of an attempt is resolved exactly once with DONE, ABORTED or a failure kind
+(connect-failure, reset, timeout, or the status of a retried 5xx); retry decisions are
+`l7.exchange.may_retry`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from proxy.l7.exchange import (BODY_HIGH_WATER, CONNECT_FAILURE, REPLAY_LIMIT, RESET, TIMEOUT,
+                               may_retry)
+from proxy.l7.headers import (LAST_CHUNK, chunk, encode_error, encode_interim, encode_request,
+                              encode_response)
+from proxy.l7.message import CHUNKED, NO_BODY, UNTIL_CLOSE, MessageHead
+from proxy.protocols.http_upstream import UpstreamConnection, connect
+
+if TYPE_CHECKING:
+    from proxy.protocols.http import HttpDownstream
+    from proxy.upstream.host import Host
+
+log = logging.getLogger("sdproxy.http")
+
+DONE = "done"
+ABORTED = "aborted"
+
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+            502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
+
+
+class Exchange:
+    __slots__ = ("down", "head", "runtime", "cfg", "loop", "body_done", "chunked_request",
+                 "pending", "pending_bytes", "body_log", "body_log_bytes", "body_sent",
+                 "conn", "host", "attempt", "waiter", "timer", "response_head",
+                 "response_started", "chunk_response", "client_keep", "started",
+                 "request_bytes")
+
+    def __init__(self, down: HttpDownstream, head: MessageHead) -> None:
+        self.down = down
+        self.head = head
+        self.runtime = down.runtime
+        self.cfg = down.cfg
+        self.loop = down.loop
+        self.body_done = head.framing == NO_BODY
+        self.chunked_request = head.framing == CHUNKED
+        self.pending: list[bytes] = []  # framed body chunks not yet written to `conn`
+        self.pending_bytes = 0
+        self.body_log: list[bytes] | None = []  # every framed chunk, while replayable
+        self.body_log_bytes = 0
+        self.body_sent = False  # some body bytes reached some instance
+        self.conn: UpstreamConnection | None = None
+        self.host: Host | None = None
+        self.attempt = 0
+        self.waiter: asyncio.Future[str] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.response_head: MessageHead | None = None
+        self.response_started = False
+        self.chunk_response = False
+        self.client_keep = head.keep_alive
+        self.started = self.loop.time()
+        self.request_bytes = encode_request(head, client_ip=down.client_ip,
+                                            default_host=self.runtime.name.encode())
+
+    # -- the request coroutine ----------------------------------------------------------
+    async def run(self) -> None:
+        keep = False
+        try:
+            keep = await self._run()
+        except Exception:  # a bug must cost one request, never the listener
+            log.exception("event=exchange_error upstream=%s", self.runtime.name)
+            if not self.response_started:
+                self._respond_error(502, "internal error")
+            keep = False
+        finally:
+            self._cancel_timer()
+            if self.conn is not None:
+                self.conn.abort()
+                self.conn = None
+            self.down.on_exchange_done(self, keep)
+
+    async def _run(self) -> bool:
+        rt = self.runtime
+        cfg = self.cfg
+        retry_on = self.down.listener.retry_on
+        tried: list[Host] = []
+        while True:
+            self.attempt += 1
+            host = rt.pick(tried)
+            if host is None:
+                rt.no_host_responses += 1
+                if tried:
+                    names = ", ".join(h.id for h in tried)
+                    return self._respond_error(502, f"no instance could be reached (tried {names})")
+                return self._respond_error(503, "no passing instance")
+            tried.append(host)
+            host.active += 1
+            host.requests += 1
+            self.host = host
+            try:
+                outcome = await self._attempt(host)
+            finally:
+                rt.release(host)
+            if outcome == DONE:
+                rt.latency.observe(self.loop.time() - self.started)
+                return self.client_keep
+            if outcome == ABORTED:
+                return False
+            if self.response_started:  # failed mid-response: the client sees a cut body
+                self.down.abort()
+                return False
+            replayable = self.body_log is not None or not self.body_sent
+            if may_retry(outcome, method=self.head.method, replayable=replayable,
+                         attempt=self.attempt, retries=cfg.retries, retry_on=retry_on):
+                rt.count_failover(outcome)
+                continue
+            if outcome == TIMEOUT:
+                return self._respond_error(504, f"instance {host.id} did not answer within "
+                                                f"{cfg.request_timeout:g}s")
+            return self._respond_error(502, f"instance {host.id} failed: {outcome}")
+
+    async def _attempt(self, host: Host) -> str:
+        cfg = self.cfg
+        conn = host.pool.take()
+        if conn is None:
+            try:
+                conn = await connect(host, cfg.http_parser, cfg.max_header_size,
+                                     cfg.idle_timeout, cfg.connect_timeout)
+            except (OSError, TimeoutError):
+                host.on_failure()
+                return CONNECT_FAILURE
+            if self.down.closed:
+                conn.close()
+                return ABORTED
+        assert isinstance(conn, UpstreamConnection)
+        self.conn = conn
+        conn.attach(self, self.head.method)
+        self.response_head = None
+        waiter = self.waiter = self.loop.create_future()
+        transport = conn.transport
+        assert transport is not None
+        if self.down.write_paused:
+            transport.pause_reading()
+        transport.write(self.request_bytes)
+        body = self.body_log if self.body_log is not None else self.pending
+        if body:
+            transport.writelines(body)
+            self.body_sent = True
+        if self.pending:
+            self.pending = []
+            self.pending_bytes = 0
+            self.down.pause_for_body(False)
+        self.timer = self.loop.call_later(cfg.request_timeout, self._on_request_timeout)
+        return await waiter
+
+    # -- request body from the client ---------------------------------------------------
+    def on_client_body(self, data: bytes) -> None:
+        framed = chunk(data) if self.chunked_request else data
+        self._add_body(framed)
+
+    def on_client_end(self) -> None:
+        if self.chunked_request:
+            self._add_body(LAST_CHUNK)
+        self.body_done = True
+
+    def _add_body(self, framed: bytes) -> None:
+        log_ = self.body_log
+        if log_ is not None:
+            self.body_log_bytes += len(framed)
+            if self.body_log_bytes > REPLAY_LIMIT:
+                self.body_log = None
+            else:
+                log_.append(framed)
+        conn = self.conn
+        if conn is not None and conn.transport is not None and self.response_head is None:
+            conn.transport.write(framed)
+            self.body_sent = True
+        elif conn is None:
+            self.pending.append(framed)
+            self.pending_bytes += len(framed)
+            if self.pending_bytes > BODY_HIGH_WATER:
+                self.down.pause_for_body(True)
+
+    # -- events from the upstream connection --------------------------------------------
+    def on_response_head(self, conn: UpstreamConnection, head: MessageHead) -> None:
+        if conn is not self.conn:
+            return
+        if 100 <= head.status < 200 and head.status != 101:
+            if not self.response_started:
+                self.down.write(encode_interim(head))
+            return
+        self._cancel_timer()
+        host = conn.host
+        status = head.status
+        key = str(status)
+        if status >= 500 and key in self.down.listener.retry_on:
+            host.on_failure(status)
+            replayable = self.body_log is not None or not self.body_sent
+            if may_retry(key, method=self.head.method, replayable=replayable,
+                         attempt=self.attempt, retries=self.cfg.retries,
+                         retry_on=self.down.listener.retry_on):
+                self.conn = None
+                conn.exchange = None
+                conn.close()
+                self._resolve(key)
+                return
+        else:
+            host.on_success(status)
+        self.response_head = head
+        if not self.body_done:
+            self.client_keep = False  # the client is still sending a body nobody reads
+        data, self.chunk_response, self.client_keep = encode_response(
+            head, request_version=self.head.version, request_keep_alive=self.client_keep)
+        self.response_started = True
+        self.down.write(data)
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.response_started:
+            self.down.write(chunk(data) if self.chunk_response else data)
+
+    def on_response_end(self, conn: UpstreamConnection) -> None:
+        if conn is not self.conn or self.response_head is None:
+            return
+        if self.chunk_response:
+            self.down.write(LAST_CHUNK)
+        self.conn = None
+        head = self.response_head
+        if not (head.keep_alive and self.body_done and head.framing != UNTIL_CLOSE
+                and conn.park()):
+            conn.close()
+        self._resolve(DONE)
+
+    def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        if conn is not self.conn:
+            return
+        self.conn = None
+        head = self.response_head
+        if head is not None and head.framing == UNTIL_CLOSE:
+            if self.chunk_response:
+                self.down.write(LAST_CHUNK)
+            self._resolve(DONE)  # the close is the end of such a body (RFC 9112 6.3)
+            return
+        conn.host.on_failure()
+        self._resolve(RESET)
+
+    def on_upstream_error(self, conn: UpstreamConnection, detail: str) -> None:
+        if conn is not self.conn:
+            return
+        log.debug("event=upstream_protocol_error upstream=%s instance=%s error=%r",
+                  self.runtime.name, conn.host.id, detail)
+        self.conn = None
+        conn.host.on_failure()
+        self._resolve(RESET)
+
+    def on_upstream_paused(self, paused: bool) -> None:
+        self.down.pause_for_upstream(paused)
+
+    def _on_request_timeout(self) -> None:
+        self.timer = None
+        conn = self.conn
+        if conn is None or self.response_head is not None:
+            return
+        self.conn = None
+        conn.host.on_failure()
+        conn.abort()
+        self._resolve(TIMEOUT)
+
+    # -- events from the client connection ----------------------------------------------
+    def on_client_lost(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.abort()
+        self._resolve(ABORTED)
+
+    def on_client_paused(self, paused: bool) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            if paused:
+                conn.transport.pause_reading()
+            else:
+                conn.transport.resume_reading()
+
+    # -- helpers ------------------------------------------------------------------------
+    def _resolve(self, outcome: str) -> None:
+        self._cancel_timer()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outcome)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _respond_error(self, status: int, detail: str) -> bool:
+        keep = self.client_keep and self.body_done
+        self.down.write(encode_error(status, _REASONS[status], self.runtime.name, detail, keep))
+        self.response_started = True
+        return keep

@@ -1,0 +1,135 @@
+"""The upstream side of an HTTP exchange: one keep-alive connection to one instance.
+
+A thin asyncio.Protocol around a response parser. While an exchange owns the connection,
+every parser event and transport callback is forwarded to it; while idle in its host's
+pool, any byte or close from the instance makes it unusable (it is then discarded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from proxy.l7.message import MessageHead, ParseError
+from proxy.l7.parsers import PARSERS
+
+if TYPE_CHECKING:
+    from proxy.protocols.http_exchange import Exchange
+    from proxy.upstream.host import Host
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("host", "transport", "parser", "exchange", "closed", "reused", "idle_timer",
+                 "idle_timeout", "loop")
+
+    def __init__(self, host: Host, parser_name: str, max_head: int, idle_timeout: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.host = host
+        self.transport: asyncio.Transport | None = None
+        self.parser = PARSERS[parser_name][1](self, max_head)
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.reused = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_timeout = idle_timeout
+        self.loop = loop
+
+    # -- pool interface -----------------------------------------------------------------
+    def is_usable(self) -> bool:
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def attach(self, exchange: Exchange, request_method: bytes) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        self.exchange = exchange
+        self.parser.expect(request_method)
+
+    def park(self) -> bool:
+        """Return the connection to its host's pool; False if it must be closed instead."""
+        self.exchange = None
+        if self.closed or self.host.draining or not self.host.pool.put(self):
+            return False
+        self.reused = True
+        self.idle_timer = self.loop.call_later(self.idle_timeout, self._on_idle_timeout)
+        return True
+
+    def _on_idle_timeout(self) -> None:
+        self.idle_timer = None
+        self.host.pool.discard(self)
+        self.close()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:  # bytes from an idle instance: protocol violation, drop it
+            self.host.pool.discard(self)
+            self.close()
+            return
+        try:
+            self.parser.feed(data)
+        except ParseError as e:
+            self.close()
+            exchange.on_upstream_error(self, f"invalid response: {e}")
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.on_upstream_lost(self, exc)
+        else:
+            self.host.pool.discard(self)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.on_upstream_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.on_upstream_paused(False)
+
+    # -- parser sink: forwarded to the owning exchange ----------------------------------
+    def on_head(self, head: MessageHead) -> None:
+        if self.exchange is not None:
+            self.exchange.on_response_head(self, head)
+
+    def on_body(self, data: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.on_response_body(data)
+
+    def on_end(self) -> None:
+        if self.exchange is not None:
+            self.exchange.on_response_end(self)
+
+
+async def connect(host: Host, parser_name: str, max_head: int, idle_timeout: float,
+                  timeout: float) -> UpstreamConnection:
+    """Open a new connection to `host` within `timeout` (OSError or TimeoutError)."""
+    loop = asyncio.get_running_loop()
+    ep = host.endpoint
+    factory: Any = lambda: UpstreamConnection(host, parser_name, max_head, idle_timeout, loop)
+    async with asyncio.timeout(timeout):
+        _transport, conn = await loop.create_connection(factory, ep.address, ep.port)
+    return conn  # type: ignore[no-any-return]

@@ -1,0 +1,102 @@
+"""Runtime state of one instance, keyed by its endpoint id; survives catalog refreshes.
+
+`Endpoint` (model.py) is what the catalog says; `Host` is what sdproxy learned by using
+the instance: requests in flight, counters, its balancer weight state and its idle
+keep-alive connections. A refresh that keeps the id keeps the Host (Envoy's
+HostDescription vs Host). Counters are plain ints, read by the metrics collector at
+scrape time, so the request path never touches a metrics library.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from proxy.model import Endpoint
+
+HEALTHY = "healthy"
+DRAINING = "draining"
+
+
+class IdleConnection(Protocol):
+    def is_usable(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class IdlePool:
+    """Idle keep-alive connections to one host, most recently used first."""
+
+    __slots__ = ("_idle", "limit")
+
+    def __init__(self, limit: int = 256) -> None:
+        self._idle: list[IdleConnection] = []
+        self.limit = limit
+
+    def take(self) -> IdleConnection | None:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.is_usable():
+                return conn
+        return None
+
+    def put(self, conn: IdleConnection) -> bool:
+        if len(self._idle) >= self.limit:
+            return False
+        self._idle.append(conn)
+        return True
+
+    def discard(self, conn: IdleConnection) -> None:
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close_all(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+
+class Host:
+    __slots__ = ("endpoint", "id", "active", "requests", "failures", "consecutive_failures",
+                 "status_counts", "draining", "sw_current", "pool")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.id = endpoint.id
+        self.active = 0  # requests (http) or connections (tcp) in flight
+        self.requests = 0  # attempts sent to this host
+        self.failures = 0  # attempts that failed (connect, reset, timeout, listed 5xx)
+        self.consecutive_failures = 0
+        self.status_counts: dict[int, int] = {}
+        self.draining = False
+        self.sw_current = 0  # smooth weighted round robin's running weight
+        self.pool = IdlePool()
+
+    @property
+    def weight(self) -> int:
+        return self.endpoint.weight
+
+    @property
+    def state(self) -> str:
+        return DRAINING if self.draining else HEALTHY
+
+    def on_success(self, status: int) -> None:
+        self.consecutive_failures = 0
+        counts = self.status_counts
+        counts[status] = counts.get(status, 0) + 1
+
+    def on_failure(self, status: int = 0) -> None:
+        """`status` 0 means no response (connect failure, reset, timeout)."""
+        self.failures += 1
+        self.consecutive_failures += 1
+        if status:
+            counts = self.status_counts
+            counts[status] = counts.get(status, 0) + 1
+
+    def __repr__(self) -> str:
+        return f"Host({self.id} {self.endpoint.hostport} {self.state})"
