@@ -54,6 +54,7 @@ class HttpDownstream(asyncio.Protocol):
         self.parser = PARSERS[self.cfg.http_parser][0](self, self.cfg.max_header_size)
         self.client_ip = b"-"
         self.exchange: Exchange | None = None
+        self.in_request = False  # the current exchange's request has not ended yet
         self.queue: list[tuple[str, Any]] = []
         self.header_timer: asyncio.TimerHandle | None = None
         self.head_bytes = 0  # bytes received since the last response ended
@@ -126,21 +127,21 @@ class HttpDownstream(asyncio.Protocol):
             return
         self._cancel_header_timer()
         exchange = self.exchange = Exchange(self, head)
+        self.in_request = True
         self.loop.create_task(exchange.run())
 
     def on_body(self, data: bytes) -> None:
-        exchange = self.exchange
-        if self.queue or exchange is None or exchange.body_done:
-            self.queue.append(("body", data))
+        if self.in_request and not self.queue:
+            self.exchange.on_client_body(data)  # type: ignore[union-attr]
         else:
-            exchange.on_client_body(data)
+            self.queue.append(("body", data))
 
     def on_end(self) -> None:
-        exchange = self.exchange
-        if self.queue or exchange is None or exchange.body_done:
-            self.queue.append(("end", None))
+        if self.in_request and not self.queue:
+            self.in_request = False
+            self.exchange.on_client_end()  # type: ignore[union-attr]
         else:
-            exchange.on_client_end()
+            self.queue.append(("end", None))
 
     # -- called by the exchange ---------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -159,6 +160,7 @@ class HttpDownstream(asyncio.Protocol):
 
     def on_exchange_done(self, exchange: Exchange, keep: bool) -> None:
         self.exchange = None
+        self.in_request = False
         self.requests_done += 1
         self.paused &= ~(_PAUSE_BODY | _PAUSE_UPSTREAM)
         if self.closed:
