@@ -1,0 +1,341 @@
+"""ConsulWatcher against a real `consul agent -dev` (proxy.devconsul), no mocks.
+
+Every test watches its own service name on one module-wide agent, so tests do not see
+each other's instances; the test that stops Consul starts an agent of its own. Waiting is
+always for an event (`asyncio.timeout` around a queue), never sleep-and-check.
+
+The last section drives the watcher's error and pacing paths through a scripted HTTP
+server on loopback, because a real Consul cannot be made to send bad JSON or answer a
+blocking query at once forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.config import ConsulConfig, UpstreamConfig
+from proxy.devconsul import ConsulAgent
+from proxy.discovery.consul import PACE_BURST, PACE_INTERVAL, ConsulWatcher
+from proxy.model import Address, CatalogAnswer
+
+WAIT = 5.0  # small blocking wait: a test never needs a full 55 s query to end
+STEP = 2.0  # generous bound for one catalog change to reach the sink
+LISTEN = Address("127.0.0.1", 0)
+
+
+class QueueSink:
+    """Records what the watcher reports, for the test to await."""
+
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue[CatalogAnswer] = asyncio.Queue()
+        self.errors: asyncio.Queue[str] = asyncio.Queue()
+
+    def on_catalog_answer(self, answer: CatalogAnswer) -> None:
+        self.answers.put_nowait(answer)
+
+    def on_catalog_error(self, error: str) -> None:
+        self.errors.put_nowait(error)
+
+    async def answer_where(self, pred: Callable[[CatalogAnswer], bool],
+                           timeout: float = STEP) -> CatalogAnswer:
+        async with asyncio.timeout(timeout):
+            while True:
+                answer = await self.answers.get()
+                if pred(answer):
+                    return answer
+
+
+def ids(answer: CatalogAnswer) -> set[str]:
+    return {e.id for e in answer.endpoints}
+
+
+def instance(name: str, sid: str, port: int, status: str = "passing", *,
+             address: str = "127.0.0.2", **extra: Any) -> dict[str, Any]:
+    """A service with one TTL check `<sid>-ttl` in `status` (TTL long: no expiry here)."""
+    return {"Name": name, "ID": sid, "Address": address, "Port": port,
+            "Check": {"CheckID": f"{sid}-ttl", "TTL": "10m", "Status": status}, **extra}
+
+
+@pytest.fixture(scope="module")
+def agent() -> Iterator[ConsulAgent]:
+    with ConsulAgent() as a:
+        yield a
+
+
+@contextlib.asynccontextmanager
+async def watching(address: str, name: str, *, consul: ConsulConfig | None = None,
+                   **upstream: Any) -> AsyncIterator[tuple[ConsulWatcher, QueueSink]]:
+    sink = QueueSink()
+    watcher = ConsulWatcher(consul or ConsulConfig(address=address, wait=WAIT),
+                            UpstreamConfig(name=name, listen=LISTEN, **upstream), sink,
+                            rng=random.Random(7))
+    task = asyncio.create_task(watcher.run())
+    try:
+        yield watcher, sink
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        # run() must only ever end by cancellation: no other exception escaped.
+        assert task.cancelled()
+
+
+# -- against a real Consul --------------------------------------------------------------
+async def test_first_answer_holds_only_passing_instances(agent: ConsulAgent) -> None:
+    for sid, port, status in [("first-ok", 9001, "passing"), ("first-crit", 9002, "critical"),
+                              ("first-warn", 9003, "warning")]:
+        agent.register(instance("first", sid, port, status))
+    async with watching(agent.http_addr, "first") as (watcher, sink):
+        answer = await sink.answer_where(lambda a: True)
+        assert ids(answer) == {"first-ok"}
+        (e,) = answer.endpoints
+        assert (e.address, e.port, e.status, e.weight) == ("127.0.0.2", 9001, "passing", 1)
+        assert (e.node, e.datacenter) == (agent.node, agent.datacenter)
+        assert answer.index is not None and answer.index > 0
+        assert watcher.last_index == answer.index
+
+
+async def test_register_reaches_the_sink_at_once(agent: ConsulAgent) -> None:
+    agent.register(instance("reg", "reg-1", 9001))
+    async with watching(agent.http_addr, "reg") as (_, sink):
+        await sink.answer_where(lambda a: ids(a) == {"reg-1"})
+        started = time.perf_counter()
+        await asyncio.to_thread(agent.register, instance("reg", "reg-2", 9002))
+        await sink.answer_where(lambda a: ids(a) == {"reg-1", "reg-2"})
+        delay = time.perf_counter() - started
+        print(f"\nregister -> answer: {delay * 1000:.1f} ms")
+        assert delay < 1.0
+        await asyncio.to_thread(agent.deregister, "reg-2")
+        await sink.answer_where(lambda a: ids(a) == {"reg-1"})
+
+
+async def test_failing_check_removes_and_passing_restores(agent: ConsulAgent) -> None:
+    agent.register(instance("flap", "flap-1", 9001))
+    agent.register(instance("flap", "flap-2", 9002))
+    async with watching(agent.http_addr, "flap") as (_, sink):
+        await sink.answer_where(lambda a: ids(a) == {"flap-1", "flap-2"})
+        started = time.perf_counter()
+        await asyncio.to_thread(agent.check_fail, "flap-2-ttl")
+        await sink.answer_where(lambda a: ids(a) == {"flap-1"})
+        print(f"\ncheck_fail -> answer: {(time.perf_counter() - started) * 1000:.1f} ms")
+        await asyncio.to_thread(agent.check_pass, "flap-2-ttl")
+        await sink.answer_where(lambda a: ids(a) == {"flap-1", "flap-2"})
+        # warning is not passing unless the upstream says include_warning
+        await asyncio.to_thread(agent.check_warn, "flap-2-ttl")
+        await sink.answer_where(lambda a: ids(a) == {"flap-1"})
+
+
+async def test_include_warning(agent: ConsulAgent) -> None:
+    agent.register(instance("warn", "warn-ok", 9001))
+    agent.register(instance("warn", "warn-w", 9002, "warning",
+                            Weights={"Passing": 5, "Warning": 1}))
+    agent.register(instance("warn", "warn-crit", 9003, "critical"))
+    async with watching(agent.http_addr, "warn", include_warning=True) as (_, sink):
+        answer = await sink.answer_where(lambda a: True)
+        by_id = {e.id: e for e in answer.endpoints}
+        assert set(by_id) == {"warn-ok", "warn-w"}
+        assert (by_id["warn-w"].status, by_id["warn-w"].weight) == ("warning", 1)
+        await asyncio.to_thread(agent.check_pass, "warn-w-ttl")
+        answer = await sink.answer_where(lambda a: a.endpoints != answer.endpoints)
+        by_id = {e.id: e for e in answer.endpoints}
+        assert (by_id["warn-w"].status, by_id["warn-w"].weight) == ("passing", 5)
+
+
+async def test_tag_filter(agent: ConsulAgent) -> None:
+    agent.register(instance("tags", "tags-blue", 9001, Tags=["blue", "v2"]))
+    agent.register(instance("tags", "tags-green", 9002, Tags=["green", "v2"]))
+    async with watching(agent.http_addr, "tags", tags=("blue", "v2")) as (_, sink):
+        answer = await sink.answer_where(lambda a: True)
+        assert ids(answer) == {"tags-blue"}
+        assert answer.endpoints[0].tags == ("blue", "v2")
+        await asyncio.to_thread(agent.register,
+                                instance("tags", "tags-blue2", 9003, Tags=["v2", "blue"]))
+        await sink.answer_where(lambda a: ids(a) == {"tags-blue", "tags-blue2"})
+
+
+async def test_node_address_fallback(agent: ConsulAgent) -> None:
+    agent.register(instance("naddr", "naddr-svc", 9001, address="127.0.0.2"))
+    agent.register(instance("naddr", "naddr-node", 9002, address=""))
+    async with watching(agent.http_addr, "naddr") as (_, sink):
+        answer = await sink.answer_where(lambda a: True)
+        assert {e.id: e.address for e in answer.endpoints} == {
+            "naddr-svc": "127.0.0.2", "naddr-node": "127.0.0.1"}  # the dev agent's bind
+
+
+async def test_unknown_datacenter_is_an_error_not_an_answer(agent: ConsulAgent) -> None:
+    agent.register(instance("nodc", "nodc-1", 9001))
+    async with watching(agent.http_addr, "nodc", datacenters=("dc-nowhere",)) as (_, sink):
+        async with asyncio.timeout(STEP):
+            error = await sink.errors.get()
+        assert error.startswith(f"consul {agent.http_addr}: HTTP 500")
+        assert "datacenter" in error.lower()
+        assert sink.answers.empty()
+
+
+async def test_stopped_agent_reports_errors_and_keeps_the_last_answer(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="sdproxy.discovery.consul")
+    with ConsulAgent() as own:
+        own.register(instance("gone", "gone-1", 9001))
+        async with watching(own.http_addr, "gone") as (watcher, sink):
+            await sink.answer_where(lambda a: ids(a) == {"gone-1"})
+            index = watcher.last_index
+            await asyncio.to_thread(own.stop)
+            errors: list[str] = []
+            async with asyncio.timeout(5.0):
+                while len(errors) < 3:  # the cut query, then retries refused
+                    errors.append(await sink.errors.get())
+            assert all(e.startswith(f"consul {own.http_addr}: ") for e in errors)
+            assert any(e.endswith("connection refused") for e in errors)
+            assert sink.answers.empty()  # the last answer stays in force
+            assert watcher.last_index == index
+    lines = [r.getMessage() for r in caplog.records if "event=catalog_error" in r.getMessage()]
+    assert len(lines) >= 3
+    assert lines[-1].startswith('event=catalog_error upstream=gone error="consul ')
+
+
+# -- a scripted server stands in where a real Consul cannot misbehave on demand -----------
+Reply = tuple[int, str, str | None]  # status, body, X-Consul-Index
+
+
+class Script:
+    """Answers each request with the next (status, body, index); records the requests."""
+
+    def __init__(self, replies: list[Reply]) -> None:
+        self.replies = replies
+        self.requests: list[tuple[dict[str, str], dict[str, str]]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append((dict(request.query), dict(request.headers)))
+        status, body, index = self.replies[min(len(self.requests), len(self.replies)) - 1]
+        headers = {"X-Consul-Index": index} if index is not None else {}
+        return web.Response(status=status, text=body, headers=headers,
+                            content_type="application/json")
+
+
+@contextlib.asynccontextmanager
+async def scripted(replies: list[Reply]) -> AsyncIterator[tuple[Script, str]]:
+    script = Script(replies)
+    app = web.Application()
+    app.router.add_get("/v1/health/service/{name}", script.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield script, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def one_instance(sid: str = "s-1") -> str:
+    return json.dumps([{"Node": {"Node": "n1", "Address": "127.0.0.1", "Datacenter": "dc1"},
+                        "Service": {"ID": sid, "Port": 9001, "Address": ""},
+                        "Checks": [{"Status": "passing"}]}])
+
+
+class FixedClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(address: str, sink: Any, clock: FixedClock | None = None, **consul: Any) -> ConsulWatcher:
+    return ConsulWatcher(ConsulConfig(address=address, wait=WAIT, **consul),
+                         UpstreamConfig(name="svc", listen=LISTEN), sink,
+                         rng=random.Random(3), clock=clock or FixedClock())
+
+
+async def test_request_shape_and_index_reset_after_error() -> None:
+    replies: list[Reply] = [(200, one_instance(), "10"), (200, "{not json", "11"),
+                           (200, one_instance(), "12")]
+    async with scripted(replies) as (script, address), aiohttp.ClientSession() as session:
+        sink = QueueSink()
+        watcher = make(address, sink, token="s3cret", datacenter="dc2")
+        assert await watcher.poll_once(session) == 0.0  # changed: no delay
+        assert 0.0 <= await watcher.poll_once(session) <= 0.1  # bad JSON: first backoff
+        assert await watcher.poll_once(session) == 0.0
+        first, after_good, after_error = (q for q, _ in script.requests)
+        assert first == {"wait": "5s", "stale": "", "dc": "dc2"}  # no index, no passing
+        assert after_good == {"wait": "5s", "stale": "", "dc": "dc2", "index": "10"}
+        assert after_error == first  # the index is forgotten after an error
+        assert all(h["X-Consul-Token"] == "s3cret" for _, h in script.requests)
+        assert (await sink.errors.get()).startswith(f"consul {address}: bad answer: invalid")
+        # Unchanged, but the first answer after an error is sent again: the sink learns
+        # the catalog is back.
+        assert [(await sink.answers.get()).index, (await sink.answers.get()).index] == [10, 12]
+        assert watcher.last_index == 12
+
+
+async def test_unchanged_answers_at_once_do_not_spin() -> None:
+    async with scripted([(200, one_instance(), "5")]) as (_, address), \
+            aiohttp.ClientSession() as session:
+        sink = QueueSink()
+        watcher = make(address, sink)  # the clock stands still: answers "come at once"
+        delays = [await watcher.poll_once(session) for _ in range(PACE_BURST + 3)]
+        assert delays[0] == 0.0  # the first answer is a change
+        assert delays[1:PACE_BURST + 1] == [0.0] * PACE_BURST
+        assert all(d >= PACE_INTERVAL for d in delays[PACE_BURST + 1:])
+        assert sink.answers.qsize() == 1
+
+
+async def test_errors_back_off_with_jitter_up_to_the_cap() -> None:
+    async with scripted([(503, "No cluster leader", None)]) as (_, address), \
+            aiohttp.ClientSession() as session:
+        sink = QueueSink()
+        watcher = make(address, sink)
+        delays = [await watcher.poll_once(session) for _ in range(12)]
+        assert all(0.0 <= d <= 5.0 for d in delays)
+        assert max(delays[:2]) <= 0.2 and max(delays[6:]) > 0.4  # the ceiling grows
+        assert (await sink.errors.get()) == f"consul {address}: HTTP 503: No cluster leader"
+
+
+async def test_a_failing_sink_does_not_kill_the_loop() -> None:
+    class Exploding(QueueSink):
+        calls = 0
+
+        def on_catalog_answer(self, answer: CatalogAnswer) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("boom")
+            super().on_catalog_answer(answer)
+
+    async with scripted([(200, one_instance(), "5")]) as (_, address):
+        sink = Exploding()
+        watcher = make(address, sink)
+        task = asyncio.create_task(watcher.run())  # owns its session
+        try:
+            async with asyncio.timeout(STEP):
+                error = await sink.errors.get()
+                answer = await sink.answers.get()  # sent again after the failure
+            assert "internal error: RuntimeError: boom" in error
+            assert ids(answer) == {"s-1"}
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert task.cancelled()
+
+
+async def test_connection_refused_is_reported() -> None:
+    from proxy.devconsul import free_port
+
+    sink = QueueSink()
+    watcher = make(f"127.0.0.1:{free_port()}", sink)  # no scheme, as $CONSUL_HTTP_ADDR often is
+    async with aiohttp.ClientSession() as session:
+        await watcher.poll_once(session)
+    assert (await sink.errors.get()) == f"{'consul ' + watcher.address}: connection refused"
