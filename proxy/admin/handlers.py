@@ -1,0 +1,59 @@
+"""Admin request handlers, one per resource (SPEC "Admin API").
+
+Each handler reads the live state at request time, through `proxy.admin.views` (JSON and
+HTML) or the registry's collector (metrics), so every upstream is read once per request
+and a reload that replaces the state's dicts is seen at the next request. Handlers do
+not log: the admin is scraped every few seconds and a line per scrape would be noise.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from proxy.admin import dashboard
+from proxy.admin.state import AppState
+from proxy.admin.views import missing_upstreams, upstream_views
+
+STATE = web.AppKey("state", object)  # the AppState; `object` since it is structural
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+
+_dumps = functools.partial(json.dumps, indent=2)  # read by people as often as by tools
+
+
+def _state(request: web.Request) -> AppState:
+    return request.app[STATE]  # type: ignore[return-value]
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def handle_ready(request: web.Request) -> web.Response:
+    missing = missing_upstreams(_state(request))
+    if missing:
+        return web.Response(status=503, text="not ready: " + ", ".join(missing))
+    return web.Response(text="ready")
+
+
+async def handle_upstreams(request: web.Request) -> web.Response:
+    return web.json_response(upstream_views(_state(request)), dumps=_dumps)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[REGISTRY])
+    # CONTENT_TYPE_LATEST carries a charset, which aiohttp refuses in `content_type=`.
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def handle_dashboard(request: web.Request) -> web.Response:
+    state = _state(request)
+    page = dashboard.render(upstream_views(state),
+                            started_at=getattr(state, "started_at", None), now=time.time())
+    # no-store: a cached dashboard would show a pool that no longer exists.
+    return web.Response(text=page, content_type="text/html",
+                        headers={"Cache-Control": "no-store"})

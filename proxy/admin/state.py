@@ -1,0 +1,39 @@
+"""What the admin API reads: the application state, as a structural type.
+
+The composition root owns the state object; the admin only reads it, at request time,
+never caching it (a SIGHUP reload may replace `upstreams` or `listeners` wholesale).
+Reads are defensive: a listener that is not open yet, or an object without one of the
+counters, reads as 0 rather than failing a scrape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from proxy.upstream.manager import UpstreamRuntime
+
+
+class AppState(Protocol):
+    @property
+    def upstreams(self) -> Mapping[str, UpstreamRuntime]: ...  # in config order
+
+    @property
+    def listeners(self) -> Mapping[str, object]: ...  # by upstream name; see listener_counts
+
+    @property
+    def started_at(self) -> float: ...  # unix time
+
+
+def upstreams_of(state: AppState) -> list[UpstreamRuntime]:
+    """The upstreams, copied: the handler then iterates a list a reload cannot change."""
+    return list(getattr(state, "upstreams", {}).values())
+
+
+def listener_counts(state: AppState, name: str) -> tuple[int, int]:
+    """(open client connections, rejected connections) of the upstream's listener."""
+    listener = getattr(state, "listeners", {}).get(name)
+    if listener is None:
+        return 0, 0
+    return (int(getattr(listener, "connections", 0) or 0),
+            int(getattr(listener, "rejected_connections", 0) or 0))

@@ -1,0 +1,102 @@
+"""Every metric sdproxy exposes, declared once, next to its meaning.
+
+This module is the catalogue, not the bookkeeping: the request path counts in plain ints
+on `Host` and `UpstreamRuntime`, and `proxy.admin.collector` turns those ints into
+Prometheus families at scrape time, using only the names, kinds, labels and help text
+declared here. So a metric is renamed or documented in one place, tests assert against
+these constants, and no request ever calls into a metrics library.
+
+Invariants: names follow Prometheus conventions (`sdproxy_` prefix, `_total` on counters,
+base units: seconds); each name appears once in `ALL`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    name: str
+    kind: Kind
+    labels: tuple[str, ...]
+    help: str
+
+
+# --- traffic, per instance -------------------------------------------------------------
+REQUESTS = Metric(
+    "sdproxy_requests_total", "counter", ("upstream", "endpoint", "code"),
+    "HTTP responses received from an instance, by status code.")
+ENDPOINT_REQUESTS = Metric(
+    "sdproxy_endpoint_requests_total", "counter", ("upstream", "endpoint"),
+    "Attempts sent to an instance (http: requests, tcp: connections), retries included.")
+ENDPOINT_FAILURES = Metric(
+    "sdproxy_endpoint_failures_total", "counter", ("upstream", "endpoint"),
+    "Attempts that failed: connect failure, reset, timeout, or a 5xx listed in retry_on.")
+ACTIVE_REQUESTS = Metric(
+    "sdproxy_active_requests", "gauge", ("upstream", "endpoint"),
+    "Requests (http) or connections (tcp) in flight to an instance.")
+
+# --- listeners ---------------------------------------------------------------------------
+CONNECTIONS = Metric(
+    "sdproxy_connections", "gauge", ("upstream",),
+    "Client connections open on the upstream's listener.")
+REJECTED_CONNECTIONS = Metric(
+    "sdproxy_rejected_connections_total", "counter", ("upstream",),
+    "Client connections refused because max_connections was reached.")
+
+# --- routing decisions -----------------------------------------------------------------
+FAILOVERS = Metric(
+    "sdproxy_failovers_total", "counter", ("upstream", "reason"),
+    "Retries on another instance, by the reason the previous attempt failed.")
+NO_INSTANCE_RESPONSES = Metric(
+    "sdproxy_no_instance_responses_total", "counter", ("upstream",),
+    "Requests answered by sdproxy itself because no passing instance was left (503).")
+REQUEST_DURATION = Metric(
+    "sdproxy_request_duration_seconds", "histogram", ("upstream",),
+    "Time from sending a request to an instance until its response head arrived.")
+
+# --- instance health ---------------------------------------------------------------------
+BREAKER_STATE = Metric(
+    "sdproxy_breaker_state", "gauge", ("upstream", "endpoint", "state"),
+    "1 for the instance's current circuit-breaker state (closed, open, half_open), "
+    "0 for the others.")
+ENDPOINTS = Metric(
+    "sdproxy_endpoints", "gauge", ("upstream", "state"),
+    "Instances known to the upstream, by state "
+    "(healthy, open, half_open, ejected, draining).")
+
+# --- catalog -----------------------------------------------------------------------------
+CATALOG_UPDATES = Metric(
+    "sdproxy_catalog_updates_total", "counter", ("upstream",),
+    "Successful catalog answers applied to the pool.")
+CATALOG_ERRORS = Metric(
+    "sdproxy_catalog_errors_total", "counter", ("upstream",),
+    "Failed catalog queries (the last known pool keeps serving).")
+CATALOG_STALE = Metric(
+    "sdproxy_catalog_stale_seconds", "gauge", ("upstream",),
+    "0 while the catalog answers; seconds since the last successful answer once it fails.")
+CATALOG_LAST_UPDATE = Metric(
+    "sdproxy_catalog_last_update_timestamp_seconds", "gauge", ("upstream",),
+    "Unix time of the last successful catalog answer (absent before the first one).")
+CATALOG_ANSWERED = Metric(
+    "sdproxy_catalog_answered", "gauge", ("upstream",),
+    "1 once the upstream's catalog answered at least once (what /ready waits for).")
+
+ALL: tuple[Metric, ...] = (
+    REQUESTS, ENDPOINT_REQUESTS, ENDPOINT_FAILURES, ACTIVE_REQUESTS,
+    CONNECTIONS, REJECTED_CONNECTIONS,
+    FAILOVERS, NO_INSTANCE_RESPONSES, REQUEST_DURATION,
+    BREAKER_STATE, ENDPOINTS,
+    CATALOG_UPDATES, CATALOG_ERRORS, CATALOG_STALE, CATALOG_LAST_UPDATE, CATALOG_ANSWERED,
+)
+
+# Host states as the admin API names them (SPEC "Admin API"), and the breaker state each
+# implies. Ejection and draining are not breaker states: the breaker of such a host has
+# not tripped, so it reads as closed.
+HOST_STATES = ("healthy", "open", "half_open", "ejected", "draining")
+BREAKER_STATES = ("closed", "open", "half_open")
+BREAKER_STATE_OF_HOST = {"healthy": "closed", "open": "open", "half_open": "half_open"}
