@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from proxy import __version__
 from proxy import config as config_mod
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # usage errors exit 2 (argparse's own default)
+    def error(self, message: str) -> NoReturn:  # usage errors exit 2, as argparse does
         self.print_usage(sys.stderr)
         self.exit(2, f"sdproxy: {message}\n")
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 CONSUL_SUITE = "bullseye"
 CONSUL_VERSION_PREFIX = "1.8."
@@ -36,7 +36,7 @@ class ConsulInstallError(RuntimeError):
     pass
 
 
-def cache_dir(environ: dict[str, str] | None = None) -> Path:
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     base = env.get("SDPROXY_CACHE") or os.path.join(
         env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "sdproxy")
@@ -56,7 +56,7 @@ def debian_mirror() -> str:
         for name in sorted(os.listdir(APT_SOURCE_DIR)):
             path = os.path.join(APT_SOURCE_DIR, name)
             if name.endswith(".sources"):
-                for m in re.finditer(r"^URIs:\s*(.+)$", Path(path).read_text(), re.M):
+                for m in re.finditer(r"^URIs:\s*(.+)$", Path(path).read_text(), re.MULTILINE):
                     candidates.extend(m.group(1).split())
             elif name.endswith(".list"):
                 for line in Path(path).read_text().splitlines():
@@ -157,7 +157,7 @@ class ConsulAgent:
     def http_addr(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 30.0) -> "ConsulAgent":
+    def start(self, timeout: float = 30.0) -> ConsulAgent:
         cmd = [
             str(self.binary), "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
             "-node", self.node, "-datacenter", self.datacenter,
@@ -200,7 +200,7 @@ class ConsulAgent:
                 self.proc.wait(5)
         self.proc = None
 
-    def __enter__(self) -> "ConsulAgent":
+    def __enter__(self) -> ConsulAgent:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

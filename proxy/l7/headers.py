@@ -104,5 +104,15 @@ def chunk(data: bytes) -> bytes:
 
 LAST_CHUNK = b"0\r\n\r\n"
 
-__all__ = ["CHUNKED", "LENGTH", "NO_BODY", "UNTIL_CLOSE", "encode_request", "encode_response",
-           "encode_interim", "encode_error", "chunk", "LAST_CHUNK"]
+__all__ = [
+    "CHUNKED",
+    "LAST_CHUNK",
+    "LENGTH",
+    "NO_BODY",
+    "UNTIL_CLOSE",
+    "chunk",
+    "encode_error",
+    "encode_interim",
+    "encode_request",
+    "encode_response",
+]

@@ -22,8 +22,18 @@ IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", 
 class MessageHead:
     """The head of a request or a response, with the framing the parser decided."""
 
-    __slots__ = ("method", "target", "status", "reason", "version", "headers", "keep_alive",
-                 "framing", "content_length", "upgrade")
+    __slots__ = (
+        "content_length",
+        "framing",
+        "headers",
+        "keep_alive",
+        "method",
+        "reason",
+        "status",
+        "target",
+        "upgrade",
+        "version",
+    )
 
     def __init__(self, *, method: bytes = b"", target: bytes = b"", status: int = 0,
                  reason: bytes = b"", version: bytes = b"1.1",

@@ -13,8 +13,7 @@ from typing import Protocol
 import h11
 import httptools
 
-from proxy.l7.framing import (connection_tokens, request_framing, response_framing,
-                              wants_keep_alive)
+from proxy.l7.framing import connection_tokens, request_framing, response_framing, wants_keep_alive
 from proxy.l7.message import NO_BODY, HeadTooLarge, MessageHead, MessageSink, ParseError
 
 
@@ -32,7 +31,7 @@ class ResponseParser(Protocol):
 class _HeadCollector:
     """Gathers one head's fields and the header values framing depends on."""
 
-    __slots__ = ("headers", "content_lengths", "transfer_encodings", "connection", "head_size")
+    __slots__ = ("connection", "content_lengths", "head_size", "headers", "transfer_encodings")
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
@@ -72,7 +71,7 @@ def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
 
 
 class HttptoolsRequestParser:
-    __slots__ = ("_sink", "_max_head", "_parser", "_url", "_head", "_in_head", "_fed_in_head")
+    __slots__ = ("_fed_in_head", "_head", "_in_head", "_max_head", "_parser", "_sink", "_url")
 
     def __init__(self, sink: MessageSink, max_head: int) -> None:
         self._sink = sink
@@ -130,7 +129,7 @@ class HttptoolsRequestParser:
 
 
 class HttptoolsResponseParser:
-    __slots__ = ("_sink", "_max_head", "_parser", "_reason", "_head", "_method", "_done_early")
+    __slots__ = ("_done_early", "_head", "_max_head", "_method", "_parser", "_reason", "_sink")
 
     def __init__(self, sink: MessageSink, max_head: int) -> None:
         self._sink = sink
@@ -216,7 +215,7 @@ class H11RequestParser:
                 return None
             if event is h11.PAUSED:
                 trailing, _closed = self._conn.trailing_data
-                if self._conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+                if self._conn.their_state is not h11.DONE:  # an Upgrade request
                     return len(data) - len(trailing)
                 # h11 waits for our response before the next request; we answer through
                 # our own writer, so a fresh connection object parses the next request.
@@ -288,4 +287,4 @@ PARSERS: dict[str, tuple[type, type]] = {
     "h11": (H11RequestParser, H11ResponseParser),
 }
 
-__all__ = ["PARSERS", "NO_BODY", "RequestParser", "ResponseParser"]
+__all__ = ["NO_BODY", "PARSERS", "RequestParser", "ResponseParser"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 from proxy.config import UpstreamConfig
 from proxy.l7.headers import encode_error
@@ -65,7 +65,9 @@ class HttpDownstream(asyncio.Protocol):
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
@@ -73,9 +75,9 @@ class HttpDownstream(asyncio.Protocol):
         if listener.connections >= self.cfg.max_connections:
             listener.rejected_connections += 1
             self.closed = True
-            self.transport.write(encode_error(503, b"Service Unavailable", self.runtime.name,
-                                              "too many connections", False))
-            self.transport.close()
+            transport.write(encode_error(503, b"Service Unavailable", self.runtime.name,
+                                         "too many connections", False))
+            transport.close()
             return
         listener.connections += 1
         listener.open.add(self)

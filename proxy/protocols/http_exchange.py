@@ -17,10 +17,22 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from proxy.l7.exchange import (BODY_HIGH_WATER, CONNECT_FAILURE, REPLAY_LIMIT, RESET, TIMEOUT,
-                               may_retry)
-from proxy.l7.headers import (LAST_CHUNK, chunk, encode_error, encode_interim, encode_request,
-                              encode_response)
+from proxy.l7.exchange import (
+    BODY_HIGH_WATER,
+    CONNECT_FAILURE,
+    REPLAY_LIMIT,
+    RESET,
+    TIMEOUT,
+    may_retry,
+)
+from proxy.l7.headers import (
+    LAST_CHUNK,
+    chunk,
+    encode_error,
+    encode_interim,
+    encode_request,
+    encode_response,
+)
 from proxy.l7.message import CHUNKED, NO_BODY, UNTIL_CLOSE, MessageHead
 from proxy.protocols.http_upstream import UpstreamConnection, connect
 
@@ -38,11 +50,31 @@ _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header 
 
 
 class Exchange:
-    __slots__ = ("down", "head", "runtime", "cfg", "loop", "body_done", "chunked_request",
-                 "pending", "pending_bytes", "body_log", "body_log_bytes", "body_sent",
-                 "conn", "host", "attempt", "waiter", "timer", "response_head",
-                 "response_started", "chunk_response", "client_keep", "started",
-                 "request_bytes")
+    __slots__ = (
+        "attempt",
+        "body_done",
+        "body_log",
+        "body_log_bytes",
+        "body_sent",
+        "cfg",
+        "chunk_response",
+        "chunked_request",
+        "client_keep",
+        "conn",
+        "down",
+        "head",
+        "host",
+        "loop",
+        "pending",
+        "pending_bytes",
+        "request_bytes",
+        "response_head",
+        "response_started",
+        "runtime",
+        "started",
+        "timer",
+        "waiter",
+    )
 
     def __init__(self, down: HttpDownstream, head: MessageHead) -> None:
         self.down = down
@@ -144,7 +176,8 @@ class Exchange:
         self.conn = conn
         conn.attach(self, self.head.method)
         self.response_head = None
-        waiter = self.waiter = self.loop.create_future()
+        waiter: asyncio.Future[str] = self.loop.create_future()
+        self.waiter = waiter
         transport = conn.transport
         assert transport is not None
         if self.down.write_paused:

@@ -19,8 +19,17 @@ if TYPE_CHECKING:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("host", "transport", "parser", "exchange", "closed", "reused", "idle_timer",
-                 "idle_timeout", "loop")
+    __slots__ = (
+        "closed",
+        "exchange",
+        "host",
+        "idle_timeout",
+        "idle_timer",
+        "loop",
+        "parser",
+        "reused",
+        "transport",
+    )
 
     def __init__(self, host: Host, parser_name: str, max_head: int, idle_timeout: float,
                  loop: asyncio.AbstractEventLoop) -> None:

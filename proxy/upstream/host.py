@@ -62,8 +62,18 @@ class IdlePool:
 
 
 class Host:
-    __slots__ = ("endpoint", "id", "active", "requests", "failures", "consecutive_failures",
-                 "status_counts", "draining", "sw_current", "pool")
+    __slots__ = (
+        "active",
+        "consecutive_failures",
+        "draining",
+        "endpoint",
+        "failures",
+        "id",
+        "pool",
+        "requests",
+        "status_counts",
+        "sw_current",
+    )
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint

@@ -14,8 +14,8 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Callable, Collection
 
 from proxy.config import UpstreamConfig
 from proxy.model import CatalogAnswer, Endpoint
@@ -42,7 +42,7 @@ EMPTY = Snapshot(())
 class LatencyHistogram:
     """Cumulative-at-scrape histogram; observing is one bisect and two additions."""
 
-    __slots__ = ("counts", "total", "count")
+    __slots__ = ("count", "counts", "total")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)

@@ -7,7 +7,8 @@ snapshot swaps (the anti-example is a counter kept in the table that resets on s
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Protocol, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Protocol
 
 from proxy.upstream.host import Host
 

@@ -7,7 +7,7 @@ to its weight, spread out rather than in bursts (weights 5,1,1 give a a b a c a 
 
 from __future__ import annotations
 
-from typing import Collection, Sequence
+from collections.abc import Collection, Sequence
 
 from proxy.upstream.host import Host
 
