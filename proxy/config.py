@@ -56,6 +56,14 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
+class RetryBudgetConfig:
+    """Retries in flight <= max(min_concurrency, percent % of requests in flight)."""
+
+    percent: float = 20.0
+    min_concurrency: int = 3
+
+
+@dataclass(frozen=True)
 class HealthConfig:
     path: str = "/health"
     interval: float = 2.0
@@ -87,6 +95,7 @@ class UpstreamConfig:
     retry_on: tuple[str, ...] = RETRY_ON
     drain_timeout: float = 30.0
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    retry_budget: RetryBudgetConfig = field(default_factory=RetryBudgetConfig)
     health: HealthConfig | None = None  # only when [upstreams.health] is present
 
 
@@ -212,6 +221,14 @@ def _integer(low: int, high: int | None = None) -> Convert:
     return _where(_typed(int, "an integer"), in_range, f"must be {rule}, got {{0}}")
 
 
+def _percent(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(f"expected a number, got {type(value).__name__}")
+    if not 0 <= value <= 100:
+        _fail(f"must be 0..100, got {value}")
+    return float(value)
+
+
 def _choice(choices: tuple[str, ...]) -> Convert:
     return _where(
         _string, lambda s: s in choices, f'must be one of {", ".join(choices)}; got "{{0}}"'
@@ -323,6 +340,7 @@ def _upstream_only(value: object) -> NoReturn:
 # --- schemas: the keys each table accepts -----------------------------------------------
 
 _BREAKER: Schema = {"failures": _integer(1), "reset_timeout": _duration()}
+_RETRY_BUDGET: Schema = {"percent": _percent, "min_concurrency": _integer(0)}
 _HEALTH: Schema = {"path": _http_path, "interval": _duration(positive=True)}
 # Every upstream key that [defaults] may set as well.
 _INHERITED: Schema = {
@@ -347,6 +365,7 @@ _INHERITED: Schema = {
     "retry_on": _list_of(_choice(RETRY_ON)),
     "drain_timeout": _duration(),
     "breaker": _BREAKER,
+    "retry_budget": _RETRY_BUDGET,
     "health": _HEALTH,
 }
 _UPSTREAM_ONLY: Schema = {
@@ -424,6 +443,7 @@ def _read_upstreams(
         # Subtables merge key by key: an upstream may override one breaker field and
         # inherit the other from [defaults.breaker].
         merged["breaker"] = BreakerConfig(**_subtable(defaults, own, "breaker"))
+        merged["retry_budget"] = RetryBudgetConfig(**_subtable(defaults, own, "retry_budget"))
         if "health" in defaults or "health" in own:
             merged["health"] = HealthConfig(**_subtable(defaults, own, "health"))
         upstream = UpstreamConfig(**merged)

@@ -105,6 +105,7 @@ class Exchange:
     # -- the request coroutine ----------------------------------------------------------
     async def run(self) -> None:
         keep = False
+        self.runtime.in_flight += 1
         try:
             keep = await self._run()
         except Exception:  # a bug must cost one request, never the listener
@@ -113,6 +114,7 @@ class Exchange:
                 self._respond_error(502, "internal error")
             keep = False
         finally:
+            self.runtime.in_flight -= 1
             self._cancel_timer()
             if self.conn is not None:
                 self.conn.abort()
@@ -137,10 +139,15 @@ class Exchange:
             host.active += 1
             host.requests += 1
             self.host = host
+            retrying = len(tried) > 1
+            if retrying:
+                rt.retries_in_flight += 1
             try:
                 outcome = await self._attempt(host)
             finally:
                 rt.release(host)
+                if retrying:
+                    rt.retries_in_flight -= 1
             if outcome == DONE:
                 rt.latency.observe(self.loop.time() - self.started)
                 return self.client_keep
@@ -151,7 +158,8 @@ class Exchange:
                 return False
             replayable = self.body_log is not None or not self.body_sent
             if may_retry(outcome, method=self.head.method, replayable=replayable,
-                         attempt=self.attempt, retries=cfg.retries, retry_on=retry_on):
+                         attempt=self.attempt, retries=cfg.retries,
+                         retry_on=retry_on) and rt.retry_allowed():
                 rt.count_failover(outcome)
                 continue
             if outcome == TIMEOUT:
@@ -239,7 +247,7 @@ class Exchange:
             replayable = self.body_log is not None or not self.body_sent
             if may_retry(key, method=self.head.method, replayable=replayable,
                          attempt=self.attempt, retries=self.cfg.retries,
-                         retry_on=self.down.listener.retry_on):
+                         retry_on=self.down.listener.retry_on) and self.runtime.retry_allowed():
                 self.conn = None
                 conn.exchange = None
                 conn.close()

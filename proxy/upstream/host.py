@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from proxy.model import Endpoint
+from proxy.upstream.breaker import STATE_NAMES, HostBreaker
 
 HEALTHY = "healthy"
 DRAINING = "draining"
@@ -64,6 +65,7 @@ class IdlePool:
 class Host:
     __slots__ = (
         "active",
+        "breaker",
         "consecutive_failures",
         "draining",
         "endpoint",
@@ -75,7 +77,7 @@ class Host:
         "sw_current",
     )
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, breaker: HostBreaker | None = None) -> None:
         self.endpoint = endpoint
         self.id = endpoint.id
         self.active = 0  # requests (http) or connections (tcp) in flight
@@ -86,6 +88,7 @@ class Host:
         self.draining = False
         self.sw_current = 0  # smooth weighted round robin's running weight
         self.pool = IdlePool()
+        self.breaker = breaker or HostBreaker(endpoint.id, failures=5, reset_timeout=10.0)
 
     @property
     def weight(self) -> int:
@@ -93,10 +96,11 @@ class Host:
 
     @property
     def state(self) -> str:
-        return DRAINING if self.draining else HEALTHY
+        return DRAINING if self.draining else STATE_NAMES[self.breaker.state]
 
     def on_success(self, status: int) -> None:
         self.consecutive_failures = 0
+        self.breaker.record_success()
         counts = self.status_counts
         counts[status] = counts.get(status, 0) + 1
 
@@ -104,6 +108,7 @@ class Host:
         """`status` 0 means no response (connect failure, reset, timeout)."""
         self.failures += 1
         self.consecutive_failures += 1
+        self.breaker.record_failure()
         if status:
             counts = self.status_counts
             counts[status] = counts.get(status, 0) + 1

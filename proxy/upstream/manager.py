@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from proxy.config import UpstreamConfig
 from proxy.model import CatalogAnswer, Endpoint
 from proxy.upstream.balancers import Balancer, make_balancer
+from proxy.upstream.breaker import CLOSED, HALF_OPEN, OPEN, HostBreaker
 from proxy.upstream.host import Host
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -59,13 +60,18 @@ class UpstreamRuntime:
     """One upstream's live state: snapshot, hosts, catalog freshness and counters."""
 
     def __init__(self, config: UpstreamConfig, *, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
                  balancer: Balancer | None = None) -> None:
         self.config = config
         self.name = config.name
         self.clock = clock
+        self.monotonic = monotonic
         self.balancer = balancer or make_balancer(config.balance)
         self.current: Snapshot = EMPTY
-        self.hosts: dict[str, Host] = {}  # routable, by endpoint id
+        self.hosts: dict[str, Host] = {}  # in the catalog, by endpoint id
+        self.available: tuple[Host, ...] = ()  # in the catalog and breaker not open
+        self.half_open = 0  # hosts in `available` whose breaker is half-open
+        self.next_trial_at = float("inf")  # when the first open breaker may try again
         self.draining: dict[str, Host] = {}  # removed, with work still in flight
         self.answered = False
         self.catalog_index: int | None = None
@@ -77,6 +83,11 @@ class UpstreamRuntime:
         self.latency = LatencyHistogram()
         self.failovers: dict[str, int] = {}  # retries by reason
         self.no_host_responses = 0
+        self.breaker_transitions: dict[str, int] = {}  # by new state
+        self.panic_picks = 0  # picks made although every breaker was open
+        self.in_flight = 0  # requests (http) or connections (tcp) being served
+        self.retries_in_flight = 0
+        self.budget_exhausted = 0  # retries refused by the retry budget
 
     # -- catalog side -------------------------------------------------------------------
     def on_catalog_answer(self, answer: CatalogAnswer) -> None:
@@ -116,7 +127,7 @@ class UpstreamRuntime:
             if host is None or (host.endpoint.address, host.endpoint.port) != (ep.address, ep.port):
                 if host is not None:  # same id, new address: the old connections are useless
                     self._retire(host)
-                host = Host(ep)
+                host = self._new_host(ep)
                 added.append(ep.id)
             elif host.endpoint != ep:
                 host.endpoint = ep
@@ -132,6 +143,7 @@ class UpstreamRuntime:
             return  # same pool: skip the swap
         self.hosts = new
         self.current = Snapshot(tuple(new.values()), index)  # the swap: one assignment
+        self._refresh_available()
         if added or removed or changed:
             log.info("event=pool_change upstream=%s added=%s removed=%s changed=%s size=%d",
                      self.name, ",".join(added) or "-", ",".join(removed) or "-",
@@ -143,9 +155,67 @@ class UpstreamRuntime:
         if host.active:
             self.draining[host.id] = host
 
+    def _new_host(self, ep: Endpoint) -> Host:
+        cfg = self.config.breaker
+        breaker = HostBreaker(f"{self.name}/{ep.id}", cfg.failures, cfg.reset_timeout,
+                              clock=self.monotonic, on_change=self._on_breaker_change)
+        return Host(ep, breaker)
+
+    # -- breakers -----------------------------------------------------------------------
+    def _on_breaker_change(self, breaker: HostBreaker, old: str, new: str) -> None:
+        """pybreaker's listener: a host's breaker moved; recompute who may be picked."""
+        self.breaker_transitions[new] = self.breaker_transitions.get(new, 0) + 1
+        log.info("event=breaker_change upstream=%s instance=%s from=%s to=%s failures=%d",
+                 self.name, breaker.name.partition("/")[2], old, new, breaker.failures)
+        self._refresh_available()
+
+    def _refresh_available(self) -> None:
+        hosts = self.current.hosts
+        self.available = tuple(h for h in hosts if h.breaker.state != OPEN)
+        self.half_open = sum(1 for h in self.available if h.breaker.state == HALF_OPEN)
+        self.next_trial_at = min((h.breaker.opened_at + h.breaker.reset_timeout
+                                  for h in hosts if h.breaker.state == OPEN), default=float("inf"))
+
+    def _start_due_trials(self, now: float) -> None:
+        for host in self.current.hosts:
+            if host.breaker.due_for_trial(now):
+                host.breaker.to_half_open()  # -> listener -> _refresh_available
+
     # -- request side -------------------------------------------------------------------
     def pick(self, tried: Collection[Host]) -> Host | None:
-        return self.balancer.pick(self.current.hosts, tried)
+        """A host for the next attempt: a closed breaker, a free half-open trial, or (when
+        every breaker is open) any host as a trial: the panic rule, so that an upstream whose
+        instances all failed recently is probed rather than switched off."""
+        if self.next_trial_at <= self.monotonic():
+            self._start_due_trials(self.monotonic())
+        candidates = self.available
+        if self.half_open:
+            candidates = tuple(h for h in candidates if h.breaker.allows())
+        host = self.balancer.pick(candidates, tried) if candidates else None
+        if host is None:
+            host = self._panic_pick(tried)
+        if host is not None and host.breaker.state == HALF_OPEN:
+            host.breaker.on_attempt()
+        return host
+
+    def _panic_pick(self, tried: Collection[Host]) -> Host | None:
+        if not self.current.hosts or any(h.breaker.state == CLOSED for h in self.current.hosts):
+            return None
+        host = self.balancer.pick(self.current.hosts, tried)
+        if host is not None:
+            self.panic_picks += 1
+            if host.breaker.state == OPEN:
+                host.breaker.to_half_open()
+        return host
+
+    def retry_allowed(self) -> bool:
+        """The retry budget: retries in flight stay within max(min, percent of requests)."""
+        budget = self.config.retry_budget
+        limit = max(budget.min_concurrency, self.in_flight * budget.percent / 100.0)
+        if self.retries_in_flight < limit:
+            return True
+        self.budget_exhausted += 1
+        return False
 
     def release(self, host: Host) -> None:
         """Called when a request or connection on `host` ends."""
