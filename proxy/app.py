@@ -20,7 +20,7 @@ import uvloop
 from proxy import logs
 from proxy.config import Config
 from proxy.discovery.registry import UnsupportedDiscovery, make_watcher
-from proxy.protocols.http import HttpListener
+from proxy.protocols import Listener, make_listener
 from proxy.upstream.manager import UpstreamRuntime
 
 log = logging.getLogger("sdproxy.app")
@@ -38,7 +38,7 @@ class ProxyApp:
         self.reuse_port = reuse_port
         self.with_admin = admin
         self.upstreams: dict[str, UpstreamRuntime] = {}
-        self.listeners: dict[str, HttpListener] = {}
+        self.listeners: dict[str, Listener] = {}
         self.servers: dict[str, asyncio.base_events.Server] = {}
         self.watch_tasks: dict[str, asyncio.Task[None]] = {}
         self.admin_runner: object | None = None
@@ -48,9 +48,6 @@ class ProxyApp:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for up in self.config.upstreams:
-            if up.mode != "http":
-                raise StartupError(f"upstream {up.name}: mode {up.mode!r} is not available in "
-                                   "this version (available: http)")
             runtime = UpstreamRuntime(up)
             self.upstreams[up.name] = runtime
             try:
@@ -60,7 +57,10 @@ class ProxyApp:
             self.watch_tasks[up.name] = loop.create_task(watcher.run(), name=f"watch-{up.name}")
         await self._wait_first_answers(FIRST_ANSWER_WAIT)
         for name, runtime in self.upstreams.items():
-            listener = HttpListener(runtime, loop)
+            try:
+                listener = make_listener(runtime, loop)
+            except KeyError as e:
+                raise StartupError(f"upstream {name}: {e.args[0]}") from None
             addr = runtime.config.listen
             try:
                 server = await loop.create_server(listener.protocol_factory, addr.host, addr.port,
@@ -98,13 +98,10 @@ class ProxyApp:
         drain = max((rt.config.drain_timeout for rt in self.upstreams.values()), default=0.0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain
-        while loop.time() < deadline and any(
-                conn.exchange is not None for lst in self.listeners.values() for conn in lst.open):
-            await asyncio.sleep(0.02)
+        while loop.time() < deadline and any(lst.busy() for lst in self.listeners.values()):
+            await asyncio.sleep(0.02)  # shutdown only: bounded by drain_timeout
         for listener in self.listeners.values():
-            for conn in list(listener.open):
-                if conn.transport is not None:
-                    conn.transport.close()
+            listener.close_all()
         for task in self.watch_tasks.values():
             task.cancel()
         await asyncio.gather(*self.watch_tasks.values(), return_exceptions=True)

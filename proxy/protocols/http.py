@@ -43,6 +43,15 @@ class HttpListener:
     def protocol_factory(self) -> HttpDownstream:
         return HttpDownstream(self)
 
+    def busy(self) -> bool:
+        """Some request is in flight (shutdown waits for these)."""
+        return any(conn.exchange is not None for conn in self.open)
+
+    def close_all(self) -> None:
+        for conn in list(self.open):
+            if conn.transport is not None:
+                conn.transport.close()
+
 
 class HttpDownstream(asyncio.Protocol):
     def __init__(self, listener: HttpListener) -> None:
