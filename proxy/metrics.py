@@ -57,7 +57,16 @@ NO_INSTANCE_RESPONSES = Metric(
     "Requests answered by sdproxy itself because no passing instance was left (503).")
 REQUEST_DURATION = Metric(
     "sdproxy_request_duration_seconds", "histogram", ("upstream",),
-    "Time from sending a request to an instance until its response head arrived.")
+    "Time from a request's head arriving until its response ended, retries included.")
+REQUESTS_IN_FLIGHT = Metric(
+    "sdproxy_requests_in_flight", "gauge", ("upstream",),
+    "Requests (http) or connections (tcp) being served by the upstream.")
+RETRIES_IN_FLIGHT = Metric(
+    "sdproxy_retries_in_flight", "gauge", ("upstream",),
+    "Retry attempts in flight, bounded by the retry budget.")
+RETRY_BUDGET_EXHAUSTED = Metric(
+    "sdproxy_retry_budget_exhausted_total", "counter", ("upstream",),
+    "Retries not made because retries in flight reached the retry budget.")
 
 # --- instance health ---------------------------------------------------------------------
 BREAKER_STATE = Metric(
@@ -68,6 +77,14 @@ ENDPOINTS = Metric(
     "sdproxy_endpoints", "gauge", ("upstream", "state"),
     "Instances known to the upstream, by state "
     "(healthy, open, half_open, ejected, draining).")
+
+BREAKER_TRANSITIONS = Metric(
+    "sdproxy_breaker_transitions_total", "counter", ("upstream", "state"),
+    "Circuit-breaker transitions of the upstream's instances, by the state entered.")
+PANIC_PICKS = Metric(
+    "sdproxy_panic_picks_total", "counter", ("upstream",),
+    "Attempts sent to an instance whose breaker was open because every instance's was "
+    "(the panic rule: probe rather than switch the upstream off).")
 
 # --- catalog -----------------------------------------------------------------------------
 CATALOG_UPDATES = Metric(
@@ -90,7 +107,8 @@ ALL: tuple[Metric, ...] = (
     REQUESTS, ENDPOINT_REQUESTS, ENDPOINT_FAILURES, ACTIVE_REQUESTS,
     CONNECTIONS, REJECTED_CONNECTIONS,
     FAILOVERS, NO_INSTANCE_RESPONSES, REQUEST_DURATION,
-    BREAKER_STATE, ENDPOINTS,
+    REQUESTS_IN_FLIGHT, RETRIES_IN_FLIGHT, RETRY_BUDGET_EXHAUSTED,
+    BREAKER_STATE, ENDPOINTS, BREAKER_TRANSITIONS, PANIC_PICKS,
     CATALOG_UPDATES, CATALOG_ERRORS, CATALOG_STALE, CATALOG_LAST_UPDATE, CATALOG_ANSWERED,
 )
 

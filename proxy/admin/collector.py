@@ -113,6 +113,13 @@ class SdproxyCollector(Collector):
         for reason, n in sorted(rt.failovers.items()):
             f[m.FAILOVERS.name].add_metric([up, reason], n)
         f[m.NO_INSTANCE_RESPONSES.name].add_metric([up], rt.no_host_responses)
+        f[m.REQUESTS_IN_FLIGHT.name].add_metric([up], rt.in_flight)
+        f[m.RETRIES_IN_FLIGHT.name].add_metric([up], rt.retries_in_flight)
+        f[m.RETRY_BUDGET_EXHAUSTED.name].add_metric([up], rt.budget_exhausted)
+        for state in m.BREAKER_STATES:
+            f[m.BREAKER_TRANSITIONS.name].add_metric(
+                [up, state], rt.breaker_transitions.get(state.replace("_", "-"), 0))
+        f[m.PANIC_PICKS.name].add_metric([up], rt.panic_picks)
         hist = rt.latency
         f[m.REQUEST_DURATION.name].add_metric(
             [up], buckets=cumulative_buckets(hist), sum_value=hist.total)
