@@ -27,6 +27,10 @@ _PAUSE_PIPELINE = 1  # a further request waits for the current response
 _PAUSE_BODY = 2  # request body buffered past the high-water mark while connecting
 _PAUSE_UPSTREAM = 4  # the instance's socket buffer is full
 
+# How often a listener looks for exchanges where no byte moved for idle_timeout. One
+# sweep per listener costs less than re-arming a timer on every chunk.
+IDLE_SWEEP_INTERVAL = 1.0
+
 
 class HttpListener:
     """Shared state of one HTTP listener: its upstream and connection count."""
@@ -39,6 +43,8 @@ class HttpListener:
         self.connections = 0
         self.rejected_connections = 0
         self.open: set[HttpDownstream] = set()
+        self._sweeper: asyncio.TimerHandle | None = loop.call_later(IDLE_SWEEP_INTERVAL,
+                                                                     self._sweep_idle)
 
     def protocol_factory(self) -> HttpDownstream:
         return HttpDownstream(self)
@@ -47,7 +53,21 @@ class HttpListener:
         """Some request is in flight (shutdown waits for these)."""
         return any(conn.exchange is not None for conn in self.open)
 
+    def _sweep_idle(self) -> None:
+        """Abort exchanges where neither the client nor the instance sent a byte for
+        idle_timeout (a stalled body, or a client that stopped reading)."""
+        now = self.loop.time()
+        limit = self.cfg.idle_timeout
+        for conn in [c for c in self.open if c.exchange is not None
+                     and now - c.last_activity > limit]:
+            log.info("event=idle_timeout upstream=%s idle_timeout=%g", self.runtime.name, limit)
+            conn.abort()
+        self._sweeper = self.loop.call_later(IDLE_SWEEP_INTERVAL, self._sweep_idle)
+
     def close_all(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self.open):
             if conn.transport is not None:
                 conn.transport.close()
@@ -71,6 +91,7 @@ class HttpDownstream(asyncio.Protocol):
         self.paused = 0
         self.write_paused = False
         self.closed = False
+        self.last_activity = self.loop.time()  # last byte from the client or the instance
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -95,6 +116,7 @@ class HttpDownstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.last_activity = self.loop.time()
         if self.exchange is None:
             self.head_bytes += len(data)
         try:

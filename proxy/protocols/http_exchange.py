@@ -239,6 +239,7 @@ class Exchange:
                 self.down.write(encode_interim(head))
             return
         self._cancel_timer()
+        self.down.last_activity = self.loop.time()
         host = conn.host
         status = head.status
         key = str(status)
@@ -264,6 +265,7 @@ class Exchange:
         self.down.write(data)
 
     def on_response_body(self, data: bytes) -> None:
+        self.down.last_activity = self.loop.time()
         if self.response_started:
             self.down.write(chunk(data) if self.chunk_response else data)
 
