@@ -32,8 +32,10 @@ def request_framing(content_lengths: list[bytes],
     if transfer_encodings:
         if content_lengths:
             raise ParseError("both Content-Length and Transfer-Encoding")
-        if not is_chunked(transfer_encodings):
-            raise ParseError("Transfer-Encoding without chunked as the final coding")
+        codings = [c.strip().lower() for v in transfer_encodings for c in v.split(b",")]
+        if codings != [b"chunked"]:
+            # Other codings would be lost when we re-chunk the body: refuse, as h11 does.
+            raise ParseError("Transfer-Encoding other than chunked")
         return CHUNKED, None
     if content_lengths:
         length = parse_content_length(content_lengths)

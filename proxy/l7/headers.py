@@ -14,16 +14,24 @@ from proxy.l7.message import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, MessageHead
 
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade"))
+# Connection may name extension headers to drop, never the fields that frame the message
+# or route it: dropping Content-Length while forwarding the body would let the body be
+# read as the next request (request smuggling).
+_PROTECTED = frozenset((b"content-length", b"host"))
+_CONTENT_LENGTH = b"content-length"
 _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
 _HOST = b"host"
 _CRLF = b"\r\n"
 
 
-def _forwardable(headers: list[tuple[bytes, bytes]]) -> tuple[list[bytes], dict[bytes, bytes]]:
+def _forwardable(headers: list[tuple[bytes, bytes]], drop_length: bool = False
+                 ) -> tuple[list[bytes], dict[bytes, bytes]]:
     """Header lines to forward and the values of the few headers we act on."""
     connection = [v for n, v in headers if len(n) == 10 and n.lower() == b"connection"]
-    drop = HOP_BY_HOP | connection_tokens(connection) if connection else HOP_BY_HOP
+    drop = HOP_BY_HOP | (connection_tokens(connection) - _PROTECTED) if connection else HOP_BY_HOP
+    if drop_length:  # the body is re-chunked: a length would contradict it (RFC 9112 6.3)
+        drop = drop | {_CONTENT_LENGTH}
     lines: list[bytes] = []
     seen: dict[bytes, bytes] = {}
     for name, value in headers:
@@ -41,7 +49,7 @@ def _forwardable(headers: list[tuple[bytes, bytes]]) -> tuple[list[bytes], dict[
 
 def encode_request(head: MessageHead, *, client_ip: bytes, default_host: bytes) -> bytes:
     """The request head as sent upstream."""
-    lines, seen = _forwardable(head.headers)
+    lines, seen = _forwardable(head.headers, drop_length=head.framing == CHUNKED)
     xff = seen.get(_XFF)
     lines.append(b"X-Forwarded-For: " + (xff + b", " + client_ip if xff else client_ip))
     if _XFP not in seen:
@@ -57,10 +65,11 @@ def encode_request(head: MessageHead, *, client_ip: bytes, default_host: bytes) 
 def encode_response(head: MessageHead, *, request_version: bytes,
                     request_keep_alive: bool) -> tuple[bytes, bool, bool]:
     """(head bytes, chunk-encode the body?, keep the client connection?)."""
-    lines, _seen = _forwardable(head.headers)
+    rechunk = head.framing in (CHUNKED, UNTIL_CLOSE)
+    lines, _seen = _forwardable(head.headers, drop_length=rechunk)
     keep = request_keep_alive
     chunk = False
-    if head.framing in (CHUNKED, UNTIL_CLOSE):
+    if rechunk:
         if request_version == b"1.1":
             chunk = True
             lines.append(b"Transfer-Encoding: chunked")
@@ -99,7 +108,8 @@ def encode_error(status: int, reason: bytes, upstream: str, detail: str,
 
 
 def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
+    # An empty chunk would be the last-chunk marker and end the body early.
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
 
 
 LAST_CHUNK = b"0\r\n\r\n"

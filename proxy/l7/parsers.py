@@ -4,6 +4,11 @@ Each parser calls `sink.on_head / on_body / on_end` (see `message.py`). `feed(da
 returns None, or the offset in `data` where an upgrade (RFC 9110 section 7.8) left HTTP.
 Requests that follow a complete one on the same connection (pipelining) are parsed at
 once; the caller queues their events. Head size is bounded by `max_head` (-> 431).
+
+Both parsers enforce the same request rules, so either may drive the proxy: HTTP/1.0
+or 1.1 only; exactly one Host on 1.1 (RFC 9112 section 3.2); framing per `framing.py`;
+trailing whitespace is not part of a field value (RFC 9110 section 5.5); trailer
+fields never join the head already delivered (the proxy re-chunks without them).
 """
 
 from __future__ import annotations
@@ -13,7 +18,12 @@ from typing import Protocol
 import h11
 import httptools
 
-from proxy.l7.framing import connection_tokens, request_framing, response_framing, wants_keep_alive
+from proxy.l7.framing import (
+    connection_tokens,
+    request_framing,
+    response_framing,
+    wants_keep_alive,
+)
 from proxy.l7.message import NO_BODY, HeadTooLarge, MessageHead, MessageSink, ParseError
 
 
@@ -22,8 +32,9 @@ class RequestParser(Protocol):
 
 
 class ResponseParser(Protocol):
-    def expect(self, request_method: bytes) -> None:
-        """Announce the request whose response comes next (HEAD has no body)."""
+    def expect(self, request_method: bytes, upgrade: bool = False) -> None:
+        """Announce the request whose response comes next (HEAD has no body; only a
+        request that offered an upgrade may be answered with 101)."""
 
     def feed(self, data: bytes) -> int | None: ...
 
@@ -31,19 +42,26 @@ class ResponseParser(Protocol):
 class _HeadCollector:
     """Gathers one head's fields and the header values framing depends on."""
 
-    __slots__ = ("connection", "content_lengths", "head_size", "headers", "transfer_encodings")
+    __slots__ = ("connection", "content_lengths", "head_size", "headers", "hosts",
+                 "transfer_encodings")
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_lengths: list[bytes] = []
         self.transfer_encodings: list[bytes] = []
         self.connection: list[bytes] = []
+        self.hosts = 0
         self.head_size = 0
 
     def add(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
         self.head_size += len(name) + len(value) + 4
-        if len(name) in (10, 14, 17):  # only then can it be one of the three names below
+        if value and value[-1] in (32, 9):  # llhttp keeps trailing OWS; h11 does not
+            value = value.rstrip(b" \t")
+        self.headers.append((name, value))
+        if len(name) == 4:
+            if name.lower() == b"host":
+                self.hosts += 1
+        elif len(name) in (10, 14, 17):  # only then can it be one of the three names below
             lname = name.lower()
             if lname == b"content-length":
                 self.content_lengths.append(value)
@@ -54,6 +72,10 @@ class _HeadCollector:
 
 
 def _request_head(method: bytes, target: bytes, version: bytes, c: _HeadCollector) -> MessageHead:
+    if version != b"1.1" and version != b"1.0":
+        raise ParseError(f"unsupported HTTP version {version.decode(errors='replace')}")
+    if c.hosts > 1 or (not c.hosts and version == b"1.1"):
+        raise ParseError("more than one Host" if c.hosts else "missing Host")
     framing, length = request_framing(c.content_lengths, c.transfer_encodings)
     tokens = connection_tokens(c.connection)
     return MessageHead(method=method, target=target, version=version, headers=c.headers,
@@ -70,8 +92,23 @@ def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
                        content_length=length, upgrade=status == 101)
 
 
+def _feed_httptools(parser: httptools.HttpRequestParser | httptools.HttpResponseParser,
+                    data: bytes) -> int | None:
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserUpgrade as e:
+        return int(e.args[0])
+    except httptools.HttpParserCallbackError as e:
+        raise (e.__context__ if isinstance(e.__context__, ParseError)
+               else ParseError(str(e))) from None
+    except httptools.HttpParserError as e:
+        raise ParseError(str(e)) from None
+    return None
+
+
 class HttptoolsRequestParser:
-    __slots__ = ("_fed_in_head", "_head", "_in_head", "_max_head", "_parser", "_sink", "_url")
+    __slots__ = ("_began_here", "_fed_in_head", "_head", "_in_head", "_max_head", "_parser",
+                 "_sink", "_url")
 
     def __init__(self, sink: MessageSink, max_head: int) -> None:
         self._sink = sink
@@ -79,30 +116,30 @@ class HttptoolsRequestParser:
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._head = _HeadCollector()
-        self._in_head = True
-        self._fed_in_head = 0  # bytes fed while a head is incomplete (bounds buffering)
+        self._in_head = False  # a message began and its head is not complete yet
+        self._began_here = False  # ... and it began within the current feed
+        self._fed_in_head = 0  # bytes of the incomplete head so far (bounds buffering)
 
     def feed(self, data: bytes) -> int | None:
+        carried = self._in_head
+        self._began_here = False
+        offset = _feed_httptools(self._parser, data)
         if self._in_head:
-            self._fed_in_head += len(data)
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            return int(e.args[0])
-        except httptools.HttpParserCallbackError as e:
-            raise (e.__context__ if isinstance(e.__context__, ParseError)
-                   else ParseError(str(e))) from None
-        except httptools.HttpParserError as e:
-            raise ParseError(str(e)) from None
-        if self._in_head and self._fed_in_head > self._max_head:
-            raise HeadTooLarge(f"request head larger than {self._max_head} bytes")
-        return None
+            if carried and not self._began_here:
+                self._fed_in_head += len(data)
+            else:  # llhttp gives no offsets: what we hold plus the unfinished last line
+                self._fed_in_head = (len(self._url) + self._head.head_size
+                                     + len(data) - data.rfind(b"\n") - 1)
+            if self._fed_in_head > self._max_head:
+                raise HeadTooLarge(f"request head larger than {self._max_head} bytes")
+        return offset
 
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._url = b""
         self._head = _HeadCollector()
         self._in_head = True
+        self._began_here = True
         self._fed_in_head = 0
 
     def on_url(self, url: bytes) -> None:
@@ -118,8 +155,9 @@ class HttptoolsRequestParser:
     def on_headers_complete(self) -> None:
         self._in_head = False
         p = self._parser
+        head, self._head = self._head, _HeadCollector()  # trailers must not join the head
         self._sink.on_head(_request_head(p.get_method(), self._url,
-                                         p.get_http_version().encode(), self._head))
+                                         p.get_http_version().encode(), head))
 
     def on_body(self, body: bytes) -> None:
         self._sink.on_body(body)
@@ -140,7 +178,7 @@ class HttptoolsResponseParser:
         self._method = b"GET"
         self._done_early = False
 
-    def expect(self, request_method: bytes) -> None:
+    def expect(self, request_method: bytes, upgrade: bool = False) -> None:
         self._method = request_method
         if self._done_early:
             # llhttp cannot be told that a response had no body (HEAD): start afresh.
@@ -150,16 +188,7 @@ class HttptoolsResponseParser:
     def feed(self, data: bytes) -> int | None:
         if self._done_early:
             raise ParseError("data after a response without body")
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            return int(e.args[0])
-        except httptools.HttpParserCallbackError as e:
-            raise (e.__context__ if isinstance(e.__context__, ParseError)
-                   else ParseError(str(e))) from None
-        except httptools.HttpParserError as e:
-            raise ParseError(str(e)) from None
-        return None
+        return _feed_httptools(self._parser, data)
 
     def on_message_begin(self) -> None:
         self._reason = b""
@@ -175,8 +204,9 @@ class HttptoolsResponseParser:
 
     def on_headers_complete(self) -> None:
         p = self._parser
+        collected, self._head = self._head, _HeadCollector()  # trailers must not join the head
         head = _response_head(p.get_status_code(), self._reason, p.get_http_version().encode(),
-                              self._method, self._head)
+                              self._method, collected)
         self._sink.on_head(head)
         if self._method == b"HEAD" and head.status >= 200:
             self._done_early = True
@@ -196,13 +226,28 @@ def _h11_error(e: h11.RemoteProtocolError, what: str) -> ParseError:
     return ParseError(str(e))
 
 
+def _collect(headers: h11._headers.Headers, size: int, max_head: int,
+             what: str) -> _HeadCollector:
+    c = _HeadCollector()
+    for name, value in headers.raw_items():
+        c.add(name, value)
+    # h11 bounds only an incomplete head; one that arrives whole is checked here.
+    if c.head_size + size > max_head:
+        raise HeadTooLarge(f"{what} head larger than {max_head} bytes")
+    return c
+
+
 class H11RequestParser:
     """The strict pure-Python reference: h11 decides validity, we decide framing."""
 
     def __init__(self, sink: MessageSink, max_head: int) -> None:
         self._sink = sink
         self._max_head = max_head
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        self._keep_alive = True  # of the last request head
+        self._conn = self._new_conn()
+
+    def _new_conn(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
 
     def feed(self, data: bytes) -> int | None:
         self._conn.receive_data(data)
@@ -211,31 +256,29 @@ class H11RequestParser:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as e:
                 raise _h11_error(e, "request") from None
-            if event is h11.NEED_DATA:
+            if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
                 return None
-            if event is h11.PAUSED:
+            if event is h11.PAUSED:  # only an Upgrade request pauses h11 here
                 trailing, _closed = self._conn.trailing_data
-                if self._conn.their_state is not h11.DONE:  # an Upgrade request
-                    return len(data) - len(trailing)
-                # h11 waits for our response before the next request; we answer through
-                # our own writer, so a fresh connection object parses the next request.
-                self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
-                self._conn.receive_data(bytes(trailing))
-                continue
+                return len(data) - len(trailing)
             if isinstance(event, h11.Request):
-                c = _HeadCollector()
-                for name, value in event.headers.raw_items():
-                    c.add(name, value)
-                if c.head_size + len(event.target) > self._max_head:
-                    raise HeadTooLarge(f"request head larger than {self._max_head} bytes")
-                self._sink.on_head(_request_head(event.method, event.target,
-                                                 event.http_version, c))
+                c = _collect(event.headers, len(event.target), self._max_head, "request")
+                head = _request_head(event.method, event.target, event.http_version, c)
+                self._keep_alive = head.keep_alive
+                self._sink.on_head(head)
             elif isinstance(event, h11.Data):
                 self._sink.on_body(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
+                upgrade = self._conn.their_state is h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
                 self._sink.on_end()
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
+                if self._keep_alive and not upgrade:
+                    # h11 would wait for our response, and never keeps an HTTP/1.0
+                    # connection alive even when the client asked: a fresh connection
+                    # object parses whatever follows. (Empty data would mean EOF to h11.)
+                    trailing, _closed = self._conn.trailing_data
+                    self._conn = self._new_conn()
+                    if trailing:
+                        self._conn.receive_data(bytes(trailing))
 
 
 class H11ResponseParser:
@@ -243,17 +286,23 @@ class H11ResponseParser:
         self._sink = sink
         self._max_head = max_head
         self._method = b"GET"
+        self._upgrade = False
         self._conn = self._new_conn()
 
     def _new_conn(self) -> h11.Connection:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._max_head)
-        # h11 must know the request to frame the response (HEAD has no body).
-        conn.send(h11.Request(method=self._method, target=b"/", headers=[(b"host", b"x")]))
+        # h11 must know the request to frame the response (HEAD has no body; a 101 needs
+        # an upgrade on offer).
+        headers = [(b"host", b"x")]
+        if self._upgrade:
+            headers += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+        conn.send(h11.Request(method=self._method, target=b"/", headers=headers))
         conn.send(h11.EndOfMessage())
         return conn
 
-    def expect(self, request_method: bytes) -> None:
+    def expect(self, request_method: bytes, upgrade: bool = False) -> None:
         self._method = request_method
+        self._upgrade = upgrade
         self._conn = self._new_conn()
 
     def feed(self, data: bytes) -> int | None:
@@ -269,12 +318,10 @@ class H11ResponseParser:
                 trailing, _closed = self._conn.trailing_data
                 return len(data) - len(trailing)
             if isinstance(event, (h11.Response, h11.InformationalResponse)):
-                c = _HeadCollector()
-                for name, value in event.headers.raw_items():
-                    c.add(name, value)
+                c = _collect(event.headers, len(event.reason), self._max_head, "response")
                 self._sink.on_head(_response_head(event.status_code, event.reason,
                                                   event.http_version, self._method, c))
-                if isinstance(event, h11.InformationalResponse) and event.status_code != 101:
+                if isinstance(event, h11.InformationalResponse):  # 1xx heads end there
                     self._sink.on_end()
             elif isinstance(event, h11.Data):
                 self._sink.on_body(bytes(event.data))

@@ -84,6 +84,7 @@ class HttpDownstream(asyncio.Protocol):
         self.client_ip = b"-"
         self.exchange: Exchange | None = None
         self.in_request = False  # the current exchange's request has not ended yet
+        self.final = False  # a request without keep-alive ended: later bytes are ignored
         self.queue: list[tuple[str, Any]] = []
         self.header_timer: asyncio.TimerHandle | None = None
         self.head_bytes = 0  # bytes received since the last response ended
@@ -114,7 +115,7 @@ class HttpDownstream(asyncio.Protocol):
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.final:
             return
         self.last_activity = self.loop.time()
         if self.exchange is None:
@@ -172,7 +173,11 @@ class HttpDownstream(asyncio.Protocol):
     def on_end(self) -> None:
         if self.in_request and not self.queue:
             self.in_request = False
-            self.exchange.on_client_end()  # type: ignore[union-attr]
+            exchange = self.exchange
+            assert exchange is not None
+            exchange.on_client_end()
+            if not exchange.head.keep_alive:
+                self.final = True  # the connection closes after this response
         else:
             self.queue.append(("end", None))
 

@@ -235,7 +235,8 @@ class Exchange:
         if conn is not self.conn:
             return
         if 100 <= head.status < 200 and head.status != 101:
-            if not self.response_started:
+            # RFC 9110 section 15.2: no 1xx to an HTTP/1.0 client.
+            if not self.response_started and self.head.version == b"1.1":
                 self.down.write(encode_interim(head))
             return
         self._cancel_timer()

@@ -72,7 +72,9 @@ class UpstreamRuntime:
         self.available: tuple[Host, ...] = ()  # in the catalog and breaker not open
         self.half_open = 0  # hosts in `available` whose breaker is half-open
         self.next_trial_at = float("inf")  # when the first open breaker may try again
-        self.draining: dict[str, Host] = {}  # removed, with work still in flight
+        # Removed hosts with work still in flight, by identity: one id may have several
+        # (an instance that moved address while busy, then left).
+        self.draining: dict[int, Host] = {}
         self.answered = False
         self.catalog_index: int | None = None
         self.last_update: float | None = None  # wall time of the last successful answer
@@ -123,7 +125,7 @@ class UpstreamRuntime:
         added: list[str] = []
         changed: list[str] = []
         for ep in endpoints:
-            host = old.get(ep.id) or self.draining.pop(ep.id, None)
+            host = old.get(ep.id) or self._revive(ep.id)
             if host is None or (host.endpoint.address, host.endpoint.port) != (ep.address, ep.port):
                 if host is not None:  # same id, new address: the old connections are useless
                     self._retire(host)
@@ -153,7 +155,14 @@ class UpstreamRuntime:
         host.draining = True
         host.pool.close_all()
         if host.active:
-            self.draining[host.id] = host
+            self.draining[id(host)] = host
+
+    def _revive(self, host_id: str) -> Host | None:
+        """A draining host whose id came back to the catalog (the latest one retired)."""
+        for key, host in reversed(self.draining.items()):
+            if host.id == host_id:
+                return self.draining.pop(key)
+        return None
 
     def _new_host(self, ep: Endpoint) -> Host:
         cfg = self.config.breaker
@@ -221,7 +230,7 @@ class UpstreamRuntime:
         """Called when a request or connection on `host` ends."""
         host.active -= 1
         if host.draining and host.active <= 0:
-            self.draining.pop(host.id, None)
+            self.draining.pop(id(host), None)
 
     def all_hosts(self) -> list[Host]:
         return [*self.hosts.values(), *self.draining.values()]

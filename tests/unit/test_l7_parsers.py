@@ -7,8 +7,7 @@ stream into `feed` calls (whole, one byte at a time, every two-piece cut, random
 outcome may depend on neither. Error texts differ between the libraries, so only the error
 class is compared (`HeadTooLarge` is the 431 subclass of `ParseError`, the 400 class).
 
-Where a parser is wrong the row carries a strict xfail naming the bug; where the two
-legitimately differ (RFC leeway) the divergence is pinned in its own table.
+Where the two legitimately differ (RFC leeway) the divergence is pinned in its own table.
 """
 
 from __future__ import annotations
@@ -90,7 +89,8 @@ class Outcome:
     error: type[ParseError] | None = None
 
 
-# A response script step: bytes to feed, or ("expect", METHOD) announcing the next request.
+# A response script step: bytes to feed, or ("expect", METHOD) announcing the next request
+# (("expect-upgrade", METHOD) for a request that offered an upgrade).
 Step = bytes | tuple[str, bytes]
 
 
@@ -99,7 +99,7 @@ def _drive(parser: Any, rec: Recorder, steps: Iterable[Step]) -> Outcome:
     try:
         for step in steps:
             if isinstance(step, tuple):
-                parser.expect(step[1])
+                parser.expect(step[1], upgrade=step[0] == "expect-upgrade")
                 continue
             offset = parser.feed(step)
             if offset is not None:  # left HTTP: the caller stops feeding this parser
@@ -185,10 +185,6 @@ def body(data: bytes) -> Event:
 
 END: Event = ("end",)
 HOST = (b"Host", b"example")
-
-
-def bug(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"BUG: {reason}")
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -344,6 +340,7 @@ REQUESTS: dict[str, Case] = {
         b"POST / HTTP/1.0\r\n\r\nhi",
         ParseError,
         before_error=(req(b"POST", b"/", version=b"1.0", keep_alive=False), END)),
+    "unsupported-version-1.2": Case(b"GET / HTTP/1.2\r\nHost: example\r\n\r\n", ParseError),
     # -- 431 class
     "head-too-large-header": Case(BIG_HEADER, HeadTooLarge, max_head=SMALL_HEAD_LIMIT),
     "head-too-large-target": Case(BIG_TARGET, HeadTooLarge, max_head=SMALL_HEAD_LIMIT),
@@ -387,7 +384,7 @@ def test_error_classes_are_distinct() -> None:
         assert run_request(name, [b"GARBAGE\r\n\r\n"]).error is ParseError
 
 
-# -- bugs found by the differential (strict xfails; see the report) -------------------------
+# -- regressions: bugs the differential found once -----------------------------------------
 
 INCOMPLETE_BIG_HEAD = b"GET / HTTP/1.1\r\nHost: example\r\nX-Big: " + b"x" * 300
 
@@ -397,10 +394,7 @@ INCOMPLETE_BIG_HEAD = b"GET / HTTP/1.1\r\nHost: example\r\nX-Big: " + b"x" * 300
     pytest.param([INCOMPLETE_BIG_HEAD[:250], INCOMPLETE_BIG_HEAD[250:]], id="two-feeds"),
 ])
 @pytest.mark.parametrize("name", [
-    pytest.param("httptools", marks=bug(
-        "HttptoolsRequestParser.on_message_begin resets _fed_in_head to 0 after feed() "
-        "already counted the feed, so the bytes of the feed that starts a head are never "
-        "counted: an incomplete head over max_head is buffered without 431")),
+    pytest.param("httptools"),
     "h11",
 ])
 def test_incomplete_head_over_limit_is_431(name: str, chunks: list[bytes]) -> None:
@@ -409,11 +403,7 @@ def test_incomplete_head_over_limit_is_431(name: str, chunks: list[bytes]) -> No
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param("httptools", marks=bug(
-        "trailer fields go through on_header into the same _HeadCollector whose `headers` "
-        "list the MessageHead already handed to on_head holds, so trailers appear as "
-        "header fields of a head that was already delivered (a queued pipelined request "
-        "is then forwarded with them as headers)")),
+    pytest.param("httptools"),
     "h11",
 ])
 def test_head_is_final_once_delivered(name: str) -> None:
@@ -426,10 +416,7 @@ def test_head_is_final_once_delivered(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param("httptools", marks=bug(
-        "request_framing accepts any coding list ending in chunked; encode_request then "
-        "drops Transfer-Encoding (hop-by-hop) and sends `Transfer-Encoding: chunked`, so "
-        "the gzip coding is silently lost upstream (h11 rejects it)")),
+    pytest.param("httptools"),
     "h11",
 ])
 def test_transfer_coding_other_than_chunked_is_rejected(name: str) -> None:
@@ -443,10 +430,7 @@ def test_transfer_coding_other_than_chunked_is_rejected(name: str) -> None:
     pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", id="two-hosts"),
 ])
 @pytest.mark.parametrize("name", [
-    pytest.param("httptools", marks=bug(
-        "RFC 9112 section 3.2: a request without Host or with several Host fields MUST "
-        "get 400; the httptools path forwards it (and encode_request then invents a Host "
-        "or forwards both)")),
+    pytest.param("httptools"),
     "h11",
 ])
 def test_host_field_rules(name: str, data: bytes) -> None:
@@ -454,9 +438,7 @@ def test_host_field_rules(name: str, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param("httptools", marks=bug(
-        "llhttp leaves trailing whitespace in field values; RFC 9110 section 5.5 excludes "
-        "it from the value, h11 strips it, so the two parsers report different headers")),
+    pytest.param("httptools"),
     "h11",
 ])
 def test_field_values_exclude_surrounding_whitespace(name: str) -> None:
@@ -466,11 +448,7 @@ def test_field_values_exclude_surrounding_whitespace(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param("httptools", marks=bug(
-        "llhttp takes a request line without a version as HTTP/0.9 (version b'0.9', "
-        "still parsing header lines after it); the proxy then forwards it upstream as "
-        "HTTP/1.1 and answers an 0.9 client with an HTTP/1.1 head. SPEC serves 1.0 and "
-        "1.1 only; h11 rejects it")),
+    pytest.param("httptools"),
     "h11",
 ])
 def test_request_line_without_version_is_rejected(name: str) -> None:
@@ -487,11 +465,7 @@ HTTP10_NEXT = b"GET /2 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
 ])
 @pytest.mark.parametrize("name", [
     "httptools",
-    pytest.param("h11", marks=bug(
-        "h11 never keeps an HTTP/1.0 connection alive (its state goes to MUST_CLOSE, not "
-        "PAUSED), and H11RequestParser only starts a fresh h11.Connection on PAUSED, so "
-        "the second request of a 1.0 keep-alive client raises ParseError ('Got data when "
-        "expecting EOF') -> 400, although the proxy answered 'Connection: keep-alive'")),
+    pytest.param("h11"),
 ])
 def test_http10_keep_alive_next_request(name: str, chunks: list[bytes]) -> None:
     head1 = req(b"GET", b"/1", [(b"Connection", b"keep-alive")], version=b"1.0")
@@ -518,8 +492,6 @@ DIVERGENCES: dict[str, tuple[bytes, dict[str, str | type[ParseError]]]] = {
     # llhttp knows a fixed method list; h11 accepts any token.
     "unknown-method": (b"get / HTTP/1.1\r\nHost: example\r\n\r\n",
                        {"httptools": ParseError, "h11": OK}),
-    "http-1.2": (b"GET / HTTP/1.2\r\nHost: example\r\n\r\n",
-                 {"httptools": ParseError, "h11": OK}),
 }
 
 
@@ -648,10 +620,7 @@ def test_response_head_too_large_bytewise(name: str) -> None:
 
 @pytest.mark.parametrize("name", [
     "httptools",
-    pytest.param("h11", marks=bug(
-        "H11ResponseParser never checks the size of a head that arrives complete in one "
-        "feed (h11 bounds only incomplete data; H11RequestParser adds the check, the "
-        "response parser does not), so a 330-byte head passes max_head=200")),
+    pytest.param("h11"),
 ])
 def test_response_head_too_large_in_one_feed(name: str) -> None:
     out = run_response(name, [("expect", b"GET"), BIG_RESPONSE_HEAD], SMALL_HEAD_LIMIT)
@@ -660,13 +629,10 @@ def test_response_head_too_large_in_one_feed(name: str) -> None:
 
 @pytest.mark.parametrize("name", [
     "httptools",
-    pytest.param("h11", marks=bug(
-        "H11ResponseParser._new_conn sends h11 a request without `Upgrade`, so h11 "
-        "rejects every 101 (\"without a pending proposal\"): with http_parser = 'h11' "
-        "no WebSocket upgrade can succeed")),
+    pytest.param("h11"),
 ])
 def test_response_101_leaves_http(name: str) -> None:
-    out = run_response(name, GET(SWITCHING + b"\x81\x02hi"))
+    out = run_response(name, [("expect-upgrade", b"GET"), SWITCHING + b"\x81\x02hi"])
     assert out == Outcome((resp(101, b"Switching Protocols",
                                 [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")],
                                 upgrade=True), END, ("upgrade", len(SWITCHING))))

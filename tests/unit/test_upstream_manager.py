@@ -287,13 +287,6 @@ def test_everything_removed_leaves_an_empty_pool(rt: UpstreamRuntime) -> None:
     assert rt.answered is True
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: UpstreamRuntime.draining is keyed by endpoint id, but several retired Host "
-    "objects can share an id (an instance that moved address while busy, then left). "
-    "The second _retire overwrites the first in `draining`, so a host with requests "
-    "still in flight vanishes from all_hosts(), and release() of the first pops the "
-    "second although it is still busy. Key draining hosts by identity (e.g. a dict "
-    "keyed by id(host) or a list) and have release() remove only that very object"))
 def test_two_busy_retired_hosts_with_one_id_both_drain(rt: UpstreamRuntime) -> None:
     rt.on_catalog_answer(answer(A))
     first = rt.hosts["a"]
