@@ -28,10 +28,12 @@ import asyncio
 import hashlib
 import random
 import signal
+import socket
+import struct
 import sys
 from collections.abc import Iterator
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 BLOCK_SIZE = 65536
 READ_CHUNK = 65536
@@ -144,8 +146,34 @@ def build_app(name: str) -> web.Application:
         await _discard_body(request)
         return reply()
 
+    async def websocket_echo(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        ws.headers["X-Backend"] = name
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        return ws
+
+    async def reset(request: web.Request) -> web.StreamResponse:
+        """Read the whole request, then reset the connection (RST, no response)."""
+        await _discard_body(request)
+        transport = request.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # SO_LINGER 0: close() sends RST instead of FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        raise asyncio.CancelledError  # nothing more to say on this connection
+
     async def dispatch(request: web.Request) -> web.StreamResponse:
         path, method = request.path, request.method
+        if path == "/ws" and method == "GET":
+            return await websocket_echo(request)
+        if path == "/reset":
+            return await reset(request)
         if path == "/health" and method in ("GET", "HEAD"):
             return await health(request)
         if path == "/headers" and method in ("GET", "HEAD"):

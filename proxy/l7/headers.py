@@ -19,6 +19,7 @@ HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te"
 # read as the next request (request smuggling).
 _PROTECTED = frozenset((b"content-length", b"host"))
 _CONTENT_LENGTH = b"content-length"
+_UPGRADE = b"upgrade"
 _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
 _HOST = b"host"
@@ -37,6 +38,8 @@ def _forwardable(headers: list[tuple[bytes, bytes]], drop_length: bool = False
     for name, value in headers:
         lname = name.lower()
         if lname in drop:
+            if lname == _UPGRADE:  # hop-by-hop, but an upgrade is offered on again
+                seen[_UPGRADE] = value
             continue
         if lname == _XFF:
             seen[_XFF] = seen[_XFF] + b", " + value if _XFF in seen else value
@@ -58,6 +61,10 @@ def encode_request(head: MessageHead, *, client_ip: bytes, default_host: bytes) 
         lines.append(b"Host: " + default_host)
     if head.framing == CHUNKED:
         lines.append(b"Transfer-Encoding: chunked")
+    upgrade = seen.get(_UPGRADE)
+    if head.upgrade and upgrade:  # RFC 9110 section 7.8: offer the same protocols onward
+        lines.append(b"Upgrade: " + upgrade)
+        lines.append(b"Connection: Upgrade")
     return b"".join((head.method, b" ", head.target, b" HTTP/1.1\r\n",
                      _CRLF.join(lines), b"\r\n\r\n"))
 
@@ -84,6 +91,21 @@ def encode_response(head: MessageHead, *, request_version: bytes,
     if not lines:
         return status_line + _CRLF, chunk, keep
     return b"".join((status_line, _CRLF.join(lines), b"\r\n\r\n")), chunk, keep
+
+
+def is_upgrade_request(head: MessageHead) -> bool:
+    """`Connection: upgrade` with an `Upgrade` field: the client offers a protocol switch."""
+    return head.upgrade and any(len(n) == 7 and n.lower() == _UPGRADE for n, _v in head.headers)
+
+
+def encode_switching(head: MessageHead) -> bytes:
+    """A 101 Switching Protocols passed to the client, naming the protocol switched to."""
+    lines, seen = _forwardable(head.headers)
+    if _UPGRADE in seen:
+        lines.append(b"Upgrade: " + seen[_UPGRADE])
+    lines.append(b"Connection: Upgrade")
+    return b"".join((b"HTTP/1.1 101 %s\r\n" % (head.reason or b"Switching Protocols"),
+                     _CRLF.join(lines), b"\r\n\r\n"))
 
 
 def encode_interim(head: MessageHead) -> bytes:

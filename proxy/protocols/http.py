@@ -18,6 +18,7 @@ from proxy.l7.headers import encode_error
 from proxy.l7.message import HeadTooLarge, MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
 from proxy.protocols.http_exchange import Exchange
+from proxy.protocols.relay import Relay
 from proxy.upstream.manager import UpstreamRuntime
 
 log = logging.getLogger("sdproxy.http")
@@ -26,6 +27,7 @@ log = logging.getLogger("sdproxy.http")
 _PAUSE_PIPELINE = 1  # a further request waits for the current response
 _PAUSE_BODY = 2  # request body buffered past the high-water mark while connecting
 _PAUSE_UPSTREAM = 4  # the instance's socket buffer is full
+_PAUSE_UPGRADE = 8  # bytes after an Upgrade request wait for the instance's answer
 
 # How often a listener looks for exchanges where no byte moved for idle_timeout. One
 # sweep per listener costs less than re-arming a timer on every chunk.
@@ -50,8 +52,8 @@ class HttpListener:
         return HttpDownstream(self)
 
     def busy(self) -> bool:
-        """Some request is in flight (shutdown waits for these)."""
-        return any(conn.exchange is not None for conn in self.open)
+        """Some request or tunnel is in flight (shutdown waits for these)."""
+        return any(conn.exchange is not None or conn.tunnel is not None for conn in self.open)
 
     def _sweep_idle(self) -> None:
         """Abort exchanges where neither the client nor the instance sent a byte for
@@ -69,7 +71,9 @@ class HttpListener:
             self._sweeper.cancel()
             self._sweeper = None
         for conn in list(self.open):
-            if conn.transport is not None:
+            if conn.tunnel is not None:
+                conn.tunnel.close()
+            elif conn.transport is not None:
                 conn.transport.close()
 
 
@@ -85,6 +89,8 @@ class HttpDownstream(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.in_request = False  # the current exchange's request has not ended yet
         self.final = False  # a request without keep-alive ended: later bytes are ignored
+        self.held: list[bytes] | None = None  # bytes after an Upgrade request, for the tunnel
+        self.tunnel: Relay | None = None
         self.queue: list[tuple[str, Any]] = []
         self.header_timer: asyncio.TimerHandle | None = None
         self.head_bytes = 0  # bytes received since the last response ended
@@ -118,16 +124,18 @@ class HttpDownstream(asyncio.Protocol):
         if self.closed or self.final:
             return
         self.last_activity = self.loop.time()
+        if self.held is not None:
+            self.held.append(data)
+            return
         if self.exchange is None:
             self.head_bytes += len(data)
         try:
             offset = self.parser.feed(data)
-            while offset is not None:
-                # An Upgrade request: until tunnelling lands, the Upgrade header is dropped
-                # as hop-by-hop and the connection goes on as plain HTTP.
-                self.parser = PARSERS[self.cfg.http_parser][0](self, self.cfg.max_header_size)
-                data = data[offset:]
-                offset = self.parser.feed(data) if data else None
+            if offset is not None:
+                # An Upgrade request ended: what follows belongs to the new protocol if the
+                # instance switches (101), and is dropped with the connection if not.
+                self.held = [data[offset:]] if offset < len(data) else []
+                self._set_paused(_PAUSE_UPGRADE, True)
         except HeadTooLarge as e:
             self._reject(431, str(e))
         except ParseError as e:
@@ -155,6 +163,8 @@ class HttpDownstream(asyncio.Protocol):
 
     # -- parser sink --------------------------------------------------------------------
     def on_head(self, head: MessageHead) -> None:
+        if head.method == b"CONNECT":
+            raise ParseError("CONNECT is not supported")  # no tunnels to arbitrary hosts
         if self.exchange is not None or self.queue:
             self.queue.append(("head", head))
             self._set_paused(_PAUSE_PIPELINE, True)
@@ -196,8 +206,26 @@ class HttpDownstream(asyncio.Protocol):
     def pause_for_upstream(self, on: bool) -> None:
         self._set_paused(_PAUSE_UPSTREAM, on)
 
+    def start_tunnel(self, upstream: asyncio.Transport, upstream_data: bytes) -> None:
+        """After a 101: relay bytes both ways between the client and the instance."""
+        assert self.transport is not None
+        self._cancel_header_timer()
+        held, self.held = self.held or [], None
+        self.paused = 0
+        relay = self.tunnel = Relay(self.loop, self.transport, upstream,
+                                    idle_timeout=self.cfg.idle_timeout, on_done=self._on_tunnel_done)
+        relay.start(a_data=held, b_data=[upstream_data] if upstream_data else [])
+
+    def _on_tunnel_done(self, relay: Relay) -> None:
+        self.closed = True
+        self.tunnel = None
+        self.listener.connections -= 1
+        self.listener.open.discard(self)
+
     def on_exchange_done(self, exchange: Exchange, keep: bool) -> None:
         self.exchange = None
+        if self.tunnel is not None or (self.closed and self not in self.listener.open):
+            return  # the relay owns both transports now
         self.in_request = False
         self.requests_done += 1
         self.paused &= ~(_PAUSE_BODY | _PAUSE_UPSTREAM)

@@ -32,6 +32,8 @@ from proxy.l7.headers import (
     encode_interim,
     encode_request,
     encode_response,
+    encode_switching,
+    is_upgrade_request,
 )
 from proxy.l7.message import CHUNKED, NO_BODY, UNTIL_CLOSE, MessageHead
 from proxy.protocols.http_upstream import UpstreamConnection, connect
@@ -51,6 +53,7 @@ _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header 
 
 class Exchange:
     __slots__ = (
+        "upgrade",
         "attempt",
         "body_done",
         "body_log",
@@ -98,6 +101,7 @@ class Exchange:
         self.response_started = False
         self.chunk_response = False
         self.client_keep = head.keep_alive
+        self.upgrade = is_upgrade_request(head)  # a 101 hands both connections to a tunnel
         self.started = self.loop.time()
         self.request_bytes = encode_request(head, client_ip=down.client_ip,
                                             default_host=self.runtime.name.encode())
@@ -182,7 +186,7 @@ class Exchange:
                 return ABORTED
         assert isinstance(conn, UpstreamConnection)
         self.conn = conn
-        conn.attach(self, self.head.method)
+        conn.attach(self, self.head.method, self.upgrade)
         self.response_head = None
         waiter: asyncio.Future[str] = self.loop.create_future()
         self.waiter = waiter
@@ -243,6 +247,16 @@ class Exchange:
         self.down.last_activity = self.loop.time()
         host = conn.host
         status = head.status
+        if status == 101:
+            if not self.upgrade or self.response_started:
+                self.on_upstream_error(conn, "101 without an upgrade on offer")
+                conn.close()
+                return
+            host.on_success(101)
+            self.response_head = head
+            self.response_started = True
+            self.down.write(encode_switching(head))
+            return  # the tunnel starts with on_upstream_switched
         key = str(status)
         if status >= 500 and key in self.down.listener.retry_on:
             host.on_failure(status)
@@ -258,8 +272,10 @@ class Exchange:
         else:
             host.on_success(status)
         self.response_head = head
-        if not self.body_done:
-            self.client_keep = False  # the client is still sending a body nobody reads
+        if not self.body_done or self.upgrade:
+            # The client is still sending a body nobody reads, or offered a protocol the
+            # instance declined: bytes after this request are not HTTP we can trust.
+            self.client_keep = False
         data, self.chunk_response, self.client_keep = encode_response(
             head, request_version=self.head.version, request_keep_alive=self.client_keep)
         self.response_started = True
@@ -271,7 +287,7 @@ class Exchange:
             self.down.write(chunk(data) if self.chunk_response else data)
 
     def on_response_end(self, conn: UpstreamConnection) -> None:
-        if conn is not self.conn or self.response_head is None:
+        if conn is not self.conn or self.response_head is None or self.response_head.status == 101:
             return
         if self.chunk_response:
             self.down.write(LAST_CHUNK)
@@ -280,6 +296,17 @@ class Exchange:
         if not (head.keep_alive and self.body_done and head.framing != UNTIL_CLOSE
                 and conn.park()):
             conn.close()
+        self._resolve(DONE)
+
+    def on_upstream_switched(self, conn: UpstreamConnection, leftover: bytes) -> None:
+        """The instance switched protocols: both connections become one byte tunnel."""
+        if conn is not self.conn or self.response_head is None:
+            return
+        self.conn = None
+        conn.exchange = None
+        transport = conn.transport
+        assert transport is not None
+        self.down.start_tunnel(transport, leftover)
         self._resolve(DONE)
 
     def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:

@@ -60,12 +60,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def attach(self, exchange: Exchange, request_method: bytes) -> None:
+    def attach(self, exchange: Exchange, request_method: bytes, upgrade: bool = False) -> None:
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
         self.exchange = exchange
-        self.parser.expect(request_method)
+        self.parser.expect(request_method, upgrade)
 
     def park(self) -> bool:
         """Return the connection to its host's pool; False if it must be closed instead."""
@@ -92,10 +92,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         try:
-            self.parser.feed(data)
+            offset = self.parser.feed(data)
         except ParseError as e:
             self.close()
             exchange.on_upstream_error(self, f"invalid response: {e}")
+            return
+        if offset is not None:  # 101: what follows the head is the new protocol's
+            exchange.on_upstream_switched(self, data[offset:])
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
