@@ -2,8 +2,17 @@
 
 Start order: one watcher per upstream, a short bounded wait for the first catalog
 answers (so the first requests find a pool, as Fabio waits for its first table), then
-the listeners (one log line each once it accepts), then the admin API. SIGTERM/SIGINT
-close the listeners at once and give in-flight requests up to `drain_timeout`.
+the listeners (one log line each once it accepts), then the admin API.
+
+Signals (SPEC):
+- SIGHUP re-reads the config. Upstreams are matched by name: a new one is started, a
+  removed one stops accepting at once and drains (in-flight work gets `drain_timeout`), one
+  whose `listen` or `mode` changed is replaced that way; any other change is applied in
+  place, so its listener keeps its connections and its instances keep their state (the
+  watcher restarts only when what it asks the catalog changed). A config that does not
+  load is rejected with one log line and the running one stays.
+- SIGTERM/SIGINT close every listener at once, give in-flight work up to the largest
+  `drain_timeout`, and exit 0.
 """
 
 from __future__ import annotations
@@ -14,22 +23,43 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 import uvloop
 
+from proxy import config as config_mod
 from proxy import logs
-from proxy.config import Config
+from proxy.config import Config, UpstreamConfig
+from proxy.discovery import Rereadable
 from proxy.discovery.registry import UnsupportedDiscovery, make_watcher
 from proxy.protocols import Listener, make_listener
+from proxy.upstream.balancers import make_balancer
 from proxy.upstream.manager import UpstreamRuntime
 
 log = logging.getLogger("sdproxy.app")
 
 FIRST_ANSWER_WAIT = 3.0  # seconds to wait for first catalog answers before listening
+DRAIN_POLL = 0.02  # how often a drain looks whether in-flight work has finished
+
+# Upstream keys that change what the watcher asks the catalog: a change restarts it.
+_DISCOVERY_KEYS = ("discovery", "tags", "include_warning", "datacenters", "endpoints", "file",
+                   "dns_type", "port")
 
 
 class StartupError(Exception):
     """A failure to start that the user can act on (exit code 1)."""
+
+
+@dataclass
+class Served:
+    """Everything that serves one upstream."""
+
+    runtime: UpstreamRuntime
+    watcher: object
+    watch_task: asyncio.Task[None]
+    listener: Listener | None = None
+    server: asyncio.base_events.Server | None = None
+    draining: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class ProxyApp:
@@ -37,84 +67,187 @@ class ProxyApp:
         self.config = config
         self.reuse_port = reuse_port
         self.with_admin = admin
+        self.served: dict[str, Served] = {}
+        # What the admin API reads, replaced whole on every change.
         self.upstreams: dict[str, UpstreamRuntime] = {}
         self.listeners: dict[str, Listener] = {}
-        self.servers: dict[str, asyncio.base_events.Server] = {}
-        self.watch_tasks: dict[str, asyncio.Task[None]] = {}
         self.admin_runner: object | None = None
         self.started_at = time.time()
         self.stop_requested = asyncio.Event()
+        self.retiring: set[asyncio.Task[None]] = set()
 
+    # -- start --------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for up in self.config.upstreams:
-            runtime = UpstreamRuntime(up)
-            self.upstreams[up.name] = runtime
-            try:
-                watcher = make_watcher(self.config, up, runtime)
-            except UnsupportedDiscovery as e:
-                raise StartupError(str(e)) from None
-            self.watch_tasks[up.name] = loop.create_task(watcher.run(), name=f"watch-{up.name}")
-        await self._wait_first_answers(FIRST_ANSWER_WAIT)
-        for name, runtime in self.upstreams.items():
-            try:
-                listener = make_listener(runtime, loop)
-            except KeyError as e:
-                raise StartupError(f"upstream {name}: {e.args[0]}") from None
-            addr = runtime.config.listen
-            try:
-                server = await loop.create_server(listener.protocol_factory, addr.host, addr.port,
-                                                  reuse_address=True, reuse_port=self.reuse_port,
-                                                  backlog=1024)
-            except OSError as e:
-                raise StartupError(f"upstream {name}: cannot listen on {addr}: {e.strerror or e}")
-            self.listeners[name] = listener
-            self.servers[name] = server
-            log.info("event=listening upstream=%s listen=%s mode=%s discovery=%s", name, addr,
-                     runtime.config.mode, runtime.config.discovery)
+            self.served[up.name] = self._watch(up, UpstreamRuntime(up))
+        self._publish()
+        await self._wait_first_answers(FIRST_ANSWER_WAIT, list(self.served))
+        for name in list(self.served):
+            await self._listen(name)
+        self._publish()
         if self.with_admin:
-            from proxy.admin.server import start_admin
+            await self._start_admin()
 
-            listen = self.config.admin.listen
-            try:
-                self.admin_runner = await start_admin(self, listen)
-            except OSError as e:
-                raise StartupError(f"admin: cannot listen on {listen}: {e.strerror or e}")
-            log.info("event=admin_listening listen=%s", listen)
+    def _watch(self, up: UpstreamConfig, runtime: UpstreamRuntime) -> Served:
+        try:
+            watcher = make_watcher(self.config, up, runtime)
+        except UnsupportedDiscovery as e:
+            raise StartupError(str(e)) from None
+        task = asyncio.get_running_loop().create_task(watcher.run(), name=f"watch-{up.name}")
+        return Served(runtime, watcher, task)
 
-    async def _wait_first_answers(self, timeout: float) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not all(rt.answered for rt in self.upstreams.values()):
-            if asyncio.get_running_loop().time() >= deadline:
-                missing = [n for n, rt in self.upstreams.items() if not rt.answered]
+    async def _listen(self, name: str) -> None:
+        served = self.served[name]
+        runtime = served.runtime
+        loop = asyncio.get_running_loop()
+        try:
+            listener = make_listener(runtime, loop)
+        except KeyError as e:
+            raise StartupError(f"upstream {name}: {e.args[0]}") from None
+        addr = runtime.config.listen
+        try:
+            server = await loop.create_server(listener.protocol_factory, addr.host, addr.port,
+                                              reuse_address=True, reuse_port=self.reuse_port,
+                                              backlog=1024)
+        except OSError as e:
+            listener.close_all()
+            raise StartupError(f"upstream {name}: cannot listen on {addr}: {e.strerror or e}")
+        served.listener, served.server = listener, server
+        log.info("event=listening upstream=%s listen=%s mode=%s discovery=%s", name, addr,
+                 runtime.config.mode, runtime.config.discovery)
+
+    async def _start_admin(self) -> None:
+        from proxy.admin.server import start_admin
+
+        listen = self.config.admin.listen
+        try:
+            self.admin_runner = await start_admin(self, listen)
+        except OSError as e:
+            raise StartupError(f"admin: cannot listen on {listen}: {e.strerror or e}")
+        log.info("event=admin_listening listen=%s", listen)
+
+    def _publish(self) -> None:
+        self.upstreams = {n: s.runtime for n, s in self.served.items()}
+        self.listeners = {n: s.listener for n, s in self.served.items() if s.listener}
+
+    async def _wait_first_answers(self, timeout: float, names: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not all(self.served[n].runtime.answered for n in names):
+            if loop.time() >= deadline:
+                missing = [n for n in names if not self.served[n].runtime.answered]
                 log.warning("event=first_answer_missing upstreams=%s", ",".join(missing))
                 return
-            await asyncio.sleep(0.01)  # startup only: watchers have no "answered" event yet
+            await asyncio.sleep(0.01)  # startup only: watchers have no "answered" event
 
-    async def stop(self) -> None:
-        """Close listeners at once, let in-flight requests finish within drain_timeout."""
-        for server in self.servers.values():
-            server.close()
-        drain = max((rt.config.drain_timeout for rt in self.upstreams.values()), default=0.0)
+    # -- reload -------------------------------------------------------------------------
+    async def reload(self) -> None:
+        try:
+            new = config_mod.load(self.config.path, os.environ)
+        except config_mod.ConfigError as e:
+            log.error('event=reload_rejected config=%s problems="%s"', self.config.path,
+                      "; ".join(p.replace('"', "'") for p in e.problems))
+            return
+        old, self.config = self.config, new
+        wanted = {up.name: up for up in new.upstreams}
+        shared_changed = {"consul": old.consul != new.consul, "dns": old.dns != new.dns}
+        added, removed, changed = [], [], []
+        for name in [n for n in self.served if n not in wanted]:
+            self._retire(name)
+            removed.append(name)
+        for name, up in wanted.items():
+            served = self.served.get(name)
+            if served is None:
+                added.append(name)
+            elif (up.listen, up.mode) != (served.runtime.config.listen,
+                                          served.runtime.config.mode):
+                self._retire(name)  # a new address or protocol: a new listener
+                added.append(name)
+            elif up != served.runtime.config or shared_changed.get(up.discovery, False):
+                self._reconfigure(served, up, shared_changed)
+                changed.append(name)
+            elif isinstance(served.watcher, Rereadable):
+                served.watcher.reread()  # SIGHUP also means "look at the file again"
+        for name in added:
+            self.served[name] = self._watch(wanted[name], UpstreamRuntime(wanted[name]))
+        self._publish()
+        await self._wait_first_answers(FIRST_ANSWER_WAIT, added)
+        failed = []
+        for name in added:
+            try:
+                await self._listen(name)
+            except StartupError as e:
+                log.error('event=reload_listen_failed upstream=%s error="%s"', name, e)
+                self._retire(name)
+                failed.append(name)
+        self._publish()
+        if self.with_admin and old.admin.listen != new.admin.listen:
+            await self._restart_admin()
+        log.info("event=reloaded config=%s added=%s removed=%s changed=%s failed=%s",
+                 new.path, ",".join(added) or "-", ",".join(removed) or "-",
+                 ",".join(changed) or "-", ",".join(failed) or "-")
+
+    def _reconfigure(self, served: Served, up: UpstreamConfig,
+                     shared_changed: dict[str, bool]) -> None:
+        """Apply a changed upstream in place: its listener and its hosts stay."""
+        runtime = served.runtime
+        before = runtime.config
+        runtime.config = up
+        if up.balance != before.balance:
+            runtime.balancer = make_balancer(up.balance)
+        if served.listener is not None and hasattr(served.listener, "reconfigure"):
+            served.listener.reconfigure(up)
+        asks_differently = any(getattr(up, k) != getattr(before, k) for k in _DISCOVERY_KEYS)
+        if asks_differently or shared_changed.get(up.discovery, False):
+            served.watch_task.cancel()
+            fresh = self._watch(up, runtime)
+            served.watcher, served.watch_task = fresh.watcher, fresh.watch_task
+
+    def _retire(self, name: str) -> None:
+        """Stop accepting for `name` now; drain its in-flight work in the background."""
+        served = self.served.pop(name)
+        served.watch_task.cancel()
+        if served.server is not None:
+            served.server.close()
+        task = asyncio.get_running_loop().create_task(self._drain(served), name=f"drain-{name}")
+        self.retiring.add(task)
+        task.add_done_callback(self.retiring.discard)
+
+    async def _drain(self, served: Served) -> None:
+        listener = served.listener
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + drain
-        while loop.time() < deadline and any(lst.busy() for lst in self.listeners.values()):
-            await asyncio.sleep(0.02)  # shutdown only: bounded by drain_timeout
-        for listener in self.listeners.values():
+        deadline = loop.time() + served.runtime.config.drain_timeout
+        while listener is not None and listener.busy() and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL)  # bounded by drain_timeout
+        if listener is not None:
             listener.close_all()
-        for task in self.watch_tasks.values():
-            task.cancel()
-        await asyncio.gather(*self.watch_tasks.values(), return_exceptions=True)
+        for host in served.runtime.all_hosts():
+            host.pool.close_all()
+        log.info("event=upstream_stopped upstream=%s", served.runtime.name)
+
+    async def _restart_admin(self) -> None:
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()  # type: ignore[attr-defined]
-        for runtime in self.upstreams.values():
-            for host in runtime.all_hosts():
-                host.pool.close_all()
+            self.admin_runner = None
+        try:
+            await self._start_admin()
+        except StartupError as e:
+            log.error('event=admin_restart_failed error="%s"', e)
+
+    # -- stop ---------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Close listeners at once, let in-flight work finish within drain_timeout."""
+        for name in list(self.served):
+            self._retire(name)
+        await asyncio.gather(*list(self.retiring), return_exceptions=True)
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()  # type: ignore[attr-defined]
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         try:
             await self.start()
             await self.stop_requested.wait()
@@ -126,6 +259,12 @@ class ProxyApp:
         log.info("event=stopping signal=%s", signal.Signals(sig).name)
         self.stop_requested.set()
 
+    def _on_reload_signal(self) -> None:
+        log.info("event=reloading signal=SIGHUP config=%s", self.config.path)
+        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+        self.retiring.add(task)  # keep a reference until it ends
+        task.add_done_callback(self.retiring.discard)
+
 
 def run_process(config: Config, *, reuse_port: bool, admin: bool) -> int:
     app = ProxyApp(config, reuse_port=reuse_port, admin=admin)
@@ -133,7 +272,7 @@ def run_process(config: Config, *, reuse_port: bool, admin: bool) -> int:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(app.serve())
     except StartupError as e:
-        log.error("event=startup_failed error=%r", str(e))
+        log.error('event=startup_failed error="%s"', e)
         print(f"sdproxy: {e}", file=sys.stderr)
         return 1
     return 0
@@ -147,7 +286,12 @@ def main(config: Config, workers: int = 1) -> int:
 
 
 def run_workers(config: Config, workers: int) -> int:
-    """N processes sharing every listener with SO_REUSEPORT; worker 0 serves the admin API."""
+    """N processes sharing every listener with SO_REUSEPORT; worker 0 serves the admin API.
+
+    Each worker watches the catalog itself: a blocking query is one idle HTTP request per
+    upstream per `wait`, so N workers cost Consul N of those (see the README), and no
+    worker depends on another to learn of a change.
+    """
     children: list[int] = []
     for index in range(workers):
         pid = os.fork()
@@ -170,6 +314,12 @@ def run_workers(config: Config, workers: int) -> int:
         signal.signal(sig, forward)
     worst = 0
     for child in children:
-        _pid, status = os.waitpid(child, 0)
-        worst = max(worst, os.waitstatus_to_exitcode(status) if status else 0)
+        while True:
+            try:
+                _pid, status = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        worst = max(worst, os.waitstatus_to_exitcode(status))
     return 1 if worst else 0
+

@@ -7,7 +7,7 @@ never crashes: errors are reported to the sink and retried with jittered backoff
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from proxy.model import CatalogAnswer
 
@@ -25,3 +25,9 @@ class CatalogSink(Protocol):
 class Watcher(Protocol):
     async def run(self) -> None:
         """Watch until cancelled. Must not raise except CancelledError."""
+
+
+@runtime_checkable
+class Rereadable(Protocol):
+    def reread(self) -> None:
+        """Look at the catalog again now (SIGHUP), without waiting for the next change."""

@@ -15,6 +15,18 @@ def _consul(config: Config, upstream: UpstreamConfig, sink: CatalogSink, **kw: A
     return ConsulWatcher(config.consul, upstream, sink, **kw)
 
 
+def _dns(config: Config, upstream: UpstreamConfig, sink: CatalogSink, **kw: Any) -> Watcher:
+    from proxy.discovery.dns import DnsWatcher
+
+    return DnsWatcher(config.dns, upstream, sink)
+
+
+def _file(config: Config, upstream: UpstreamConfig, sink: CatalogSink, **kw: Any) -> Watcher:
+    from proxy.discovery.file import FileWatcher
+
+    return FileWatcher(upstream, sink)
+
+
 def _static(config: Config, upstream: UpstreamConfig, sink: CatalogSink, **kw: Any) -> Watcher:
     from proxy.discovery.static import StaticWatcher
 
@@ -23,6 +35,8 @@ def _static(config: Config, upstream: UpstreamConfig, sink: CatalogSink, **kw: A
 
 WATCHERS: dict[str, Callable[..., Watcher]] = {
     "consul": _consul,
+    "dns": _dns,
+    "file": _file,
     "static": _static,
 }
 

@@ -51,6 +51,11 @@ class HttpListener:
     def protocol_factory(self) -> HttpDownstream:
         return HttpDownstream(self)
 
+    def reconfigure(self, cfg: UpstreamConfig) -> None:
+        """A reload changed the upstream: new connections use `cfg`, open ones keep theirs."""
+        self.cfg = cfg
+        self.retry_on = frozenset(cfg.retry_on)
+
     def busy(self) -> bool:
         """Some request or tunnel is in flight (shutdown waits for these)."""
         return any(conn.exchange is not None or conn.tunnel is not None for conn in self.open)
