@@ -16,6 +16,9 @@ Routes (every response carries `X-Backend: NAME`):
 - `GET /download?bytes=N&seed=S[&chunked=1]` -> N deterministic bytes, produced block by
   block (see `download_blocks`); Content-Length unless `chunked=1`.
 - `* /status/<code>` -> that status, body NAME.
+- `GET /slow?seconds=S` -> 200 after S seconds (at most 60): work that stays in flight.
+- `GET /ws` -> a WebSocket echo (text and binary).
+- `* /reset` -> reads the whole request, then resets the connection (RST, no response).
 - anything else, any method -> 200, body NAME (a request body is read and discarded).
 
 SIGTERM or SIGINT stop it cleanly (exit 0). It knows nothing of the proxy.
@@ -168,8 +171,20 @@ def build_app(name: str) -> web.Application:
             transport.abort()
         raise asyncio.CancelledError  # nothing more to say on this connection
 
+    async def slow(request: web.Request) -> web.StreamResponse:
+        """Answer after `seconds` (bounded to 60): a request that is in flight for a while."""
+        await _discard_body(request)
+        try:
+            seconds = min(60.0, float(request.query.get("seconds", "1")))
+        except ValueError:
+            return reply(400, "bad seconds")
+        await asyncio.sleep(seconds)
+        return reply()
+
     async def dispatch(request: web.Request) -> web.StreamResponse:
         path, method = request.path, request.method
+        if path == "/slow":
+            return await slow(request)
         if path == "/ws" and method == "GET":
             return await websocket_echo(request)
         if path == "/reset":
