@@ -14,6 +14,7 @@ import logging
 from typing import Any, cast
 
 from proxy.config import UpstreamConfig
+from proxy.l7.hashkey import key_function
 from proxy.l7.headers import encode_error
 from proxy.l7.message import HeadTooLarge, MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
@@ -42,6 +43,7 @@ class HttpListener:
         self.cfg: UpstreamConfig = runtime.config
         self.loop = loop
         self.retry_on = frozenset(self.cfg.retry_on)
+        self.hash_key = key_function(self.cfg.balance, self.cfg.hash_key)
         self.connections = 0
         self.rejected_connections = 0
         self.open: set[HttpDownstream] = set()
@@ -55,6 +57,7 @@ class HttpListener:
         """A reload changed the upstream: new connections use `cfg`, open ones keep theirs."""
         self.cfg = cfg
         self.retry_on = frozenset(cfg.retry_on)
+        self.hash_key = key_function(cfg.balance, cfg.hash_key)
 
     def busy(self) -> bool:
         """Some request or tunnel is in flight (shutdown waits for these)."""

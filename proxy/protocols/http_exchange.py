@@ -55,6 +55,7 @@ class Exchange:
     __slots__ = (
         "upgrade",
         "attempt",
+        "attempt_started",
         "body_done",
         "body_log",
         "body_log_bytes",
@@ -95,6 +96,7 @@ class Exchange:
         self.conn: UpstreamConnection | None = None
         self.host: Host | None = None
         self.attempt = 0
+        self.attempt_started = 0.0
         self.waiter: asyncio.Future[str] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.response_head: MessageHead | None = None
@@ -132,7 +134,7 @@ class Exchange:
         tried: list[Host] = []
         while True:
             self.attempt += 1
-            host = rt.pick(tried)
+            host = rt.pick(tried, self.down.listener.hash_key(self.head, self.down.client_ip))
             if host is None:
                 rt.no_host_responses += 1
                 if tried:
@@ -204,6 +206,7 @@ class Exchange:
             self.pending_bytes = 0
             self.down.pause_for_body(False)
         self.timer = self.loop.call_later(cfg.request_timeout, self._on_request_timeout)
+        self.attempt_started = self.loop.time()
         return await waiter
 
     # -- request body from the client ---------------------------------------------------
@@ -244,8 +247,9 @@ class Exchange:
                 self.down.write(encode_interim(head))
             return
         self._cancel_timer()
-        self.down.last_activity = self.loop.time()
+        now = self.down.last_activity = self.loop.time()
         host = conn.host
+        host.record_latency(now - self.attempt_started)
         status = head.status
         if status == 101:
             if not self.upgrade or self.response_started:

@@ -14,6 +14,9 @@ from typing import Protocol
 from proxy.model import Endpoint
 from proxy.upstream.breaker import STATE_NAMES, HostBreaker
 
+# Weight of the newest sample in the latency EWMA: about the last 10 attempts count.
+EWMA_ALPHA = 0.2
+
 HEALTHY = "healthy"
 DRAINING = "draining"
 
@@ -69,6 +72,7 @@ class Host:
         "consecutive_failures",
         "draining",
         "endpoint",
+        "ewma",
         "failures",
         "id",
         "pool",
@@ -87,6 +91,7 @@ class Host:
         self.status_counts: dict[int, int] = {}
         self.draining = False
         self.sw_current = 0  # smooth weighted round robin's running weight
+        self.ewma = 0.0  # latency of recent attempts, seconds (p2c); 0 until measured
         self.pool = IdlePool()
         self.breaker = breaker or HostBreaker(endpoint.id, failures=5, reset_timeout=10.0)
 
@@ -103,6 +108,11 @@ class Host:
         self.breaker.record_success()
         counts = self.status_counts
         counts[status] = counts.get(status, 0) + 1
+
+    def record_latency(self, seconds: float) -> None:
+        """An attempt's time to its response head (http) or to connect (tcp)."""
+        ewma = self.ewma
+        self.ewma = seconds if ewma == 0.0 else ewma + EWMA_ALPHA * (seconds - ewma)
 
     def on_failure(self, status: int = 0) -> None:
         """`status` 0 means no response (connect failure, reset, timeout)."""

@@ -191,7 +191,7 @@ class UpstreamRuntime:
                 host.breaker.to_half_open()  # -> listener -> _refresh_available
 
     # -- request side -------------------------------------------------------------------
-    def pick(self, tried: Collection[Host]) -> Host | None:
+    def pick(self, tried: Collection[Host], key: bytes | None = None) -> Host | None:
         """A host for the next attempt: a closed breaker, a free half-open trial, or (when
         every breaker is open) any host as a trial: the panic rule, so that an upstream whose
         instances all failed recently is probed rather than switched off."""
@@ -200,17 +200,17 @@ class UpstreamRuntime:
         candidates = self.available
         if self.half_open:
             candidates = tuple(h for h in candidates if h.breaker.allows())
-        host = self.balancer.pick(candidates, tried) if candidates else None
+        host = self.balancer.pick(candidates, tried, key) if candidates else None
         if host is None:
-            host = self._panic_pick(tried)
+            host = self._panic_pick(tried, key)
         if host is not None and host.breaker.state == HALF_OPEN:
             host.breaker.on_attempt()
         return host
 
-    def _panic_pick(self, tried: Collection[Host]) -> Host | None:
+    def _panic_pick(self, tried: Collection[Host], key: bytes | None) -> Host | None:
         if not self.current.hosts or any(h.breaker.state == CLOSED for h in self.current.hosts):
             return None
-        host = self.balancer.pick(self.current.hosts, tried)
+        host = self.balancer.pick(self.current.hosts, tried, key)
         if host is not None:
             self.panic_picks += 1
             if host.breaker.state == OPEN:

@@ -14,7 +14,10 @@ from proxy.upstream.host import Host
 
 
 class Balancer(Protocol):
-    def pick(self, hosts: Sequence[Host], tried: Collection[Host]) -> Host | None: ...
+    def pick(self, hosts: Sequence[Host], tried: Collection[Host],
+             key: bytes | None = None) -> Host | None:
+        """One of `hosts` not in `tried`, or None. `key` is the request's hash key
+        (only `hash` uses it; see `hash_key`)."""
 
 
 def _round_robin() -> Balancer:

@@ -13,7 +13,8 @@ from proxy.upstream.host import Host
 
 
 class SmoothWeightedRoundRobin:
-    def pick(self, hosts: Sequence[Host], tried: Collection[Host]) -> Host | None:
+    def pick(self, hosts: Sequence[Host], tried: Collection[Host],
+             key: bytes | None = None) -> Host | None:
         best: Host | None = None
         total = 0
         for host in hosts:
