@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint consul clean
+.PHONY: demo test lint consul clean loadtest
 
 demo: $(VENV)/.installed consul
 	$(PY) -m proxy demo
@@ -26,3 +26,12 @@ $(VENV)/.installed: pyproject.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Load tests (benchmarks, never part of `make test`): `make loadtest SCENARIO=failover`.
+SCENARIO ?= throughput
+loadtest: $(VENV)/.loadtest
+	$(PY) -m loadtest $(SCENARIO) $(ARGS)
+
+$(VENV)/.loadtest: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,loadtest]'
+	touch $@
