@@ -24,18 +24,30 @@ _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
 _HOST = b"host"
 _CRLF = b"\r\n"
+_ACTED_ON_LENGTHS = frozenset(
+    len(n) for n in (*HOP_BY_HOP, *_PROTECTED, _CONTENT_LENGTH, _UPGRADE, _XFF, _XFP, _HOST))
 
 
-def _forwardable(headers: list[tuple[bytes, bytes]], drop_length: bool = False
+def _forwardable(head: MessageHead, drop_length: bool = False
                  ) -> tuple[list[bytes], dict[bytes, bytes]]:
     """Header lines to forward and the values of the few headers we act on."""
-    connection = [v for n, v in headers if len(n) == 10 and n.lower() == b"connection"]
-    drop = HOP_BY_HOP | (connection_tokens(connection) - _PROTECTED) if connection else HOP_BY_HOP
+    headers = head.headers
+    tokens = head.connection
+    if tokens is None:
+        tokens = connection_tokens(
+            [v for n, v in headers if len(n) == 10 and n.lower() == b"connection"])
+    drop = HOP_BY_HOP | (tokens - _PROTECTED) if tokens else HOP_BY_HOP
     if drop_length:  # the body is re-chunked: a length would contradict it (RFC 9112 6.3)
         drop = drop | {_CONTENT_LENGTH}
+    # Only a name of one of these lengths can need attention: the others are copied as
+    # they are, without lowercasing (the per-request cost of a proxy is in such loops).
+    lengths = _ACTED_ON_LENGTHS | {len(t) for t in tokens} if tokens else _ACTED_ON_LENGTHS
     lines: list[bytes] = []
     seen: dict[bytes, bytes] = {}
     for name, value in headers:
+        if len(name) not in lengths:
+            lines.append(name + b": " + value)
+            continue
         lname = name.lower()
         if lname in drop:
             if lname == _UPGRADE:  # hop-by-hop, but an upgrade is offered on again
@@ -52,7 +64,7 @@ def _forwardable(headers: list[tuple[bytes, bytes]], drop_length: bool = False
 
 def encode_request(head: MessageHead, *, client_ip: bytes, default_host: bytes) -> bytes:
     """The request head as sent upstream."""
-    lines, seen = _forwardable(head.headers, drop_length=head.framing == CHUNKED)
+    lines, seen = _forwardable(head, drop_length=head.framing == CHUNKED)
     xff = seen.get(_XFF)
     lines.append(b"X-Forwarded-For: " + (xff + b", " + client_ip if xff else client_ip))
     if _XFP not in seen:
@@ -73,7 +85,7 @@ def encode_response(head: MessageHead, *, request_version: bytes,
                     request_keep_alive: bool) -> tuple[bytes, bool, bool]:
     """(head bytes, chunk-encode the body?, keep the client connection?)."""
     rechunk = head.framing in (CHUNKED, UNTIL_CLOSE)
-    lines, _seen = _forwardable(head.headers, drop_length=rechunk)
+    lines, _seen = _forwardable(head, drop_length=rechunk)
     keep = request_keep_alive
     chunk = False
     if rechunk:
@@ -100,7 +112,7 @@ def is_upgrade_request(head: MessageHead) -> bool:
 
 def encode_switching(head: MessageHead) -> bytes:
     """A 101 Switching Protocols passed to the client, naming the protocol switched to."""
-    lines, seen = _forwardable(head.headers)
+    lines, seen = _forwardable(head)
     if _UPGRADE in seen:
         lines.append(b"Upgrade: " + seen[_UPGRADE])
     lines.append(b"Connection: Upgrade")
@@ -110,7 +122,7 @@ def encode_switching(head: MessageHead) -> bytes:
 
 def encode_interim(head: MessageHead) -> bytes:
     """A 1xx response (e.g. 100 Continue) passed through to the client."""
-    lines, _seen = _forwardable(head.headers)
+    lines, _seen = _forwardable(head)
     out = b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason or b"-")
     return out + b"".join(line + _CRLF for line in lines) + _CRLF
 

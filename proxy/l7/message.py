@@ -23,6 +23,7 @@ class MessageHead:
     """The head of a request or a response, with the framing the parser decided."""
 
     __slots__ = (
+        "connection",
         "content_length",
         "framing",
         "headers",
@@ -39,8 +40,11 @@ class MessageHead:
                  reason: bytes = b"", version: bytes = b"1.1",
                  headers: list[tuple[bytes, bytes]] | None = None, keep_alive: bool = True,
                  framing: int = NO_BODY, content_length: int | None = None,
-                 upgrade: bool = False) -> None:
+                 upgrade: bool = False, connection: frozenset[bytes] | None = None) -> None:
         self.method = method
+        # Tokens of the Connection fields, lowercased, when the parser collected them
+        # (None: not known, derive from `headers`).
+        self.connection = connection
         self.target = target
         self.status = status
         self.reason = reason

@@ -80,7 +80,7 @@ def _request_head(method: bytes, target: bytes, version: bytes, c: _HeadCollecto
     tokens = connection_tokens(c.connection)
     return MessageHead(method=method, target=target, version=version, headers=c.headers,
                        keep_alive=wants_keep_alive(version, tokens), framing=framing,
-                       content_length=length, upgrade=b"upgrade" in tokens)
+                       content_length=length, upgrade=b"upgrade" in tokens, connection=tokens)
 
 
 def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
@@ -89,7 +89,7 @@ def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
     tokens = connection_tokens(c.connection)
     return MessageHead(status=status, reason=reason, version=version, headers=c.headers,
                        keep_alive=wants_keep_alive(version, tokens), framing=framing,
-                       content_length=length, upgrade=status == 101)
+                       content_length=length, upgrade=status == 101, connection=tokens)
 
 
 def _feed_httptools(parser: httptools.HttpRequestParser | httptools.HttpResponseParser,

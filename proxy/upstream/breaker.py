@@ -95,8 +95,11 @@ class HostBreaker:
             self.trial_in_flight = True
 
     def record_success(self) -> None:
-        if self.state == OPEN:
+        state = self.state
+        if state == OPEN:
             return  # an attempt that began before the breaker opened proves nothing new
+        if state == CLOSED and not self.cb._state_storage.counter:
+            return  # nothing to reset: skip pybreaker's lock on the common path
         self.cb.call(_succeed)
         self.trial_in_flight = False
 
