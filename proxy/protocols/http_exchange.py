@@ -53,6 +53,7 @@ _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header 
 
 class Exchange:
     __slots__ = (
+        "tried",
         "upgrade",
         "attempt",
         "attempt_started",
@@ -96,6 +97,7 @@ class Exchange:
         self.conn: UpstreamConnection | None = None
         self.host: Host | None = None
         self.attempt = 0
+        self.tried: list[Host] = []
         self.attempt_started = 0.0
         self.waiter: asyncio.Future[str] | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -131,7 +133,7 @@ class Exchange:
         rt = self.runtime
         cfg = self.cfg
         retry_on = self.down.listener.retry_on
-        tried: list[Host] = []
+        tried = self.tried
         while True:
             self.attempt += 1
             host = rt.pick(tried, self.down.listener.hash_key(self.head, self.down.client_ip))
@@ -165,7 +167,7 @@ class Exchange:
             replayable = self.body_log is not None or not self.body_sent
             if may_retry(outcome, method=self.head.method, replayable=replayable,
                          attempt=self.attempt, retries=cfg.retries,
-                         retry_on=retry_on) and rt.retry_allowed():
+                         retry_on=retry_on) and rt.has_untried(tried) and rt.retry_allowed():
                 rt.count_failover(outcome)
                 continue
             if outcome == TIMEOUT:
@@ -265,9 +267,10 @@ class Exchange:
         if status >= 500 and key in self.down.listener.retry_on:
             host.on_failure(status)
             replayable = self.body_log is not None or not self.body_sent
-            if may_retry(key, method=self.head.method, replayable=replayable,
-                         attempt=self.attempt, retries=self.cfg.retries,
-                         retry_on=self.down.listener.retry_on) and self.runtime.retry_allowed():
+            if (may_retry(key, method=self.head.method, replayable=replayable,
+                          attempt=self.attempt, retries=self.cfg.retries,
+                          retry_on=self.down.listener.retry_on)
+                    and self.runtime.has_untried(self.tried) and self.runtime.retry_allowed()):
                 self.conn = None
                 conn.exchange = None
                 conn.close()

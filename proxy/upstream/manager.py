@@ -207,6 +207,14 @@ class UpstreamRuntime:
             host.breaker.on_attempt()
         return host
 
+    def has_untried(self, tried: Collection[Host]) -> bool:
+        """Would `pick(tried)` find a host? (without moving any balancer or breaker state)"""
+        if any(h not in tried and h.breaker.allows() for h in self.available):
+            return True
+        hosts = self.current.hosts
+        panic = not any(h.breaker.state == CLOSED for h in hosts)
+        return panic and any(h not in tried for h in hosts)
+
     def _panic_pick(self, tried: Collection[Host], key: bytes | None) -> Host | None:
         if not self.current.hosts or any(h.breaker.state == CLOSED for h in self.current.hosts):
             return None

@@ -429,10 +429,7 @@ async def test_breaker_half_open_recovery_after_restart(
 # -- e. a listed 5xx: retried, then passed through; unlisted: passed through at once --------
 @pytest.mark.parametrize("retries", [
     1,
-    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: with retries >= number of instances, the last instance's 503 is discarded "
-        "to retry on an instance that does not exist; the client gets sdproxy's own 502 "
-        "'no instance could be reached' instead of the 503"))),
+    2,  # retries >= instances: the last answer decides (a regression test)
 ])
 async def test_listed_503_retried_then_passed_through(
         retries: int, consul: ConsulAgent, start_backends: StartBackends, register: Register,
@@ -482,10 +479,7 @@ async def test_unlisted_503_passed_through_without_retry(
 
 @pytest.mark.parametrize("retries", [
     1,
-    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: with retries >= number of instances, the last instance's timeout is 'retried' "
-        "on no instance; the client gets 502 'no instance could be reached' instead of "
-        "504"))),
+    2,  # retries >= instances: the last answer decides (a regression test)
 ])
 async def test_every_instance_hung_gives_504(
         retries: int, consul: ConsulAgent, start_backends: StartBackends, register: Register,
