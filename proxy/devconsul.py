@@ -1,4 +1,9 @@
-"""A real Consul binary for the demo and the tests, and dev agents started on free ports.
+"""A real Consul binary for the demo and the tests, and agents started on free ports.
+
+- `ConsulAgent`: a `consul agent -dev` (optionally pinned `ports`, a `datacenter` and
+  `join_wan` to federate two dev agents as two datacenters);
+- `ConsulServer` / `ConsulCluster`: non-dev servers forming a real multi-server cluster
+  on loopback (data dirs of their own, removed at cleanup), with leader lookup.
 
 The binary is Debian bullseye's `consul` package (1.8.7). It is fetched into a cache
 folder without touching the machine's apt setup: a temporary sources list is built from
@@ -16,14 +21,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Self
 
 CONSUL_SUITE = "bullseye"
 CONSUL_VERSION_PREFIX = "1.8."
@@ -107,7 +115,7 @@ def install(environ: dict[str, str] | None = None, log: Any = None) -> Path:
             "-q",
         ]
         for cmd in (["apt-get", "update", *apt_opts], ["apt-get", "download", "consul", *apt_opts]):
-            done = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+            done = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise ConsulInstallError(f"{' '.join(cmd[:3])} failed: {done.stderr.strip()[-800:]}")
         debs = sorted(work.glob("consul_*.deb"))
@@ -116,7 +124,7 @@ def install(environ: dict[str, str] | None = None, log: Any = None) -> Path:
         staging = Path(tempfile.mkdtemp(prefix="consul-", dir=target.parent if target.parent.exists()
                                         else None))
         done = subprocess.run(["dpkg", "-x", str(debs[0]), str(staging)], capture_output=True,
-                              text=True)
+                              text=True, check=False)
         if done.returncode != 0:
             raise ConsulInstallError(f"dpkg -x failed: {done.stderr.strip()}")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -136,20 +144,60 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free TCP ports (all held open while picking, so none repeats)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass(frozen=True)
+class ConsulPorts:
+    """The ports of one agent on 127.0.0.1 (Serf uses its ports for both TCP and UDP).
+
+    Pass the `ports` of a stopped agent to a new `ConsulAgent` to start a replacement at
+    the same addresses.
+    """
+
+    http: int
+    dns: int
+    serf_lan: int
+    serf_wan: int
+    server: int
+
+    @classmethod
+    def free(cls) -> ConsulPorts:
+        http, dns, serf_lan, serf_wan, server = free_ports(5)
+        return cls(http, dns, serf_lan, serf_wan, server)
+
+
 class ConsulAgent:
-    """A `consul agent -dev` on loopback and free ports; a context manager that ends it."""
+    """A `consul agent -dev` on loopback and free ports; a context manager that ends it.
+
+    `ports` pins the ports (default: free ones); `join_wan` lists `host:port` Serf WAN
+    addresses of servers in other datacenters to join (dev agents are servers, so two dev
+    agents with different `datacenter`s form a two-datacenter federation on loopback).
+    """
 
     def __init__(self, binary: Path | None = None, *, node: str = "sdproxy-dev",
-                 datacenter: str = "dc1", extra_args: tuple[str, ...] = ()) -> None:
+                 datacenter: str = "dc1", extra_args: tuple[str, ...] = (),
+                 ports: ConsulPorts | None = None, join_wan: Sequence[str] = ()) -> None:
         self.binary = binary or install()
         self.node = node
         self.datacenter = datacenter
         self.extra_args = extra_args
-        self.http_port = free_port()
-        self.dns_port = free_port()
-        self.serf_lan_port = free_port()
-        self.serf_wan_port = free_port()
-        self.server_port = free_port()
+        self.join_wan = tuple(join_wan)
+        ports = ports or ConsulPorts.free()
+        self.http_port = ports.http
+        self.dns_port = ports.dns
+        self.serf_lan_port = ports.serf_lan
+        self.serf_wan_port = ports.serf_wan
+        self.server_port = ports.server
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="consul-", suffix=".log")[1])
 
@@ -157,38 +205,78 @@ class ConsulAgent:
     def http_addr(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 30.0) -> ConsulAgent:
-        cmd = [
-            str(self.binary), "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
-            "-node", self.node, "-datacenter", self.datacenter,
+    @property
+    def ports(self) -> ConsulPorts:
+        return ConsulPorts(self.http_port, self.dns_port, self.serf_lan_port,
+                           self.serf_wan_port, self.server_port)
+
+    @property
+    def serf_lan_addr(self) -> str:
+        return f"127.0.0.1:{self.serf_lan_port}"
+
+    @property
+    def serf_wan_addr(self) -> str:
+        """What another datacenter's server passes to `-join-wan`."""
+        return f"127.0.0.1:{self.serf_wan_port}"
+
+    @property
+    def server_addr(self) -> str:
+        """The server RPC address, as `/v1/status/leader` and `/v1/status/peers` name it."""
+        return f"127.0.0.1:{self.server_port}"
+
+    def mode_args(self) -> list[str]:
+        """The arguments that make this kind of agent (here: a dev server)."""
+        return ["-dev"]
+
+    def command(self) -> list[str]:
+        return [
+            str(self.binary), "agent", *self.mode_args(), "-bind", "127.0.0.1",
+            "-client", "127.0.0.1", "-node", self.node, "-datacenter", self.datacenter,
             "-http-port", str(self.http_port), "-dns-port", str(self.dns_port),
             "-serf-lan-port", str(self.serf_lan_port), "-serf-wan-port", str(self.serf_wan_port),
             "-server-port", str(self.server_port), "-grpc-port", "-1",
+            *(arg for addr in self.join_wan for arg in ("-join-wan", addr)),
             *self.extra_args,
         ]
+
+    def spawn(self) -> ConsulAgent:
+        """Start the process without waiting for it (see `wait_ready`); a no-op while it
+        runs, so `with agent.start():` does not start a second process on the same ports."""
+        if self.alive():
+            return self
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> ConsulAgent:
+        """Wait until a leader is known and the agent's own node is in the catalog."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"consul exited {self.proc.returncode}: {self.log_tail()}")
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(f"consul exited {code}: {self.log_tail()}")
             try:
-                if self.get("/v1/status/leader"):
-                    # The agent's own node must be in the catalog before registrations work.
-                    if self.get(f"/v1/catalog/node/{self.node}"):
-                        return self
+                # The agent's own node must be in the catalog before registrations work.
+                if self.get("/v1/status/leader") and self.get(f"/v1/catalog/node/{self.node}"):
+                    return self
             except OSError:
                 pass
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"consul did not elect a leader within {timeout}s: {self.log_tail()}")
 
+    def start(self, timeout: float = 30.0) -> ConsulAgent:
+        return self.spawn().wait_ready(timeout)
+
     def log_tail(self, n: int = 2000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -200,15 +288,46 @@ class ConsulAgent:
                 self.proc.wait(5)
         self.proc = None
 
-    def __enter__(self) -> ConsulAgent:
-        return self.start()
+    def kill(self) -> None:
+        """SIGKILL the agent (a crash: no leave, no graceful close) and reap it."""
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
 
-    def __exit__(self, *exc: object) -> None:
+    def cleanup(self) -> None:
+        """Stop and remove what the agent left on disk (its log); idempotent."""
         self.stop()
         try:
             self.log_path.unlink()
         except OSError:
             pass
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    def wait_datacenters(self, names: Sequence[str], timeout: float = 15.0) -> list[str]:
+        """Wait until `/v1/catalog/datacenters` lists every one of `names`; returns the list."""
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        while True:
+            try:
+                seen = list(self.get("/v1/catalog/datacenters") or [])
+            except OSError:
+                pass
+            if set(names) <= set(seen):
+                return seen
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"consul {self.http_addr}: datacenters {seen}, expected "
+                                   f"{list(names)} within {timeout}s")
+            time.sleep(0.05)
 
     # -- small blocking HTTP API client for tests and the demo --------------------------
     def request(self, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
@@ -243,6 +362,126 @@ class ConsulAgent:
 
     def check_warn(self, check_id: str, note: str = "") -> None:
         self.put(f"/v1/agent/check/warn/{check_id}?note={note}")
+
+
+class ConsulServer(ConsulAgent):
+    """A non-dev `consul agent -server` with a data dir of its own, member of a cluster.
+
+    `bootstrap_expect` servers elect a leader once they found each other through
+    `retry_join` (other servers' Serf LAN addresses). `raft_multiplier = 1` (production
+    timing rather than the lenient default of 5) keeps elections on loopback quick.
+    """
+
+    def __init__(self, binary: Path | None = None, *, node: str, datacenter: str = "dc1",
+                 bootstrap_expect: int = 3, retry_join: Sequence[str] = (),
+                 ports: ConsulPorts | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        super().__init__(binary, node=node, datacenter=datacenter, extra_args=extra_args,
+                         ports=ports)
+        self.bootstrap_expect = bootstrap_expect
+        self.retry_join = tuple(retry_join)
+        self.data_dir = Path(tempfile.mkdtemp(prefix=f"consul-{node}-"))
+
+    def mode_args(self) -> list[str]:
+        return [
+            "-server", "-bootstrap-expect", str(self.bootstrap_expect),
+            "-data-dir", str(self.data_dir), "-hcl", "performance { raft_multiplier = 1 }",
+            *(arg for addr in self.retry_join for arg in ("-retry-join", addr)),
+            "-retry-interval", "1s",
+        ]
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class ConsulCluster:
+    """`size` Consul servers on loopback in one datacenter; a context manager.
+
+    Every server has ports of its own and `-retry-join`s all the others, so the cluster
+    forms whatever order the processes come up in. `start` returns once every server
+    knows the leader and sees every node in its catalog.
+    """
+
+    def __init__(self, size: int = 3, binary: Path | None = None, *,
+                 datacenter: str = "dc1", node_prefix: str = "server") -> None:
+        binary = binary or install()
+        ports = [ConsulPorts(*chunk) for chunk in _chunks(free_ports(5 * size), 5)]
+        self.servers = [
+            ConsulServer(binary, node=f"{node_prefix}-{i}", datacenter=datacenter,
+                         bootstrap_expect=size, ports=p,
+                         retry_join=[f"127.0.0.1:{q.serf_lan}" for q in ports if q is not p])
+            for i, p in enumerate(ports)]
+
+    def start(self, timeout: float = 60.0) -> Self:
+        deadline = time.monotonic() + timeout
+        try:
+            for server in self.servers:
+                server.spawn()
+            for server in self.servers:
+                server.wait_ready(max(0.1, deadline - time.monotonic()))
+            for server in self.servers:
+                self._wait_nodes(server, deadline)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _wait_nodes(self, server: ConsulServer, deadline: float) -> None:
+        want = {s.node for s in self.servers}
+        while True:
+            try:
+                nodes = {n["Node"] for n in server.get("/v1/catalog/nodes") or []}
+                if want <= nodes:
+                    return
+            except OSError:
+                nodes = set()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{server.node}: catalog nodes {sorted(nodes)}, "
+                                   f"expected {sorted(want)}")
+            time.sleep(0.05)
+
+    def leader(self, among: Sequence[ConsulServer] | None = None) -> ConsulServer | None:
+        """The server that is leader as the first live one of `among` says, or None."""
+        for server in among or self.alive():
+            try:
+                addr = server.get("/v1/status/leader")
+            except OSError:
+                continue
+            for candidate in self.servers:
+                if addr == candidate.server_addr:
+                    return candidate
+            return None  # "" while an election runs
+        return None
+
+    def wait_leader(self, among: Sequence[ConsulServer] | None = None,
+                    timeout: float = 15.0) -> ConsulServer:
+        """Wait until a live server is leader (in the eyes of `among`); return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leader = self.leader(among)
+            if leader is not None and leader.alive():
+                return leader
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no live consul leader within {timeout}s")
+            time.sleep(0.05)
+
+    def alive(self) -> list[ConsulServer]:
+        return [s for s in self.servers if s.alive()]
+
+    def cleanup(self) -> None:
+        """Stop every server (SIGTERM, then SIGKILL) and remove data dirs and logs."""
+        for server in self.servers:
+            server.cleanup()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def _chunks(items: list[int], n: int) -> list[list[int]]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,9 @@ class CatalogSink(Protocol):
     def on_catalog_error(self, error: str) -> None:
         """The catalog could not be read; the last answer stays in force."""
 
+    def on_catalog_alive(self) -> None:
+        """The catalog answered, unchanged: the pool is fresh (clears staleness)."""
+
 
 class Watcher(Protocol):
     async def run(self) -> None:

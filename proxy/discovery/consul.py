@@ -1,24 +1,35 @@
-"""Consul discovery: one blocking-query loop per upstream on `/v1/health/service/<name>`.
+"""Consul discovery: blocking-query loops per upstream on `/v1/health/service/<name>`.
 
-Owns the conversation with the Consul HTTP API for one upstream: the blocking query
+Owns the conversation with the Consul HTTP API for one upstream: the blocking queries
 (`index`, `wait`, `stale`, `dc`, `X-Consul-Token`), the index reset rules, pacing
 (backoff with full jitter after errors, a token bucket against answers that come back
 at once unchanged) and the aiohttp session when none is handed in. What an answer means
-(passing rules, address fallback, weights, tags) is `consul_decode`'s, which is pure.
-Must not know: pools, balancers, breakers; it only reports to its `CatalogSink`.
+(passing rules, address fallback, weights, tags) and which datacenter wins are
+`consul_decode`'s, which is pure. Must not know: pools, balancers, breakers; it only
+reports to its `CatalogSink`.
+
+Datacenter failover (SPEC "Routing rules"): with `datacenters = ["dc1", "dc2"]` there is
+one blocking query per datacenter (`dc=dc1`, `dc=dc2`, all through the configured agent,
+which forwards over the WAN), each with its own index, backoff and pacing, and each
+keeping its latest decoded answer. After any change the combined answer is recomputed
+with `select_datacenter` (the first datacenter in list order with a usable instance) and
+emitted when it differs from the last one emitted. With `datacenters` empty there is one
+query, for `consul.datacenter` ("" = the agent's own).
 
 Invariants:
 - `run()` never raises except `CancelledError`: every failure (connection refused,
   timeout, non-200, bad JSON, even a bug in decode or in the sink) is logged, reported
   with `sink.on_catalog_error("consul <address>: <what>")` and retried after backoff.
-- `sink.on_catalog_answer` is called with complete answers only: the first one, each one
-  whose endpoint tuple differs from the last emitted, and the first one after an error
-  (even if unchanged), so that the sink learns the catalog answers again and can clear
-  its staleness. A sink treats an identical answer as a no-op.
+  A datacenter's failure keeps its last answer in force for the selection.
+- `sink.on_catalog_answer` is called with complete answers only: the first decided one,
+  each one whose endpoint tuple differs from the last emitted, and the first one after
+  errors once no datacenter is failing any more (even if unchanged), so that the sink
+  learns the catalog answers again and can clear its staleness. A sink treats an
+  identical answer as a no-op.
+- Every other good answer, unchanged, calls the sink's optional `on_catalog_alive()` (when
+  no datacenter is failing), so the sink's staleness counts from the last answer, not
+  from the last change.
 - Time and randomness are injected (`clock`, `rng`); the only sleeping is in `_pause`.
-
-TODO(datacenter failover): SPEC's `datacenters` failover order is a later issue. For now
-a non-empty `upstream.datacenters` means: query only its first entry (as `dc`).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -43,6 +55,7 @@ from proxy.discovery.consul_decode import (
     decode,
     next_index,
     parse_index,
+    select_datacenter,
 )
 from proxy.model import CatalogAnswer, Endpoint
 
@@ -77,6 +90,25 @@ def base_url(address: str) -> str:
     return address if "://" in address else f"http://{address}"
 
 
+@dataclass(eq=False)
+class DatacenterWatch:
+    """The blocking-query state of one datacenter's query (mutable, owned by the watcher)."""
+
+    name: str  # the `dc` parameter; "" = the agent's own datacenter
+    pace: TokenBucket
+    index: int = 0  # what the next request sends; 0 = no index (answer at once)
+    failures: int = 0  # consecutive errors, drives the backoff
+    answer: tuple[Endpoint, ...] | None = None  # latest decoded answer; kept across errors
+    answer_index: int | None = None  # its X-Consul-Index
+    last_success: float | None = None  # clock() of the last good answer
+    errors: int = 0  # errors since start
+
+    @property
+    def unreachable(self) -> bool:
+        """Failed before it ever answered: the selection passes over it."""
+        return self.answer is None and self.failures > 0
+
+
 class ConsulWatcher:
     """Watches one upstream's instances in Consul and reports changes to `sink`."""
 
@@ -94,69 +126,92 @@ class ConsulWatcher:
         self._log = log or logging.getLogger("sdproxy.discovery.consul")
         self.address = base_url(consul.address)
         self.url = f"{self.address}/v1/health/service/{quote(upstream.name, safe='')}"
-        # TODO(datacenter failover): walk `datacenters` in order; only the first for now.
-        self.datacenter = upstream.datacenters[0] if upstream.datacenters else consul.datacenter
+        # Failover order, duplicates dropped; one entry ("" = the agent's own) without it.
+        self.datacenters: tuple[str, ...] = (tuple(dict.fromkeys(upstream.datacenters))
+                                             or (consul.datacenter,))
+        self.failover = len(self.datacenters) > 1
+        self.datacenter = self.datacenters[0]
         self.timeout = consul.wait + consul.wait / 16 + TIMEOUT_MARGIN
         self._headers = {"X-Consul-Token": consul.token} if consul.token else {}
-        self._pace = TokenBucket(PACE_BURST, PACE_INTERVAL)
-        self._index = 0  # what the next request sends; 0 = no index (answer at once)
+        self.watches: dict[str, DatacenterWatch] = {
+            dc: DatacenterWatch(dc, TokenBucket(PACE_BURST, PACE_INTERVAL))
+            for dc in self.datacenters}
         self._emitted: tuple[Endpoint, ...] | None = None
-        self._failures = 0  # consecutive errors, drives the backoff
-        # Read by the admin API.
-        self.last_index = 0  # X-Consul-Index of the last good answer
+        # Optional sink method (UpstreamRuntime has it; CatalogSink does not declare it):
+        # told of unchanged answers, so that `last_update` and `stale_seconds` measure
+        # from the last answer, not from the last change.
+        self._on_alive: Callable[[], None] | None = getattr(sink, "on_catalog_alive", None)
+        # Read by the admin API and tests.
+        self.selected: str | None = None  # datacenter of the last emitted answer
+        self.last_index = 0  # X-Consul-Index of the last good answer (any datacenter)
         self.last_success: float | None = None  # clock() of the last good answer
-        self.errors = 0  # errors since start
+        self.errors = 0  # errors since start, all datacenters
 
-    # -- the loop ---------------------------------------------------------------------
+    # -- the loops --------------------------------------------------------------------
     async def run(self) -> None:
         session = self._session
         owned = session is None
         if session is None:
             session = aiohttp.ClientSession()
         try:
-            while True:
-                try:
-                    delay = await self.poll_once(session)
-                except Exception:  # noqa: BLE001 - last resort: poll_once reports its own
-                    self._log.exception("event=catalog_bug upstream=%s", self.upstream.name)
-                    delay = BACKOFF_CAP
-                await self._pause(delay)
+            if not self.failover:
+                await self._watch(session, self.datacenter)
+            else:
+                # Children never raise except CancelledError (see _watch), so the group
+                # only ends by cancellation, which it passes on to every query.
+                async with asyncio.TaskGroup() as group:
+                    for dc in self.datacenters:
+                        group.create_task(self._watch(session, dc),
+                                          name=f"consul-{self.upstream.name}-{dc}")
         finally:
             if owned:
                 await session.close()
+
+    async def _watch(self, session: aiohttp.ClientSession, datacenter: str) -> None:
+        while True:
+            try:
+                delay = await self.poll_once(session, datacenter)
+            except Exception:  # noqa: BLE001 - last resort: poll_once reports its own
+                self._log.exception("event=catalog_bug upstream=%s", self.upstream.name)
+                delay = BACKOFF_CAP
+            await self._pause(delay)
 
     async def _pause(self, delay: float) -> None:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def poll_once(self, session: aiohttp.ClientSession) -> float:
-        """One blocking query and its report; returns the delay before the next one."""
+    async def poll_once(self, session: aiohttp.ClientSession,
+                        datacenter: str | None = None) -> float:
+        """One blocking query of `datacenter` (default: the first) and its report;
+        returns the delay before that datacenter's next query."""
+        watch = self.watches[self.datacenter if datacenter is None else datacenter]
         try:
-            body, index_header = await self._fetch(session)
+            body, index_header = await self._fetch(session, watch)
             endpoints = decode(body, tags=self.upstream.tags,
                                include_warning=self.upstream.include_warning,
-                               datacenter=self.datacenter)
-            return self._on_answer(endpoints, index_header)
+                               datacenter=watch.name)
+            return self._on_answer(watch, endpoints, index_header)
         except asyncio.CancelledError:
             raise
         # Never crash (DESIGN habit 10): whatever failed, report it, back off, try again.
         except Exception as exc:  # noqa: BLE001
-            return self._on_error(exc)
+            return self._on_error(watch, exc)
 
-    def _params(self) -> dict[str, str]:
+    def _params(self, watch: DatacenterWatch) -> dict[str, str]:
         params = {"wait": format_wait(self.consul.wait)}
-        if self._index > 0:
-            params["index"] = str(self._index)
+        if watch.index > 0:
+            params["index"] = str(watch.index)
         if self.consul.stale:
             params["stale"] = ""
-        if self.datacenter:
-            params["dc"] = self.datacenter
+        if watch.name:
+            params["dc"] = watch.name
         return params
 
-    async def _fetch(self, session: aiohttp.ClientSession) -> tuple[Any, str | None]:
+    async def _fetch(self, session: aiohttp.ClientSession,
+                     watch: DatacenterWatch) -> tuple[Any, str | None]:
         timeout = aiohttp.ClientTimeout(total=self.timeout, sock_connect=CONNECT_TIMEOUT)
         # No `passing=1`: decode decides, so that warning instances can be included.
-        async with session.get(self.url, params=self._params(), headers=self._headers,
+        async with session.get(self.url, params=self._params(watch), headers=self._headers,
                                timeout=timeout) as resp:
             text = await resp.text()
             if resp.status != 200:
@@ -168,46 +223,97 @@ class ConsulWatcher:
             return body, resp.headers.get("X-Consul-Index")
 
     # -- outcomes ---------------------------------------------------------------------
-    def _on_answer(self, endpoints: tuple[Endpoint, ...], index_header: str | None) -> float:
-        recovered = self._failures > 0
-        self._index = next_index(self._index, index_header)
+    def _on_answer(self, watch: DatacenterWatch, endpoints: tuple[Endpoint, ...],
+                   index_header: str | None) -> float:
+        recovered = watch.failures > 0
+        watch.index = next_index(watch.index, index_header)
         index = parse_index(index_header)
-        changed = self._emitted is None or endpoints != self._emitted
-        if changed or recovered:
-            self.sink.on_catalog_answer(CatalogAnswer(endpoints, index))
-            # Only after the sink took it: if it raised, the next answer is sent again.
-            self._emitted = endpoints
-            self._log.info("event=catalog_answer upstream=%s index=%s endpoints=%d "
-                           "changed=%s recovered=%s", self.upstream.name, index,
-                           len(endpoints), str(changed).lower(), str(recovered).lower())
-        self._failures = 0
-        self.last_index = index if index is not None else self._index
-        self.last_success = self._clock()
+        changed = watch.answer is None or endpoints != watch.answer
+        watch.answer = endpoints
+        watch.answer_index = index if index is not None else watch.index
+        now = self._clock()
+        watch.last_success = self.last_success = now
+        self.last_index = watch.answer_index
+        # Cleared before publishing so that "no datacenter is failing" sees this one
+        # answer; if the sink raises, _on_error counts the failure again and the next
+        # answer is sent again.
+        watch.failures = 0
+        healthy = not any(w.failures for w in self.watches.values())
+        emitted = self._publish(watch, recovered=recovered and healthy)
+        if not emitted and healthy and self._on_alive is not None:
+            self._on_alive()  # unchanged, but fresh: the sink's staleness clock restarts
         if changed:
             return 0.0
         # Unchanged: fine after a full wait, a busy loop if it keeps coming back at once.
-        return self._pace.take(self._clock())
+        return watch.pace.take(now)
 
-    def _on_error(self, exc: Exception) -> float:
+    def _publish(self, cause: DatacenterWatch, *, recovered: bool = False) -> bool:
+        """Recompute the combined answer; emit it when it changed (or on `recovered`).
+
+        Returns whether the sink was called."""
+        answers = {w.name: w.answer for w in self.watches.values() if w.answer is not None}
+        unreachable = [w.name for w in self.watches.values() if w.unreachable]
+        selection = select_datacenter(self.datacenters, answers, unreachable)
+        if selection is None:
+            return False  # undecided: a datacenter before any usable one has not answered
+        selected, endpoints = selection
+        changed = self._emitted is None or endpoints != self._emitted
+        if not (changed or recovered):
+            return False
+        # The version of what is routed: the chosen datacenter's index (when none has an
+        # instance, the first that answered), each datacenter counting its own.
+        source = self.watches[selected] if selected else next(
+            w for w in self.watches.values() if w.answer is not None)
+        self.sink.on_catalog_answer(CatalogAnswer(endpoints, source.answer_index))
+        # Only after the sink took it: if it raised, the next answer is sent again.
+        self._emitted = endpoints
+        previous, self.selected = self.selected, selected
+        self._log.info("event=catalog_answer upstream=%s index=%s endpoints=%d "
+                       "changed=%s recovered=%s%s", self.upstream.name, source.answer_index,
+                       len(endpoints), str(changed).lower(), str(recovered).lower(),
+                       self._dc_fields(cause, selected, previous))
+        return True
+
+    def _dc_fields(self, cause: DatacenterWatch, selected: str,
+                   previous: str | None) -> str:
+        if not self.failover:
+            return ""
+        fields = f" dc={cause.name} selected={selected or '-'}"
+        if previous is not None and previous != selected:
+            fields += f" failover_from={previous or '-'}"
+        return fields
+
+    def _on_error(self, watch: DatacenterWatch, exc: Exception) -> float:
         what = self._describe(exc)
-        error = f"consul {self.address}: {what}"
+        where = f"consul {self.address} dc={watch.name}" if self.failover else \
+            f"consul {self.address}"
+        error = f"{where}: {what}"
         self.errors += 1
+        watch.errors += 1
         # Start over with a plain read: the index we held may mean nothing to the server
         # that answers next (another server, a restored snapshot).
-        self._index = 0
-        delay = backoff_delay(self._failures, self._rng, base=BACKOFF_BASE, cap=BACKOFF_CAP)
-        self._failures += 1
+        watch.index = 0
+        delay = backoff_delay(watch.failures, self._rng, base=BACKOFF_BASE, cap=BACKOFF_CAP)
+        first_failure = watch.failures == 0
+        watch.failures += 1
         if not isinstance(exc, (aiohttp.ClientError, TimeoutError, ConsulHTTPError,
                                 DecodeError)):
             # Not the network, not Consul: a bug (in decode or the sink). Keep the trace.
             self._log.error("event=catalog_bug upstream=%s", self.upstream.name,
                             exc_info=exc)
-        self._log.warning("event=catalog_error upstream=%s error=%s retry_in=%.3f",
-                          self.upstream.name, json.dumps(error), delay)
+        self._log.warning("event=catalog_error upstream=%s error=%s retry_in=%.3f%s",
+                          self.upstream.name, json.dumps(error), delay,
+                          f" dc={watch.name}" if self.failover else "")
         try:
             self.sink.on_catalog_error(error)
         except Exception:  # noqa: BLE001 - a broken sink must not stop the watch either
             self._log.exception("event=sink_error upstream=%s", self.upstream.name)
+        if self.failover and first_failure and watch.answer is None:
+            # Unreachable before its first answer: the next datacenters may decide now.
+            try:
+                self._publish(watch)
+            except Exception:  # noqa: BLE001 - as above; the next answer retries it
+                self._log.exception("event=sink_error upstream=%s", self.upstream.name)
         return delay
 
     def _describe(self, exc: Exception) -> str:

@@ -22,13 +22,25 @@ Rules of `decode` (SPEC "Routing rules"):
 - Output sorted by id: equal catalogs give equal tuples, whatever Consul's order.
 - A structurally broken answer raises `DecodeError` instead of guessing: the caller keeps
   the last good pool rather than route on half an answer.
+
+Rules of `select_datacenter` (SPEC "Datacenter failover"), over the latest answer of each
+datacenter in the upstream's `datacenters` order:
+- The first datacenter whose answer holds at least one usable endpoint (as `decode` says:
+  passing, or warning with `include_warning`) wins; later ones are only a fallback.
+- A datacenter that has not answered yet blocks the decision (None: "do not publish"), so
+  a slow first answer from dc1 never lets dc2 win for a moment at startup. A datacenter
+  that has not answered yet and whose query failed ("unreachable") is passed over, as an
+  empty one would be: a datacenter that cannot be read must not hold the others hostage.
+- Every datacenter answered empty or unreachable: the empty selection `("", ())`, but
+  only when at least one of them did answer; nothing answered at all is undecided (None),
+  so an upstream never seen yet stays "not answered" for `/ready`.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from proxy.model import Endpoint
@@ -140,6 +152,28 @@ def decode(entries: Any, *, tags: tuple[str, ...], include_warning: bool,
         ))
     out.sort(key=lambda e: e.id)
     return tuple(out)
+
+
+# -- datacenter failover ------------------------------------------------------------------
+
+def select_datacenter(order: Sequence[str], answers: Mapping[str, tuple[Endpoint, ...]],
+                      unreachable: Collection[str] = ()
+                      ) -> tuple[str, tuple[Endpoint, ...]] | None:
+    """`(datacenter, endpoints)` to route to, `("", ())` when none has any, None: undecided.
+
+    `answers` holds the latest decoded answer of each datacenter that answered at least
+    once (kept across its later errors); `unreachable` the datacenters whose query failed
+    before they ever answered. See the module's rules.
+    """
+    for dc in order:
+        endpoints = answers.get(dc)
+        if endpoints:
+            return dc, endpoints
+        if endpoints is None and dc not in unreachable:
+            return None  # not heard from yet: wait rather than fail over too early
+    if not any(dc in answers for dc in order):
+        return None
+    return "", ()
 
 
 # -- blocking queries (https://developer.hashicorp.com/consul/api-docs/features/blocking,

@@ -339,3 +339,185 @@ async def test_connection_refused_is_reported() -> None:
     async with aiohttp.ClientSession() as session:
         await watcher.poll_once(session)
     assert (await sink.errors.get()) == f"{'consul ' + watcher.address}: connection refused"
+
+
+# -- datacenter failover, driven through a scripted server per `dc` -----------------------
+class DcScript:
+    """Answers each request with the current reply of the datacenter its `dc` names."""
+
+    def __init__(self, replies: dict[str, Reply]) -> None:
+        self.replies = replies
+        self.requests: list[dict[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append(dict(request.query))
+        status, body, index = self.replies[request.query.get("dc", "")]
+        headers = {"X-Consul-Index": index} if index is not None else {}
+        return web.Response(status=status, text=body, headers=headers,
+                            content_type="application/json")
+
+
+@contextlib.asynccontextmanager
+async def scripted_dcs(replies: dict[str, Reply]) -> AsyncIterator[tuple[DcScript, str]]:
+    script = DcScript(replies)
+    app = web.Application()
+    app.router.add_get("/v1/health/service/{name}", script.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield script, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def dc_instances(dc: str, *sids: str) -> str:
+    return json.dumps([{"Node": {"Node": f"n-{dc}", "Address": "127.0.0.1", "Datacenter": dc},
+                        "Service": {"ID": sid, "Port": 9001 + i, "Address": ""},
+                        "Checks": [{"Status": "passing"}]} for i, sid in enumerate(sids)])
+
+
+def make_failover(address: str, sink: Any, *dcs: str) -> ConsulWatcher:
+    return ConsulWatcher(ConsulConfig(address=address, wait=WAIT),
+                         UpstreamConfig(name="svc", listen=LISTEN, datacenters=dcs), sink,
+                         rng=random.Random(5), clock=FixedClock())
+
+
+def drain(sink: QueueSink) -> list[CatalogAnswer]:
+    out = []
+    while not sink.answers.empty():
+        out.append(sink.answers.get_nowait())
+    return out
+
+
+async def test_failover_to_the_next_datacenter_and_back() -> None:
+    replies: dict[str, Reply] = {"dc1": (200, dc_instances("dc1", "a1", "a2"), "10"),
+                                 "dc2": (200, dc_instances("dc2", "b1"), "20")}
+    async with scripted_dcs(replies) as (script, address), aiohttp.ClientSession() as s:
+        sink = QueueSink()
+        watcher = make_failover(address, sink, "dc1", "dc2")
+        await watcher.poll_once(s, "dc2")
+        assert drain(sink) == []  # dc1 not heard from yet: no premature failover
+        await watcher.poll_once(s, "dc1")
+        (answer,) = drain(sink)
+        assert ids(answer) == {"a1", "a2"} and answer.index == 10
+        assert {e.datacenter for e in answer.endpoints} == {"dc1"}
+        await watcher.poll_once(s, "dc2")
+        assert drain(sink) == []  # dc2 unchanged and not selected
+        replies["dc1"] = (200, "[]", "11")  # every dc1 instance gone
+        await watcher.poll_once(s, "dc1")
+        (answer,) = drain(sink)
+        assert ids(answer) == {"b1"} and answer.index == 20 and watcher.selected == "dc2"
+        replies["dc2"] = (200, dc_instances("dc2", "b1", "b2"), "21")  # dc2 changes: follow
+        await watcher.poll_once(s, "dc2")
+        assert [ids(a) for a in drain(sink)] == [{"b1", "b2"}]
+        replies["dc1"] = (200, dc_instances("dc1", "a1"), "12")  # dc1 recovers: back
+        await watcher.poll_once(s, "dc1")
+        assert [ids(a) for a in drain(sink)] == [{"a1"}]
+        assert watcher.selected == "dc1"
+        replies["dc1"] = replies["dc2"] = (200, "[]", "30")
+        await watcher.poll_once(s, "dc1")
+        await watcher.poll_once(s, "dc2")
+        assert [ids(a) for a in drain(sink)] == [{"b1", "b2"}, set()]  # none anywhere
+        assert {q["dc"] for q in script.requests} == {"dc1", "dc2"}
+        assert sink.errors.empty()
+
+
+async def test_a_failing_datacenter_keeps_its_last_answer() -> None:
+    replies: dict[str, Reply] = {"dc1": (200, dc_instances("dc1", "a1"), "10"),
+                                 "dc2": (200, dc_instances("dc2", "b1"), "20")}
+    async with scripted_dcs(replies) as (_, address), aiohttp.ClientSession() as s:
+        sink = QueueSink()
+        watcher = make_failover(address, sink, "dc1", "dc2")
+        await watcher.poll_once(s, "dc1")
+        await watcher.poll_once(s, "dc2")
+        assert [ids(a) for a in drain(sink)] == [{"a1"}]
+        replies["dc1"] = (500, "rpc error: No path to datacenter", None)
+        assert await watcher.poll_once(s, "dc1") <= 0.1  # first backoff
+        error = sink.errors.get_nowait()
+        assert error == f"consul {address} dc=dc1: HTTP 500: rpc error: No path to datacenter"
+        assert drain(sink) == []  # dc1's last answer (a1) stays in force: no failover
+        replies["dc2"] = (200, dc_instances("dc2", "b1", "b2"), "21")
+        await watcher.poll_once(s, "dc2")
+        assert drain(sink) == []  # dc1 still wins with its last answer
+        replies["dc1"] = (200, dc_instances("dc1", "a1"), "10")
+        await watcher.poll_once(s, "dc1")
+        # Unchanged, but the first answer once no datacenter fails: the sink learns the
+        # catalog answers again.
+        assert [ids(a) for a in drain(sink)] == [{"a1"}]
+
+
+async def test_an_unreachable_first_datacenter_is_passed_over() -> None:
+    replies: dict[str, Reply] = {"dc1": (500, "No path to datacenter", None),
+                                 "dc2": (200, dc_instances("dc2", "b1"), "20")}
+    async with scripted_dcs(replies) as (_, address), aiohttp.ClientSession() as s:
+        sink = QueueSink()
+        watcher = make_failover(address, sink, "dc1", "dc2")
+        await watcher.poll_once(s, "dc2")
+        assert drain(sink) == []  # dc1 not heard from yet
+        await watcher.poll_once(s, "dc1")  # fails before ever answering: skip it
+        assert [ids(a) for a in drain(sink)] == [{"b1"}]
+        assert watcher.selected == "dc2"
+        replies["dc1"] = (200, dc_instances("dc1", "a1"), "5")
+        await watcher.poll_once(s, "dc1")
+        assert [ids(a) for a in drain(sink)] == [{"a1"}]
+
+
+async def test_nothing_is_emitted_while_every_datacenter_fails() -> None:
+    replies: dict[str, Reply] = {"dc1": (500, "x", None), "dc2": (500, "y", None)}
+    async with scripted_dcs(replies) as (_, address), aiohttp.ClientSession() as s:
+        sink = QueueSink()
+        watcher = make_failover(address, sink, "dc1", "dc2")
+        await watcher.poll_once(s, "dc1")
+        await watcher.poll_once(s, "dc2")
+        assert drain(sink) == [] and sink.errors.qsize() == 2  # never seen: not ready
+
+
+async def test_run_queries_every_datacenter_concurrently() -> None:
+    replies: dict[str, Reply] = {"dc1": (200, "[]", "10"),
+                                 "dc2": (200, dc_instances("dc2", "b1"), "20"),
+                                 "dc3": (200, dc_instances("dc3", "c1"), "30")}
+    async with scripted_dcs(replies) as (script, address):
+        sink = QueueSink()
+        watcher = ConsulWatcher(ConsulConfig(address=address, wait=WAIT),
+                                UpstreamConfig(name="svc", listen=LISTEN,
+                                               datacenters=("dc1", "dc2", "dc3")),
+                                sink, rng=random.Random(5))
+        task = asyncio.create_task(watcher.run())  # owns its session
+        try:
+            answer = await sink.answer_where(lambda a: True)
+            assert ids(answer) == {"b1"}
+            replies["dc2"] = (200, "[]", "21")  # picked up by the paced re-query (~1 s)
+            answer = await sink.answer_where(lambda a: ids(a) == {"c1"}, timeout=3.0)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert task.cancelled()
+        assert {q.get("dc") for q in script.requests} == {"dc1", "dc2", "dc3"}
+
+
+async def test_unchanged_answers_tell_a_sink_the_catalog_is_alive() -> None:
+    """A sink with `on_catalog_alive` hears of every unchanged answer while no datacenter
+    fails, so its staleness counts from the last answer rather than the last change."""
+
+    class AliveSink(QueueSink):
+        alive = 0
+
+        def on_catalog_alive(self) -> None:
+            self.alive += 1
+
+    replies: dict[str, Reply] = {"dc1": (200, dc_instances("dc1", "a1"), "10"),
+                                 "dc2": (200, dc_instances("dc2", "b1"), "20")}
+    async with scripted_dcs(replies) as (_, address), aiohttp.ClientSession() as s:
+        sink = AliveSink()
+        watcher = make_failover(address, sink, "dc1", "dc2")
+        await watcher.poll_once(s, "dc1")  # emitted: not "alive"
+        await watcher.poll_once(s, "dc2")  # unchanged combined answer
+        await watcher.poll_once(s, "dc1")
+        assert (len(drain(sink)), sink.alive) == (1, 2)
+        replies["dc2"] = (500, "down", None)
+        await watcher.poll_once(s, "dc2")
+        await watcher.poll_once(s, "dc1")  # dc2 fails: the sink must stay stale
+        assert sink.alive == 2

@@ -1,5 +1,6 @@
 """decode() on answers recorded from a real Consul (tests/fixtures/consul/record.py), plus
-the blocking-query rules: next_index, backoff_delay, TokenBucket. No I/O, no loop."""
+the datacenter failover choice (select_datacenter) and the blocking-query rules:
+next_index, backoff_delay, TokenBucket. No I/O, no loop."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from proxy.discovery.consul_decode import (
     decode,
     next_index,
     parse_index,
+    select_datacenter,
 )
 from proxy.model import Endpoint
 
@@ -182,6 +184,57 @@ def test_broken_answers_raise(mutate: Any) -> None:
 ])
 def test_aggregate_status(statuses: list[str], expected: str) -> None:
     assert aggregate_status([{"Status": s} for s in statuses]) == expected
+
+
+# -- datacenter failover ------------------------------------------------------------------
+def eps(dc: str, *names: str) -> tuple[Endpoint, ...]:
+    return tuple(Endpoint(id=f"{dc}-{n}", address="127.0.0.1", port=9000 + i, datacenter=dc)
+                 for i, n in enumerate(names))
+
+
+DC1, DC2, DC3 = eps("dc1", "a", "b"), eps("dc2", "a"), eps("dc3", "a")
+ORDER = ("dc1", "dc2", "dc3")
+
+
+@pytest.mark.parametrize("answers, unreachable, expected", [
+    # the first datacenter with an instance wins, whatever the others say
+    ({"dc1": DC1, "dc2": DC2, "dc3": DC3}, (), ("dc1", DC1)),
+    ({"dc1": DC1}, (), ("dc1", DC1)),  # later ones need not have answered
+    ({"dc1": DC1}, ("dc2",), ("dc1", DC1)),
+    # the next only when none is left
+    ({"dc1": (), "dc2": DC2, "dc3": DC3}, (), ("dc2", DC2)),
+    ({"dc1": (), "dc2": (), "dc3": DC3}, (), ("dc3", DC3)),
+    ({"dc1": (), "dc2": (), "dc3": ()}, (), ("", ())),
+    # not heard from yet: no decision rather than a premature failover
+    ({}, (), None),
+    ({"dc2": DC2}, (), None),
+    ({"dc1": (), "dc3": DC3}, (), None),
+    ({"dc1": ()}, (), None),
+    # failed before it ever answered: passed over like an empty one
+    ({"dc2": DC2}, ("dc1",), ("dc2", DC2)),
+    ({"dc1": (), "dc3": DC3}, ("dc2",), ("dc3", DC3)),
+    ({"dc3": ()}, ("dc1", "dc2"), ("", ())),
+    # ... but nothing answered at all stays undecided (/ready must not say ready)
+    ({}, ("dc1", "dc2", "dc3"), None),
+    # answers of datacenters outside the order never count
+    ({"dc9": eps("dc9", "x")}, ("dc1", "dc2", "dc3"), None),
+], ids=["first-wins", "first-alone", "first-next-unreachable", "second", "third", "all-empty",
+        "nothing", "first-pending", "second-pending", "rest-pending", "skip-unreachable",
+        "skip-unreachable-middle", "empty-and-unreachable", "all-unreachable", "foreign"])
+def test_select_datacenter(answers: dict[str, tuple[Endpoint, ...]],
+                           unreachable: tuple[str, ...],
+                           expected: tuple[str, tuple[Endpoint, ...]] | None) -> None:
+    assert select_datacenter(ORDER, answers, unreachable) == expected
+
+
+def test_select_datacenter_follows_recovery() -> None:
+    """dc1 empties -> dc2; dc1 back -> dc1 again (the order is the preference)."""
+    answers = {"dc1": DC1, "dc2": DC2}
+    assert select_datacenter(ORDER[:2], answers) == ("dc1", DC1)
+    answers["dc1"] = ()
+    assert select_datacenter(ORDER[:2], answers) == ("dc2", DC2)
+    answers["dc1"] = DC1[:1]
+    assert select_datacenter(ORDER[:2], answers) == ("dc1", DC1[:1])
 
 
 # -- blocking-query index rules -----------------------------------------------------------
