@@ -326,6 +326,17 @@ def _is_http_url(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
+def _is_ip(address: Address) -> bool:
+    try:
+        ipaddress.ip_address(address.host)
+    except ValueError:
+        return False
+    return True
+
+
+# A nameserver given by name would need the (blocking) system resolver to find it.
+_ip_address = _where(_address, _is_ip, "a nameserver must be an IP address, got {0}")
+
 _consul_address = _where(
     lambda v: _with_scheme(_nonempty_string(v)),
     _is_http_url,
@@ -385,7 +396,7 @@ _TOP: Schema = {
         "stale": _boolean,
     },
     "dns": {
-        "nameservers": _list_of(_address),
+        "nameservers": _list_of(_ip_address),
         "domain": _nonempty_string,
         "interval": _duration(positive=True),
     },

@@ -194,10 +194,16 @@ def test_zero_drain_timeout_is_allowed(tmp_path: Path) -> None:
     ],
 )
 def test_address(tmp_path: Path, literal: str, address: Address) -> None:
-    text = f'[admin]\nlisten = "{literal}"\n[dns]\nnameservers = ["{literal}"]\n'
-    cfg = load_text(tmp_path, text)
+    cfg = load_text(tmp_path, f'[admin]\nlisten = "{literal}"\n')
     assert cfg.admin.listen == address
-    assert cfg.dns.nameservers == (address,)
+    if address.host[0].isdigit() or ":" in address.host:  # nameservers: IP addresses only
+        text = f'[dns]\nnameservers = ["{literal}"]\n'
+        assert load_text(tmp_path, text).dns.nameservers == (address,)
+
+
+def test_a_nameserver_given_by_name_is_refused(tmp_path: Path) -> None:
+    found = problems(tmp_path, '[dns]\nnameservers = ["consul.local:8600"]\n')
+    assert found == ["dns.nameservers[0]: a nameserver must be an IP address, got consul.local:8600"]
 
 
 @pytest.mark.parametrize(
