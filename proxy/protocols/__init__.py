@@ -8,7 +8,8 @@ for each accepted connection; `connections`/`rejected_connections` feed the admi
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from proxy.upstream.manager import UpstreamRuntime
 

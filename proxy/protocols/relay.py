@@ -10,7 +10,7 @@ Invariants:
 - Backpressure both ways, with named limits (uvicorn's flow_control.py): each transport's
   write buffer is capped at HIGH_WATER; when the sink's transport calls `pause_writing`
   the source stops being read until `resume_writing`. So a peer that stops reading costs
-  at most about HIGH_WATER plus one read (uvloop reads up to 256 KiB) per direction.
+  at most about HIGH_WATER plus one read (uvloop reads up to 250 KB) per direction.
 - Half-close (RFC 9293 3.6): EOF from one side becomes `write_eof()` on the other
   (after what is buffered); the other direction goes on. When both directions ended the
   transports are closed.
@@ -18,9 +18,14 @@ Invariants:
   error (reset) aborts the other, so the peer sees a failure rather than a clean end.
 - idle_timeout: no byte in either direction for that long aborts both. One timer per
   relay, re-armed lazily from the time of the last chunk (never one timer per chunk).
-- `on_done(relay)` is called exactly once, when both transports are lost.
+- `on_done(relay)` is called exactly once, when both transports are lost, unless the
+  relay was handed over (`hand_over`): then its new owner answers for both transports.
+- `on_bulk(relay)`, when given, is called after a read of at least BULK_READ bytes: the
+  source had a backlog. Its owner may then hand the connection over to a faster mover
+  (TCP mode: splice.py); the relay only says when that is possible (`can_hand_over`).
 - A transport that reported EOF is never resumed: uvloop must not read past EOF.
-The data path does one write and one clock read per chunk: no logging, no copies.
+The data path does one write, one clock read and one length test per chunk: no logging,
+no copies, no timers.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from typing import cast
 # while still bounding what a client that stops reading can pin in memory.
 HIGH_WATER = 256 * 1024
 LOW_WATER = HIGH_WATER // 4
+# A read this large means the source had a backlog: a bulk transfer (uvloop reads up to
+# 256000 bytes at once; interactive traffic comes in far smaller pieces).
+BULK_READ = 64 * 1024
 # Bytes a `Holding` protocol keeps (e.g. what a client sends while its instance is being
 # connected) before it stops reading its transport.
 HOLD_HIGH_WATER = 256 * 1024
@@ -97,6 +105,8 @@ class _End(asyncio.Protocol):
             return
         relay.last_activity = relay.loop.time()
         self.peer.transport.write(data)
+        if relay.on_bulk is not None and len(data) >= BULK_READ:
+            relay.on_bulk(relay)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -124,11 +134,12 @@ class Relay:
     """Relays bytes between transports `a` and `b` from `start()` until both are lost."""
 
     __slots__ = ("a", "b", "closed", "done", "idle_timeout", "last_activity", "loop",
-                 "on_done", "timer")
+                 "on_bulk", "on_done", "timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, a: asyncio.Transport,
                  b: asyncio.Transport, *, idle_timeout: float,
-                 on_done: Callable[[Relay], None] | None = None) -> None:
+                 on_done: Callable[[Relay], None] | None = None,
+                 on_bulk: Callable[[Relay], None] | None = None) -> None:
         self.loop = loop
         self.a = _End(self, a)
         self.b = _End(self, b)
@@ -136,6 +147,7 @@ class Relay:
         self.b.peer = self.a
         self.idle_timeout = idle_timeout
         self.on_done = on_done
+        self.on_bulk = on_bulk
         self.closed = False  # closing started: no more bytes are relayed
         self.done = False  # both transports are lost; on_done was called
         self.last_activity = loop.time()
@@ -177,6 +189,32 @@ class Relay:
 
     def abort(self) -> None:
         self._close(abort=True)
+
+    @property
+    def transports(self) -> tuple[asyncio.Transport, asyncio.Transport]:
+        return self.a.transport, self.b.transport
+
+    def can_hand_over(self) -> bool:
+        """Both directions open and nothing buffered: the sockets alone hold the state."""
+        a, b = self.a, self.b
+        return not (self.closed or a.eof or b.eof or a.lost or b.lost
+                    or a.transport.get_write_buffer_size()
+                    or b.transport.get_write_buffer_size())
+
+    def hand_over(self) -> tuple[asyncio.Transport, asyncio.Transport]:
+        """Stop relaying, closing nothing: the caller owns both transports from now on.
+
+        Only when `can_hand_over()`. Their later callbacks (e.g. `connection_lost` once
+        the new owner closes them) are ignored and `on_done` is never called.
+        """
+        assert self.can_hand_over()
+        self.closed = True
+        self.done = True
+        self.on_bulk = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        return self.transports
 
     # -- events from the ends -----------------------------------------------------------
     def on_eof(self, end: _End) -> None:

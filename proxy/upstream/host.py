@@ -106,8 +106,9 @@ class Host:
     def on_success(self, status: int) -> None:
         self.consecutive_failures = 0
         self.breaker.record_success()
-        counts = self.status_counts
-        counts[status] = counts.get(status, 0) + 1
+        if status:  # 0: a success without an HTTP status (a TCP connection established)
+            counts = self.status_counts
+            counts[status] = counts.get(status, 0) + 1
 
     def record_latency(self, seconds: float) -> None:
         """An attempt's time to its response head (http) or to connect (tcp)."""
