@@ -1,0 +1,215 @@
+"""catalog: the delay from a Consul change to sdproxy's pool swap, over --changes changes.
+
+A real Consul dev agent and sdproxy (discovery consul) in front of one service with a
+base instance. Then --changes times: an instance is registered or deregistered
+(`--kind register`, the default) or its TTL check turns critical or passing
+(`--kind health`), through the agent API. The change time is taken just before the API
+call; the swap time is the `ts` sdproxy writes on its `event=pool_change` line for that
+instance (its own clock, 1 ms resolution, truncated), so no polling error is added.
+Beside it, our own blocking query on /v1/health/service/SERVICE?passing records when
+Consul itself let a watcher see the change: the difference is what sdproxy adds.
+Changes are spaced by 10-30 ms (random, seeded) after the previous one was seen, so
+they do not pile up into one catalog answer. Target: p99 <= 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import random
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+
+from loadtest import common as c
+
+DESCRIPTION = "delay from a Consul change to sdproxy's pool swap (p50/p90/p99/max)"
+SERVICE = "catalog-probe"
+TARGET_P99 = 0.050
+SEEN_TIMEOUT = 2.0  # seconds for sdproxy to show one change
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--changes", type=int, default=100, help="changes to make (default 100)")
+    parser.add_argument("--kind", choices=("register", "health"), default="register",
+                        help="register/deregister an instance (default) or flip its TTL check")
+    parser.add_argument("--seed", type=int, default=1, help="seeds the gaps between changes")
+
+
+class PassingWatcher(threading.Thread):
+    """Our own Consul watcher: blocking queries for the passing instances; `answers` is
+    [(wall time, ids)] of every answer. Stops within ~1 s of `stop.set()`."""
+
+    def __init__(self, consul_addr: str, service: str) -> None:
+        super().__init__(name="passing-watcher", daemon=True)
+        self.url = f"{consul_addr}/v1/health/service/{service}?passing"
+        self.answers: list[tuple[float, frozenset[str]]] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        index = 0
+        while not self.stop.is_set():
+            try:
+                with urllib.request.urlopen(f"{self.url}&index={index}&wait=1s",
+                                            timeout=5) as resp:
+                    new = int(resp.headers.get("X-Consul-Index", "0"))
+                    ids = frozenset(e["Service"]["ID"] for e in json.load(resp))
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.05)
+                continue
+            now = time.time()
+            index = new if new >= index else 0  # an index going back means start over
+            with self.lock:
+                self.answers.append((now, ids))
+
+    def first(self, after: float, holds: Callable[[frozenset[str]], bool],
+              timeout: float = 1.0) -> float | None:
+        """Wall time of the first answer since `after` for which `holds(ids)`; waits up
+        to `timeout` for it (this thread may be behind sdproxy), None if none came."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                found = next((t for t, ids in self.answers if t >= after and holds(ids)), None)
+            if found is not None or time.monotonic() > deadline:
+                return found
+            time.sleep(0.001)
+
+
+def run(args: argparse.Namespace) -> int:
+    return c.run_scenario("catalog", lambda stack: _run(stack, args))
+
+
+def _names(key: str, iid: str, text: str) -> bool:
+    """An `event=pool_change` line whose `key` (added/removed) lists instance `iid`."""
+    if "event=pool_change " not in text:
+        return False
+    return iid in c.parse_logfmt(text).get(key, "").split(",")
+
+
+def _shows(iid: str, present: bool, ids: frozenset[str]) -> bool:
+    return (iid in ids) == present
+
+
+def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
+    c.say(f"catalog: Consul and sdproxy; {args.changes} changes ({args.kind}), delay from "
+          "each change to sdproxy's pool swap")
+    agent = c.start_consul(stack)
+    ttl = {"TTL": "1h", "Status": "passing"}
+    agent.register({"Name": SERVICE, "ID": "base", "Address": "127.0.0.1", "Port": 1,
+                    "Check": ttl})
+    if args.kind == "health":
+        agent.register({"Name": SERVICE, "ID": "probe", "Address": "127.0.0.1", "Port": 2,
+                        "Check": {**ttl, "CheckID": "probe-ttl"}})
+    base_ids = {"base"} | ({"probe"} if args.kind == "health" else set())
+    c.wait_passing(agent, SERVICE, base_ids)
+    proxy = c.start_sdproxy(stack, agent.http_addr, SERVICE, expect=base_ids)
+    watcher = PassingWatcher(agent.http_addr, SERVICE)
+    watcher.start()
+    stack.callback(watcher.join, 3)
+    stack.callback(watcher.stop.set)
+    rng = random.Random(args.seed)
+    t0 = time.time()
+
+    # (t since start, delay to sdproxy's swap, delay to our watcher, API call duration)
+    rows: list[tuple[float, float | None, float | None, float]] = []
+    missed = 0
+    for k in range(args.changes):
+        present = k % 2 == 1 if args.kind == "health" else k % 2 == 0
+        iid = "probe" if args.kind == "health" else f"probe-{k // 2}"
+        start_line = len(proxy.child.lines)
+        started = time.time()
+        if args.kind == "health":
+            (agent.check_pass if present else agent.check_fail)("probe-ttl")
+        elif present:
+            agent.register({"Name": SERVICE, "ID": iid, "Address": "127.0.0.1",
+                            "Port": 1000 + k // 2, "Check": ttl})
+        else:
+            agent.deregister(iid)
+        called = time.time() - started
+        key = "added" if present else "removed"
+        try:
+            line = proxy.child.wait_line(functools.partial(_names, key, iid),
+                                         f"event=pool_change {key}={iid}",
+                                         timeout=SEEN_TIMEOUT, start=start_line)
+            swapped = c.log_wall_time(line.text)
+            swap = None if swapped is None else swapped - started
+        except c.ScenarioError:
+            if not proxy.child.alive():
+                raise
+            swap = None
+            missed += 1
+        seen = watcher.first(started, functools.partial(_shows, iid, present))
+        rows.append((started - t0, swap, None if seen is None else seen - started, called))
+        time.sleep(rng.uniform(0.010, 0.030))
+
+    swaps = [r[1] for r in rows if r[1] is not None]
+    direct = [r[2] for r in rows if r[2] is not None]
+    calls = [r[3] for r in rows]
+    behind = [r[1] - r[2] for r in rows if r[1] is not None and r[2] is not None]
+
+    def stats(values: list[float]) -> list[str]:
+        return [str(len(values)), *(c.ms(c.percentile(values, q)) for q in (0.5, 0.9, 0.99)),
+                c.ms(max(values) if values else None),
+                c.ms(sum(values) / len(values) if values else None)]
+
+    c.say()
+    c.say(f"catalog: {args.changes} Consul changes ({args.kind}: "
+          + ("register/deregister an instance" if args.kind == "register"
+             else "TTL check critical/passing") + ") -> sdproxy pool swap")
+    c.say(c.format_table(
+        ["delay from the change", "n", "p50", "p90", "p99", "max", "mean"],
+        [["to sdproxy's pool swap (its log ts)", *stats(swaps)],
+         ["to our own blocking query's answer", *stats(direct)],
+         ["sdproxy minus our watcher (<0: sdproxy first)", *stats(behind)],
+         ["agent API call itself", *stats(calls)]]))
+    c.say()
+    c.say("  the change time is taken just before the agent API call; sdproxy's log ts has "
+          "1 ms resolution (truncated)")
+    if missed:
+        c.say(f"  {missed} changes were not seen by sdproxy within {SEEN_TIMEOUT:g}s")
+    p99 = c.percentile(swaps, 0.99)
+    ok = not missed and swaps and p99 <= TARGET_P99
+    c.say()
+    c.say(f"verdict: p99 {c.ms(p99)} (target <= {TARGET_P99 * 1000:g} ms): "
+          + ("met" if ok else "NOT met"))
+
+    if args.plot:
+        plot(args.plot, rows, args)
+        c.say(f"plot: {args.plot}")
+    return 0
+
+
+def plot(path: str, rows: list[tuple[float, float | None, float | None, float]],
+         args: argparse.Namespace) -> None:
+    """Delay per change over time: sdproxy's swap, our own watcher, the 50 ms target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 4.8))
+    series = (("Consul change -> sdproxy pool swap", "#d62728", [(r[0], r[1]) for r in rows]),
+              ("Consul change -> our blocking query's answer", "#1f77b4",
+               [(r[0], r[2]) for r in rows]))
+    for label, color, points in series:
+        pts = [(t, d * 1000) for t, d in points if d is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, lw=0.8, color=color,
+                label=label)
+    ax.axhline(TARGET_P99 * 1000, color="#7f7f7f", ls="--", lw=1)
+    ax.annotate(f"target p99 {TARGET_P99 * 1000:g} ms", xy=(0, TARGET_P99 * 1000),
+                xycoords=("axes fraction", "data"), xytext=(4, 4), textcoords="offset points",
+                fontsize=8, color="#7f7f7f")
+    ax.set_xlabel("time of the change since the first one (s)")
+    ax.set_ylabel("delay (ms)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.suptitle(f"catalog: delay from a Consul change to sdproxy's pool swap, "
+                 f"{args.changes} changes ({args.kind})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
