@@ -53,6 +53,7 @@ _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header 
 
 class Exchange:
     __slots__ = (
+        "out",
         "tried",
         "upgrade",
         "attempt",
@@ -105,6 +106,7 @@ class Exchange:
         self.response_started = False
         self.chunk_response = False
         self.client_keep = head.keep_alive
+        self.out: list[bytes] = []  # for the client, written once per read of the instance
         self.upgrade = is_upgrade_request(head)  # a 101 hands both connections to a tunnel
         self.started = self.loop.time()
         self.request_bytes = encode_request(head, client_ip=down.client_ip,
@@ -198,11 +200,12 @@ class Exchange:
         assert transport is not None
         if self.down.write_paused:
             transport.pause_reading()
-        transport.write(self.request_bytes)
         body = self.body_log if self.body_log is not None else self.pending
         if body:
-            transport.writelines(body)
+            transport.write(b"".join((self.request_bytes, *body)))
             self.body_sent = True
+        else:
+            transport.write(self.request_bytes)
         if self.pending:
             self.pending = []
             self.pending_bytes = 0
@@ -246,7 +249,7 @@ class Exchange:
         if 100 <= head.status < 200 and head.status != 101:
             # RFC 9110 section 15.2: no 1xx to an HTTP/1.0 client.
             if not self.response_started and self.head.version == b"1.1":
-                self.down.write(encode_interim(head))
+                self.out.append(encode_interim(head))
             return
         self._cancel_timer()
         now = self.down.last_activity = self.loop.time()
@@ -286,18 +289,18 @@ class Exchange:
         data, self.chunk_response, self.client_keep = encode_response(
             head, request_version=self.head.version, request_keep_alive=self.client_keep)
         self.response_started = True
-        self.down.write(data)
+        self.out.append(data)
 
     def on_response_body(self, data: bytes) -> None:
         self.down.last_activity = self.loop.time()
         if self.response_started:
-            self.down.write(chunk(data) if self.chunk_response else data)
+            self.out.append(chunk(data) if self.chunk_response else data)
 
     def on_response_end(self, conn: UpstreamConnection) -> None:
         if conn is not self.conn or self.response_head is None or self.response_head.status == 101:
             return
         if self.chunk_response:
-            self.down.write(LAST_CHUNK)
+            self.out.append(LAST_CHUNK)
         self.conn = None
         head = self.response_head
         if not (head.keep_alive and self.body_done and head.framing != UNTIL_CLOSE
@@ -323,7 +326,8 @@ class Exchange:
         head = self.response_head
         if head is not None and head.framing == UNTIL_CLOSE:
             if self.chunk_response:
-                self.down.write(LAST_CHUNK)
+                self.out.append(LAST_CHUNK)
+            self.flush()
             self._resolve(DONE)  # the close is the end of such a body (RFC 9112 6.3)
             return
         conn.host.on_failure()
@@ -368,6 +372,14 @@ class Exchange:
                 conn.transport.resume_reading()
 
     # -- helpers ------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write what this read of the instance produced for the client, in one write:
+        a response head and its body usually arrive together and leave together."""
+        out = self.out
+        if out:
+            self.out = []
+            self.down.write(out[0] if len(out) == 1 else b"".join(out))
+
     def _resolve(self, outcome: str) -> None:
         self._cancel_timer()
         waiter = self.waiter

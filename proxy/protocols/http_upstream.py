@@ -94,9 +94,11 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             offset = self.parser.feed(data)
         except ParseError as e:
+            exchange.flush()
             self.close()
             exchange.on_upstream_error(self, f"invalid response: {e}")
             return
+        exchange.flush()
         if offset is not None:  # 101: what follows the head is the new protocol's
             exchange.on_upstream_switched(self, data[offset:])
 
