@@ -180,7 +180,8 @@ class HttpDownstream(asyncio.Protocol):
         self._cancel_header_timer()
         exchange = self.exchange = Exchange(self, head)
         self.in_request = True
-        self.loop.create_task(exchange.run())
+        # Next loop turn: the rest of this read (the request's end, say) is parsed first.
+        self.loop.call_soon(exchange.start)
 
     def on_body(self, data: bytes) -> None:
         if self.in_request and not self.queue:

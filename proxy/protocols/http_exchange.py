@@ -1,20 +1,23 @@
 """One proxied HTTP request: pick an instance, send, relay the response, retry on failure.
 
-`run()` is the only coroutine of the request; it awaits one connect (when no pooled
-connection is idle) and one future per attempt. Everything else happens in callbacks
-from the two connections: request body chunks are written upstream as they arrive (or
-buffered while connecting, up to a high-water mark), response bytes are written to the
-client as they arrive, and each side's transport pauses the other when its buffer fills.
+Driven by callbacks, with no task of its own: `start()` picks an instance and sends on a
+pooled connection at once; only opening a new connection runs a task (`connect`). From
+then on everything happens in callbacks from the two connections: request body chunks
+are written upstream as they arrive (or buffered while connecting, up to a high-water
+mark), response bytes are written to the client once per read of the instance, and each
+side's transport pauses the other when its buffer fills.
 
-The waiter of an attempt is resolved exactly once with DONE, ABORTED or a failure kind
-(connect-failure, reset, timeout, or the status of a retried 5xx); retry decisions are
-`l7.exchange.may_retry`.
+Each attempt ends exactly once (`_resolve`, or the connect task's callback) with DONE,
+ABORTED or a failure kind (connect-failure, reset, timeout, or the status of a retried
+5xx), handled on the next loop turn by `_attempt_over`: finish, retry on an untried
+instance (`l7.exchange.may_retry`), or answer an error. `_finish` runs once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from proxy.l7.exchange import (
@@ -53,6 +56,9 @@ _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header 
 
 class Exchange:
     __slots__ = (
+        "attempt_open",
+        "connecting",
+        "finished",
         "out",
         "tried",
         "upgrade",
@@ -79,7 +85,6 @@ class Exchange:
         "runtime",
         "started",
         "timer",
-        "waiter",
     )
 
     def __init__(self, down: HttpDownstream, head: MessageHead) -> None:
@@ -100,7 +105,9 @@ class Exchange:
         self.attempt = 0
         self.tried: list[Host] = []
         self.attempt_started = 0.0
-        self.waiter: asyncio.Future[str] | None = None
+        self.attempt_open = False  # an attempt's outcome is still to come
+        self.connecting: asyncio.Task[UpstreamConnection] | None = None
+        self.finished = False
         self.timer: asyncio.TimerHandle | None = None
         self.response_head: MessageHead | None = None
         self.response_started = False
@@ -112,90 +119,83 @@ class Exchange:
         self.request_bytes = encode_request(head, client_ip=down.client_ip,
                                             default_host=self.runtime.name.encode())
 
-    # -- the request coroutine ----------------------------------------------------------
-    async def run(self) -> None:
-        keep = False
+    # -- the attempts, driven by callbacks -----------------------------------------------
+    def start(self) -> None:
+        """Begin the exchange (from the client's parser callback)."""
         self.runtime.in_flight += 1
+        self._guarded(self._next_attempt)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run one step; a bug costs this request, never the listener."""
         try:
-            keep = await self._run()
-        except Exception:  # a bug must cost one request, never the listener
+            step()
+        except Exception:
             log.exception("event=exchange_error upstream=%s", self.runtime.name)
             if not self.response_started:
                 self._respond_error(502, "internal error")
-            keep = False
-        finally:
-            self.runtime.in_flight -= 1
-            self._cancel_timer()
-            if self.conn is not None:
-                self.conn.abort()
-                self.conn = None
-            self.down.on_exchange_done(self, keep)
+            self._finish(False)
 
-    async def _run(self) -> bool:
+    def _next_attempt(self) -> None:
+        if self.finished:
+            return
+        if self.down.closed:
+            self._finish(False)
+            return
         rt = self.runtime
-        cfg = self.cfg
-        retry_on = self.down.listener.retry_on
         tried = self.tried
-        while True:
-            self.attempt += 1
-            host = rt.pick(tried, self.down.listener.hash_key(self.head, self.down.client_ip))
-            if host is None:
-                rt.no_host_responses += 1
-                if tried:
-                    names = ", ".join(h.id for h in tried)
-                    return self._respond_error(502, f"no instance could be reached (tried {names})")
-                return self._respond_error(503, "no passing instance")
-            tried.append(host)
-            host.active += 1
-            host.requests += 1
-            self.host = host
-            retrying = len(tried) > 1
-            if retrying:
-                rt.retries_in_flight += 1
-            try:
-                outcome = await self._attempt(host)
-            finally:
-                rt.release(host)
-                if retrying:
-                    rt.retries_in_flight -= 1
-            if outcome == DONE:
-                rt.latency.observe(self.loop.time() - self.started)
-                return self.client_keep
-            if outcome == ABORTED:
-                return False
-            if self.response_started:  # failed mid-response: the client sees a cut body
-                self.down.abort()
-                return False
-            replayable = self.body_log is not None or not self.body_sent
-            if may_retry(outcome, method=self.head.method, replayable=replayable,
-                         attempt=self.attempt, retries=cfg.retries,
-                         retry_on=retry_on) and rt.has_untried(tried) and rt.retry_allowed():
-                rt.count_failover(outcome)
-                continue
-            if outcome == TIMEOUT:
-                return self._respond_error(504, f"instance {host.id} did not answer within "
-                                                f"{cfg.request_timeout:g}s")
-            return self._respond_error(502, f"instance {host.id} failed: {outcome}")
-
-    async def _attempt(self, host: Host) -> str:
-        cfg = self.cfg
+        self.attempt += 1
+        host = rt.pick(tried, self.down.listener.hash_key(self.head, self.down.client_ip))
+        if host is None:
+            rt.no_host_responses += 1
+            if tried:
+                names = ", ".join(h.id for h in tried)
+                keep = self._respond_error(502, f"no instance could be reached (tried {names})")
+            else:
+                keep = self._respond_error(503, "no passing instance")
+            self._finish(keep)
+            return
+        tried.append(host)
+        host.active += 1
+        host.requests += 1
+        self.host = host
+        if len(tried) > 1:
+            rt.retries_in_flight += 1
         conn = host.pool.take()
-        if conn is None:
-            try:
-                conn = await connect(host, cfg.http_parser, cfg.max_header_size,
-                                     cfg.idle_timeout, cfg.connect_timeout)
-            except (OSError, TimeoutError):
-                host.on_failure()
-                return CONNECT_FAILURE
-            if self.down.closed:
-                conn.close()
-                return ABORTED
-        assert isinstance(conn, UpstreamConnection)
+        if conn is not None:
+            self._send(conn)  # type: ignore[arg-type]
+            return
+        cfg = self.cfg
+        # Only a new connection needs a task; a pooled one is used from this callback.
+        task = self.loop.create_task(connect(host, cfg.http_parser, cfg.max_header_size,
+                                             cfg.idle_timeout, cfg.connect_timeout))
+        self.connecting = task
+        task.add_done_callback(self._on_connected)
+
+    def _on_connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        self.connecting = None
+        if task.cancelled():
+            self._attempt_over(ABORTED)
+            return
+        exc = task.exception()
+        if exc is not None:
+            if not isinstance(exc, (OSError, TimeoutError)):
+                log.error("event=connect_error upstream=%s error=%r", self.runtime.name, exc)
+            if self.host is not None:
+                self.host.on_failure()
+            self._attempt_over(CONNECT_FAILURE)
+            return
+        conn = task.result()
+        if self.down.closed or self.finished:
+            conn.close()
+            self._attempt_over(ABORTED)
+            return
+        self._guarded(lambda: self._send(conn))
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        self.attempt_open = True  # its outcome comes through _resolve
         self.conn = conn
         conn.attach(self, self.head.method, self.upgrade)
         self.response_head = None
-        waiter: asyncio.Future[str] = self.loop.create_future()
-        self.waiter = waiter
         transport = conn.transport
         assert transport is not None
         if self.down.write_paused:
@@ -210,9 +210,61 @@ class Exchange:
             self.pending = []
             self.pending_bytes = 0
             self.down.pause_for_body(False)
-        self.timer = self.loop.call_later(cfg.request_timeout, self._on_request_timeout)
+        self.timer = self.loop.call_later(self.cfg.request_timeout, self._on_request_timeout)
         self.attempt_started = self.loop.time()
-        return await waiter
+
+    def _attempt_over(self, outcome: str) -> None:
+        """The current attempt ended with `outcome`: finish, retry, or answer an error."""
+        self._cancel_timer()
+        rt = self.runtime
+        host = self.host
+        if host is not None:
+            self.host = None
+            rt.release(host)
+            if len(self.tried) > 1:
+                rt.retries_in_flight -= 1
+        if self.finished:
+            return
+        if outcome == DONE:
+            rt.latency.observe(self.loop.time() - self.started)
+            self._finish(self.client_keep)
+            return
+        if outcome == ABORTED:
+            self._finish(False)
+            return
+        if self.response_started:  # failed mid-response: the client sees a cut body
+            self.down.abort()
+            self._finish(False)
+            return
+        cfg = self.cfg
+        replayable = self.body_log is not None or not self.body_sent
+        if (may_retry(outcome, method=self.head.method, replayable=replayable,
+                      attempt=self.attempt, retries=cfg.retries,
+                      retry_on=self.down.listener.retry_on)
+                and rt.has_untried(self.tried) and rt.retry_allowed()):
+            rt.count_failover(outcome)
+            self._guarded(self._next_attempt)
+            return
+        failed = host.id if host is not None else "?"
+        if outcome == TIMEOUT:
+            keep = self._respond_error(504, f"instance {failed} did not answer within "
+                                            f"{cfg.request_timeout:g}s")
+        else:
+            keep = self._respond_error(502, f"instance {failed} failed: {outcome}")
+        self._finish(keep)
+
+    def _finish(self, keep: bool) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.runtime.in_flight -= 1
+        self._cancel_timer()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.conn is not None:
+            self.conn.abort()
+            self.conn = None
+        self.down.on_exchange_done(self, keep)
 
     # -- request body from the client ---------------------------------------------------
     def on_client_body(self, data: bytes) -> None:
@@ -357,6 +409,9 @@ class Exchange:
 
     # -- events from the client connection ----------------------------------------------
     def on_client_lost(self) -> None:
+        if self.connecting is not None:
+            self.connecting.cancel()  # _on_connected ends the attempt
+            return
         conn = self.conn
         if conn is not None:
             self.conn = None
@@ -381,10 +436,12 @@ class Exchange:
             self.down.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _resolve(self, outcome: str) -> None:
+        """End the current attempt once; handled on the next loop turn so that nothing
+        re-enters the parser or protocol callback that reported it."""
         self._cancel_timer()
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(outcome)
+        if self.attempt_open:
+            self.attempt_open = False
+            self.loop.call_soon(self._guarded, lambda: self._attempt_over(outcome))
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
