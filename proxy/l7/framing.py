@@ -12,6 +12,10 @@ from proxy.l7.message import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, ParseError
 
 def parse_content_length(values: list[bytes]) -> int:
     """One valid length from one or more Content-Length values (RFC 9110 section 8.6)."""
+    if len(values) == 1:
+        value = values[0]
+        if value.isdigit() and len(value) <= 18:  # the common case, decided at once
+            return int(value)
     lengths = {v.strip() for value in values for v in value.split(b",")}
     if len(lengths) != 1:
         raise ParseError("conflicting Content-Length values")

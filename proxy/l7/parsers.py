@@ -40,12 +40,21 @@ class ResponseParser(Protocol):
 
 
 class _HeadCollector:
-    """Gathers one head's fields and the header values framing depends on."""
+    """Gathers one head's fields and the header values framing depends on.
 
-    __slots__ = ("connection", "content_lengths", "head_size", "headers", "hosts",
-                 "transfer_encodings")
+    The httptools parsers are collectors themselves (`on_header = add`): llhttp then calls
+    straight into `add`, one Python call per field instead of two.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("connection", "content_lengths", "head_size", "headers", "hosts", "max_head",
+                 "transfer_encodings", "what")
+
+    def __init__(self, max_head: int, what: str) -> None:
+        self.max_head = max_head
+        self.what = what
+        self.reset()
+
+    def reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_lengths: list[bytes] = []
         self.transfer_encodings: list[bytes] = []
@@ -55,6 +64,8 @@ class _HeadCollector:
 
     def add(self, name: bytes, value: bytes) -> None:
         self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.max_head:
+            raise HeadTooLarge(f"{self.what} head larger than {self.max_head} bytes")
         if value and value[-1] in (32, 9):  # llhttp keeps trailing OWS; h11 does not
             value = value.rstrip(b" \t")
         self.headers.append((name, value))
@@ -71,11 +82,18 @@ class _HeadCollector:
                 self.connection.append(value)
 
 
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
 def _request_head(method: bytes, target: bytes, version: bytes, c: _HeadCollector) -> MessageHead:
     if version != b"1.1" and version != b"1.0":
         raise ParseError(f"unsupported HTTP version {version.decode(errors='replace')}")
     if c.hosts > 1 or (not c.hosts and version == b"1.1"):
         raise ParseError("more than one Host" if c.hosts else "missing Host")
+    if not (c.content_lengths or c.transfer_encodings or c.connection):
+        # The common request (no body, no Connection field): nothing to decide.
+        return MessageHead(method=method, target=target, version=version, headers=c.headers,
+                           keep_alive=version == b"1.1", connection=_NO_TOKENS)
     framing, length = request_framing(c.content_lengths, c.transfer_encodings)
     tokens = connection_tokens(c.connection)
     return MessageHead(method=method, target=target, version=version, headers=c.headers,
@@ -86,7 +104,7 @@ def _request_head(method: bytes, target: bytes, version: bytes, c: _HeadCollecto
 def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
                    c: _HeadCollector) -> MessageHead:
     framing, length = response_framing(status, method, c.content_lengths, c.transfer_encodings)
-    tokens = connection_tokens(c.connection)
+    tokens = connection_tokens(c.connection) if c.connection else _NO_TOKENS
     return MessageHead(status=status, reason=reason, version=version, headers=c.headers,
                        keep_alive=wants_keep_alive(version, tokens), framing=framing,
                        content_length=length, upgrade=status == 101, connection=tokens)
@@ -106,16 +124,14 @@ def _feed_httptools(parser: httptools.HttpRequestParser | httptools.HttpResponse
     return None
 
 
-class HttptoolsRequestParser:
-    __slots__ = ("_began_here", "_fed_in_head", "_head", "_in_head", "_max_head", "_parser",
-                 "_sink", "_url")
+class HttptoolsRequestParser(_HeadCollector):
+    __slots__ = ("_began_here", "_fed_in_head", "_in_head", "_parser", "_sink", "_url")
 
     def __init__(self, sink: MessageSink, max_head: int) -> None:
+        super().__init__(max_head, "request")
         self._sink = sink
-        self._max_head = max_head
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
-        self._head = _HeadCollector()
         self._in_head = False  # a message began and its head is not complete yet
         self._began_here = False  # ... and it began within the current feed
         self._fed_in_head = 0  # bytes of the incomplete head so far (bounds buffering)
@@ -128,36 +144,33 @@ class HttptoolsRequestParser:
             if carried and not self._began_here:
                 self._fed_in_head += len(data)
             else:  # llhttp gives no offsets: what we hold plus the unfinished last line
-                self._fed_in_head = (len(self._url) + self._head.head_size
-                                     + len(data) - data.rfind(b"\n") - 1)
-            if self._fed_in_head > self._max_head:
-                raise HeadTooLarge(f"request head larger than {self._max_head} bytes")
+                self._fed_in_head = self.head_size + len(data) - data.rfind(b"\n") - 1
+            if self._fed_in_head > self.max_head:
+                raise HeadTooLarge(f"request head larger than {self.max_head} bytes")
         return offset
 
     # httptools callbacks
+    on_header = _HeadCollector.add
+
     def on_message_begin(self) -> None:
         self._url = b""
-        self._head = _HeadCollector()
+        self.reset()
         self._in_head = True
         self._began_here = True
         self._fed_in_head = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self._max_head:
-            raise HeadTooLarge(f"request target larger than {self._max_head} bytes")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head.add(name, value)
-        if self._head.head_size + len(self._url) > self._max_head:
-            raise HeadTooLarge(f"request head larger than {self._max_head} bytes")
+        self.head_size += len(url)
+        if self.head_size > self.max_head:
+            raise HeadTooLarge(f"request target larger than {self.max_head} bytes")
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         p = self._parser
-        head, self._head = self._head, _HeadCollector()  # trailers must not join the head
-        self._sink.on_head(_request_head(p.get_method(), self._url,
-                                         p.get_http_version().encode(), head))
+        head = _request_head(p.get_method(), self._url, p.get_http_version().encode(), self)
+        self.reset()  # trailers must not join the head
+        self._sink.on_head(head)
 
     def on_body(self, body: bytes) -> None:
         self._sink.on_body(body)
@@ -166,15 +179,14 @@ class HttptoolsRequestParser:
         self._sink.on_end()
 
 
-class HttptoolsResponseParser:
-    __slots__ = ("_done_early", "_head", "_max_head", "_method", "_parser", "_reason", "_sink")
+class HttptoolsResponseParser(_HeadCollector):
+    __slots__ = ("_done_early", "_method", "_parser", "_reason", "_sink")
 
     def __init__(self, sink: MessageSink, max_head: int) -> None:
+        super().__init__(max_head, "response")
         self._sink = sink
-        self._max_head = max_head
         self._parser = httptools.HttpResponseParser(self)
         self._reason = b""
-        self._head = _HeadCollector()
         self._method = b"GET"
         self._done_early = False
 
@@ -190,23 +202,20 @@ class HttptoolsResponseParser:
             raise ParseError("data after a response without body")
         return _feed_httptools(self._parser, data)
 
+    on_header = _HeadCollector.add
+
     def on_message_begin(self) -> None:
         self._reason = b""
-        self._head = _HeadCollector()
+        self.reset()
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head.add(name, value)
-        if self._head.head_size > self._max_head:
-            raise HeadTooLarge(f"response head larger than {self._max_head} bytes")
-
     def on_headers_complete(self) -> None:
         p = self._parser
-        collected, self._head = self._head, _HeadCollector()  # trailers must not join the head
         head = _response_head(p.get_status_code(), self._reason, p.get_http_version().encode(),
-                              self._method, collected)
+                              self._method, self)
+        self.reset()  # trailers must not join the head
         self._sink.on_head(head)
         if self._method == b"HEAD" and head.status >= 200:
             self._done_early = True
@@ -228,12 +237,11 @@ def _h11_error(e: h11.RemoteProtocolError, what: str) -> ParseError:
 
 def _collect(headers: h11._headers.Headers, size: int, max_head: int,
              what: str) -> _HeadCollector:
-    c = _HeadCollector()
+    # h11 bounds only an incomplete head; one that arrives whole is bounded by `add`.
+    c = _HeadCollector(max_head, what)
+    c.head_size = size
     for name, value in headers.raw_items():
         c.add(name, value)
-    # h11 bounds only an incomplete head; one that arrives whole is checked here.
-    if c.head_size + size > max_head:
-        raise HeadTooLarge(f"{what} head larger than {max_head} bytes")
     return c
 
 
