@@ -1,7 +1,7 @@
 """The admin HTTP server: routes, and starting it on `admin.listen`.
 
 `build_app(state)` wires the handlers over one application state and a private
-Prometheus registry built for it; `start_admin(state, listen)` serves that app and
+Prometheus registry built for it at the first scrape; `start_admin(state, listen)` serves that app and
 returns the runner, which the composition root keeps and `await runner.cleanup()`s at
 shutdown. Binding failures (a port already in use) surface as OSError for the caller to
 report; nothing here exits the process. Per-request access logging is off on purpose.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.admin.collector import build_registry
 from proxy.admin.handlers import (
     REGISTRY,
     STATE,
@@ -28,7 +27,7 @@ from proxy.model import Address
 def build_app(state: AppState) -> web.Application:
     app = web.Application()
     app[STATE] = state
-    app[REGISTRY] = build_registry(state)
+    app[REGISTRY] = {}  # the registry itself is built at the first scrape
     app.router.add_get("/", handle_dashboard)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/ready", handle_ready)
