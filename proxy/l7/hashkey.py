@@ -8,7 +8,7 @@ balancer then falls back to its own choice.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from proxy.l7.message import MessageHead
 
