@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sdproxy.http")
 
+INFINITY = float("inf")
 DONE = "done"
 ABORTED = "aborted"
 
@@ -56,6 +57,7 @@ _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header 
 
 class Exchange:
     __slots__ = (
+        "deadline",
         "attempt_open",
         "connecting",
         "finished",
@@ -84,7 +86,6 @@ class Exchange:
         "response_started",
         "runtime",
         "started",
-        "timer",
     )
 
     def __init__(self, down: HttpDownstream, head: MessageHead) -> None:
@@ -108,7 +109,7 @@ class Exchange:
         self.attempt_open = False  # an attempt's outcome is still to come
         self.connecting: asyncio.Task[UpstreamConnection] | None = None
         self.finished = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = INFINITY  # of the current attempt's response head
         self.response_head: MessageHead | None = None
         self.response_started = False
         self.chunk_response = False
@@ -167,7 +168,7 @@ class Exchange:
         cfg = self.cfg
         # Only a new connection needs a task; a pooled one is used from this callback.
         task = self.loop.create_task(connect(host, cfg.http_parser, cfg.max_header_size,
-                                             cfg.idle_timeout, cfg.connect_timeout))
+                                             cfg.connect_timeout))
         self.connecting = task
         task.add_done_callback(self._on_connected)
 
@@ -210,12 +211,12 @@ class Exchange:
             self.pending = []
             self.pending_bytes = 0
             self.down.pause_for_body(False)
-        self.timer = self.loop.call_later(self.cfg.request_timeout, self._on_request_timeout)
-        self.attempt_started = self.loop.time()
+        self.attempt_started = now = self.loop.time()
+        self.deadline = now + self.cfg.request_timeout  # the listener's sweep watches it
 
     def _attempt_over(self, outcome: str) -> None:
         """The current attempt ended with `outcome`: finish, retry, or answer an error."""
-        self._cancel_timer()
+        self._clear_deadline()
         rt = self.runtime
         host = self.host
         if host is not None:
@@ -258,7 +259,7 @@ class Exchange:
             return
         self.finished = True
         self.runtime.in_flight -= 1
-        self._cancel_timer()
+        self._clear_deadline()
         if self.connecting is not None:
             self.connecting.cancel()
         if self.conn is not None:
@@ -303,7 +304,7 @@ class Exchange:
             if not self.response_started and self.head.version == b"1.1":
                 self.out.append(encode_interim(head))
             return
-        self._cancel_timer()
+        self._clear_deadline()
         now = self.down.last_activity = self.loop.time()
         host = conn.host
         host.record_latency(now - self.attempt_started)
@@ -397,8 +398,8 @@ class Exchange:
     def on_upstream_paused(self, paused: bool) -> None:
         self.down.pause_for_upstream(paused)
 
-    def _on_request_timeout(self) -> None:
-        self.timer = None
+    def on_request_timeout(self) -> None:
+        self.deadline = INFINITY
         conn = self.conn
         if conn is None or self.response_head is not None:
             return
@@ -438,15 +439,13 @@ class Exchange:
     def _resolve(self, outcome: str) -> None:
         """End the current attempt once; handled on the next loop turn so that nothing
         re-enters the parser or protocol callback that reported it."""
-        self._cancel_timer()
+        self._clear_deadline()
         if self.attempt_open:
             self.attempt_open = False
             self.loop.call_soon(self._guarded, lambda: self._attempt_over(outcome))
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def _clear_deadline(self) -> None:
+        self.deadline = INFINITY
 
     def _respond_error(self, status: int, detail: str) -> bool:
         keep = self.client_keep and self.body_done

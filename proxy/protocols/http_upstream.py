@@ -23,15 +23,14 @@ class UpstreamConnection(asyncio.Protocol):
         "closed",
         "exchange",
         "host",
-        "idle_timeout",
-        "idle_timer",
+        "idle_since",
         "loop",
         "parser",
         "reused",
         "transport",
     )
 
-    def __init__(self, host: Host, parser_name: str, max_head: int, idle_timeout: float,
+    def __init__(self, host: Host, parser_name: str, max_head: int,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.host = host
         self.transport: asyncio.Transport | None = None
@@ -39,8 +38,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.closed = False
         self.reused = False
-        self.idle_timer: asyncio.TimerHandle | None = None
-        self.idle_timeout = idle_timeout
+        self.idle_since = 0.0  # when it was parked; the listener's sweep expires it
         self.loop = loop
 
     # -- pool interface -----------------------------------------------------------------
@@ -49,9 +47,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         if self.transport is not None:
             self.transport.close()
 
@@ -61,9 +56,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     def attach(self, exchange: Exchange, request_method: bytes, upgrade: bool = False) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         self.exchange = exchange
         self.parser.expect(request_method, upgrade)
 
@@ -73,13 +65,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.closed or self.host.draining or not self.host.pool.put(self):
             return False
         self.reused = True
-        self.idle_timer = self.loop.call_later(self.idle_timeout, self._on_idle_timeout)
+        self.idle_since = self.loop.time()
         return True
-
-    def _on_idle_timeout(self) -> None:
-        self.idle_timer = None
-        self.host.pool.discard(self)
-        self.close()
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -107,9 +94,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         exchange = self.exchange
         if exchange is not None:
             exchange.on_upstream_lost(self, exc)
@@ -138,12 +122,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.on_response_end(self)
 
 
-async def connect(host: Host, parser_name: str, max_head: int, idle_timeout: float,
+async def connect(host: Host, parser_name: str, max_head: int,
                   timeout: float) -> UpstreamConnection:
     """Open a new connection to `host` within `timeout` (OSError or TimeoutError)."""
     loop = asyncio.get_running_loop()
     ep = host.endpoint
-    factory: Any = lambda: UpstreamConnection(host, parser_name, max_head, idle_timeout, loop)
+    factory: Any = lambda: UpstreamConnection(host, parser_name, max_head, loop)
     async with asyncio.timeout(timeout):
         _transport, conn = await loop.create_connection(factory, ep.address, ep.port)
     return conn  # type: ignore[no-any-return]

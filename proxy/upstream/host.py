@@ -22,6 +22,8 @@ DRAINING = "draining"
 
 
 class IdleConnection(Protocol):
+    idle_since: float  # loop time when it was parked
+
     def is_usable(self) -> bool: ...
 
     def close(self) -> None: ...
@@ -55,6 +57,15 @@ class IdlePool:
             self._idle.remove(conn)
         except ValueError:
             pass
+
+    def expire(self, before: float) -> None:
+        """Close the connections parked before `before` (idle longer than allowed)."""
+        idle = self._idle
+        if idle and idle[0].idle_since < before:  # oldest first: most are fresh
+            self._idle = [c for c in idle if c.idle_since >= before]
+            for conn in idle:
+                if conn.idle_since < before:
+                    conn.close()
 
     def close_all(self) -> None:
         idle, self._idle = self._idle, []

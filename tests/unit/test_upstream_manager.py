@@ -7,22 +7,12 @@ from __future__ import annotations
 import logging
 
 import pytest
+from support.fakes import FakeClock
 
 from proxy.config import UpstreamConfig
 from proxy.model import Address, CatalogAnswer, Endpoint
 from proxy.upstream.host import DRAINING, Host, IdlePool
 from proxy.upstream.manager import EMPTY, LATENCY_BUCKETS, LatencyHistogram, UpstreamRuntime
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeConn:
@@ -44,7 +34,8 @@ class FakeConn:
 
 
 def ep(hid: str, address: str = "10.0.0.1", port: int = 0, **kw: object) -> Endpoint:
-    return Endpoint(id=hid, address=address, port=port or 8000 + ord(hid[0]), **kw)  # type: ignore[arg-type]
+    return Endpoint(id=hid, address=address, port=port or 8000 + ord(hid[0]),
+                    **kw)  # type: ignore[arg-type]
 
 
 A, B, C = ep("a"), ep("b"), ep("c")
@@ -427,3 +418,25 @@ def test_idle_pool_close_all() -> None:
     pool.close_all()
     assert all(c.closed for c in conns)
     assert len(pool) == 0 and pool.take() is None
+
+
+class _Parked:
+    def __init__(self, idle_since: float) -> None:
+        self.idle_since = idle_since
+        self.closed = False
+
+    def is_usable(self) -> bool:
+        return not self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_idle_pool_expires_only_connections_parked_too_long() -> None:
+    pool = IdlePool()
+    old, fresh = _Parked(10.0), _Parked(50.0)
+    pool.put(old)
+    pool.put(fresh)
+    pool.expire(before=30.0)
+    assert old.closed and not fresh.closed
+    assert len(pool) == 1 and pool.take() is fresh
