@@ -69,7 +69,10 @@ def main(n: int) -> int:
             proxy.terminate()
             proxy.wait(10)
     delays.sort()
-    pick = lambda q: delays[min(len(delays) - 1, int(q * len(delays)))]  # noqa: E731
+
+    def pick(q: float) -> float:
+        return delays[min(len(delays) - 1, int(q * len(delays)))]
+
     print(f"consul change -> pool swap over {n} changes (ms, includes the agent API call "
           f"and one admin poll): p50 {pick(0.5):.1f}  p90 {pick(0.9):.1f}  "
           f"p99 {pick(0.99):.1f}  max {delays[-1]:.1f}  mean {statistics.mean(delays):.1f}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
+import functools
 import pstats
 import sys
 import time
@@ -67,7 +68,7 @@ async def main(requests: int, connections: int) -> float:
     futures = [loop.create_future() for _ in range(connections)]
     t0 = time.perf_counter()
     for fut in futures:
-        await loop.create_connection(lambda f=fut: Client(per, f), "127.0.0.1", pport)
+        await loop.create_connection(functools.partial(Client, per, fut), "127.0.0.1", pport)
     await asyncio.gather(*futures)
     elapsed = time.perf_counter() - t0
     listener.close_all()

@@ -32,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 
+from proxy.devconsul import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 GiB = 1 << 30
@@ -57,12 +59,6 @@ uvloop.run(main())
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14, 15)
@@ -73,8 +69,9 @@ class Proxy:
         self.listen = ("127.0.0.1", free_port())
         lines = [f'[admin]\nlisten = "127.0.0.1:{free_port()}"\n']
         for name, ep in zip(("bulk", "short"), endpoints):
+            port = free_port() if name == "short" else self.listen[1]
             lines.append(f'[[upstreams]]\nname = "{name}"\n'
-                         f'listen = "127.0.0.1:{free_port() if name == "short" else self.listen[1]}"\n'
+                         f'listen = "127.0.0.1:{port}"\n'
                          f'mode = "tcp"\ndiscovery = "static"\nendpoints = ["{ep}"]\n'
                          f'drain_timeout = "1s"\n')
         fd, self.config = tempfile.mkstemp(prefix="tcp-bulk-", suffix=".toml")

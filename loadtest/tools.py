@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Self
 
+from proxy.devconsul import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 30.0  # seconds for a process to accept connections
@@ -46,7 +48,8 @@ DEBIAN_TOOLS: dict[str, tuple[str, str]] = {
     "wrk": ("wrk", "/usr/bin/wrk"),
 }
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
-POLICY_RC_D_DENY = "#!/bin/sh\n# written by sdproxy's loadtest while installing packages\nexit 101\n"
+POLICY_RC_D_DENY = ("#!/bin/sh\n# written by sdproxy's loadtest while installing packages\n"
+                    "exit 101\n")
 DAEMON_NAMES = ("haproxy", "nginx")
 
 
@@ -174,23 +177,6 @@ def _stop_new_daemons(before: Mapping[int, str]) -> None:
 
 
 # --- /proc -----------------------------------------------------------------------------
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind((host, 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds; 0 once it is gone."""

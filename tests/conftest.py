@@ -6,17 +6,21 @@ bounded. Fixtures, for use by any test:
 
 - `consul` (session): a started `proxy.devconsul.ConsulAgent`.
 - `start_backend(name, *, port=0) -> Backend` and `start_backends(*names) -> list[Backend]`.
+- `spawn(script, name) -> Backend`: a stand-in backend of the test's own (`python -c
+  script`), see `support.procs.launch_script`.
 - `service_name(prefix="svc") -> str`: a service name unique in the session's agent.
 - `register(backend_or_port, service, **kw) -> Registration`: see
   `support.consul.register_backend`; deregistered at teardown.
 - `start_proxy(upstreams, *, defaults=None, consul_wait="10s", workers=1,
   wait_ready=True, timeout=15.0) -> ProxyProcess`: see the fixture's docstring.
+- `proxy_for(service, targets, upstream=None, **register_kw) -> (ProxyProcess,
+  [Registration])`: targets registered passing, behind a proxy that routes to them.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # `from support import ...` however pytest imports us
     sys.path.insert(0, str(TESTS_DIR))
 
-from support.consul import Registration, register_backend, unique_service
-from support.procs import Backend, ProxyProcess, launch_backends, launch_proxy
+from support.consul import Registration, register_backend, unique_service, wait_passing
+from support.procs import Backend, ProxyProcess, launch_backends, launch_proxy, launch_script
 from support.tomlconf import build_config
 
 from proxy.devconsul import ConsulAgent, free_port
@@ -53,40 +57,50 @@ def consul() -> Iterator[ConsulAgent]:
 
 
 @pytest.fixture
-def start_backends() -> Iterator[Callable[..., list[Backend]]]:
-    """`start_backends("a", "b", ...)`: demo backends started in parallel on free ports.
-
-    Each is accepting connections when returned; all are killed at teardown.
-    """
+def started_backends() -> Iterator[list[Backend]]:
+    """Every backend the fixtures below started for a test; all killed at teardown."""
     started: list[Backend] = []
-
-    def _start(*names: str, host: str = "127.0.0.1", timeout: float = 15.0) -> list[Backend]:
-        backends = launch_backends([(n, 0) for n in names], host=host, timeout=timeout)
-        started.extend(backends)
-        return backends
-
-    yield _start
+    yield started
     for b in started:
         b.cleanup()
 
 
 @pytest.fixture
-def start_backend(
-        start_backends: Callable[..., list[Backend]]) -> Iterator[Callable[..., Backend]]:
-    """`start_backend(name, *, port=0)`: one demo backend (port 0: a free one)."""
-    started: list[Backend] = []
+def start_backends(started_backends: list[Backend]) -> Callable[..., list[Backend]]:
+    """`start_backends("a", "b", ...)`: demo backends started in parallel on free ports.
 
+    Each is accepting connections when returned; all are killed at teardown.
+    """
+    def _start(*names: str, host: str = "127.0.0.1", timeout: float = 15.0) -> list[Backend]:
+        backends = launch_backends([(n, 0) for n in names], host=host, timeout=timeout)
+        started_backends.extend(backends)
+        return backends
+
+    return _start
+
+
+@pytest.fixture
+def start_backend(started_backends: list[Backend]) -> Callable[..., Backend]:
+    """`start_backend(name, *, port=0)`: one demo backend (port 0: a free one)."""
     def _start(name: str, *, port: int = 0, host: str = "127.0.0.1",
                timeout: float = 15.0) -> Backend:
-        if port == 0:
-            return start_backends(name, host=host, timeout=timeout)[0]
         backend = launch_backends([(name, port)], host=host, timeout=timeout)[0]
-        started.append(backend)
+        started_backends.append(backend)
         return backend
 
-    yield _start
-    for b in started:
-        b.cleanup()
+    return _start
+
+
+@pytest.fixture
+def spawn(started_backends: list[Backend]) -> Callable[[str, str], Backend]:
+    """`spawn(script, name)`: run `python -c script` in its own session; it must print
+    `event=backend_listening ... port=N` first. Killed (process group) at teardown."""
+    def _spawn(script: str, name: str) -> Backend:
+        backend = launch_script(script, name)
+        started_backends.append(backend)
+        return backend
+
+    return _spawn
 
 
 @pytest.fixture
@@ -156,3 +170,34 @@ def start_proxy(consul: ConsulAgent) -> Iterator[Callable[..., ProxyProcess]]:
     yield _start
     for p in started:
         p.cleanup()
+
+
+@pytest.fixture
+def proxy_for(consul: ConsulAgent, register: Callable[..., Registration],
+              start_proxy: Callable[..., ProxyProcess]
+              ) -> Callable[..., tuple[ProxyProcess, list[Registration]]]:
+    """`proxy_for(service, targets, upstream=None, **register_kw)` -> (proxy, registrations).
+
+    Registers each target under `service` (a Backend, or `(port, id suffix)` for a bare
+    port: id `<service>-<suffix>`) with `register(..., **register_kw)`, waits until the
+    catalog's passing instances are exactly them, starts a proxy with the upstream
+    `{service: upstream}` and returns once it routes to every one of them.
+    """
+    def _proxy_for(service: str, targets: Sequence[Backend | tuple[int, str]],
+                   upstream: Mapping[str, Any] | None = None,
+                   **register_kw: Any) -> tuple[ProxyProcess, list[Registration]]:
+        regs = []
+        for t in targets:
+            if isinstance(t, Backend):
+                regs.append(register(t, service, **register_kw))
+            else:
+                port, suffix = t
+                regs.append(register(port, service, service_id=f"{service}-{suffix}",
+                                     **register_kw))
+        ids = {r.service_id for r in regs}
+        wait_passing(consul, service, ids)
+        proxy = start_proxy({service: dict(upstream or {})})
+        proxy.wait_routable(service, ids)
+        return proxy, regs
+
+    return _proxy_for

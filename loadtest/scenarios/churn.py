@@ -2,9 +2,10 @@
 
 Three instances to start with; then every --period seconds one new backend (started
 before the load, so Python start-ups do not compete with the traffic for CPU) is
-registered with an HTTP check, and the oldest registered one is deregistered and, --term-delay seconds later,
-stopped gracefully with SIGTERM (an orchestrator's order: out of the catalog first, then
-stop). The client never retries; the figure that matters is errors (the goal is zero).
+registered with an HTTP check, and the oldest registered one is deregistered and,
+--term-delay seconds later, stopped gracefully with SIGTERM (an orchestrator's order:
+out of the catalog first, then stop). The client never retries; the figure that matters
+is errors (the goal is zero).
 The report also says how many pool changes sdproxy saw: the growth of
 sdproxy_catalog_updates_total over the run and its event=pool_change log lines.
 """
@@ -25,14 +26,11 @@ INITIAL = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rate", type=float, default=500.0, help="GET/s (default 500)")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
+    c.add_load_arguments(parser)
     parser.add_argument("--period", type=float, default=0.5,
                         help="seconds between churn cycles (one in, one out; default 0.5)")
     parser.add_argument("--term-delay", type=float, default=0.25,
                         help="seconds from deregistration to SIGTERM (default 0.25)")
-    parser.add_argument("--timeout", type=float, default=c.REQUEST_TIMEOUT,
-                        help="client timeout per request, from its scheduled send time")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,10 +41,8 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     c.say(f"churn: Consul, {INITIAL} backends, sdproxy; {args.rate:g} GET/s for "
           f"{args.duration:g}s; every {args.period:g}s one instance in, one out (SIGTERM "
           f"{args.term_delay:g}s after deregistration)")
-    agent = c.start_consul(stack)
     first = [f"inst-{i}" for i in range(INITIAL)]
-    backends = c.start_service(stack, agent, SERVICE, first)
-    proxy = c.start_sdproxy(stack, agent.http_addr, SERVICE, expect=first)
+    agent, backends, proxy = c.start_proxied_service(stack, SERVICE, first)
     # Every instance that will join is started now, all at once: starting a Python
     # process under load would measure this machine's CPU rather than sdproxy.
     cycles = max(0, int((args.duration - args.period) / args.period))
@@ -95,8 +91,7 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
 
     samples, timeline = c.run_async(main())
     client.close()
-    if not proxy.child.alive():
-        raise c.ScenarioError(f"sdproxy exited during the run:\n{proxy.child.output()}")
+    proxy.check_alive()
 
     updates = proxy.metric("sdproxy_catalog_updates_total", upstream=SERVICE) - updates_before
     changes = proxy.events("pool_change", start_line)
@@ -128,19 +123,16 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     c.say(f"  instances that answered     {len(total.backends)} distinct: "
           + ", ".join(f"{b} {n}" for b, n in sorted(total.backends.items(),
                                                        key=lambda kv: int(kv[0].split('-')[-1]))))
-    c.say(f"  client                      {client.connects} connections opened; generator "
-          f"send lag p99 {c.ms(total.lag_p99)}")
-    c.say("  latency: from each request's scheduled send time, errors included")
+    c.say_client(client, total)
     c.say()
     c.say(f"verdict: {total.errors} failed requests through sdproxy out of {total.requests} "
           f"while {len(ins) + len(outs)} registrations changed")
 
     if args.plot:
-        c.plot_timelines(args.plot, f"churn: 1 instance in + 1 out every {args.period:g}s, "
-                         f"{args.rate:g} GET/s for {args.duration:g}s through sdproxy "
-                         f"(SIGTERM {args.term_delay:g}s after deregistration)",
-                         [c.Panel(f"through sdproxy: {total.errors} errors in {total.requests} "
-                                  f"requests, {len(changes)} pool changes",
-                                  c.bucketize(samples, c.BUCKET, args.duration), timeline.marks)])
-        c.say(f"plot: {args.plot}")
+        c.save_plot(args.plot, f"churn: 1 instance in + 1 out every {args.period:g}s, "
+                    f"{args.rate:g} GET/s for {args.duration:g}s through sdproxy "
+                    f"(SIGTERM {args.term_delay:g}s after deregistration)",
+                    [c.timeline_panel(f"through sdproxy: {total.errors} errors in "
+                                      f"{total.requests} requests, {len(changes)} pool changes",
+                                      samples, args.duration, timeline.marks)])
     return 0

@@ -26,7 +26,6 @@ import dns.asyncresolver
 import dns.rdatatype
 
 from loadtest import common as c
-from loadtest.scenarios.failover import failover_counts, kill_under_load, sdproxy_reactions
 
 DESCRIPTION = "kill -9 failover through Consul DNS (TTL 0) vs through sdproxy"
 DNS_SERVICE = "web-dns"
@@ -37,16 +36,13 @@ SRV, A = 33, 1  # RR types (RFC 2782, RFC 1035)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rate", type=float, default=500.0, help="GET/s (default 500)")
-    parser.add_argument("--duration", type=float, default=8.0,
-                        help="seconds per run (default 8: two runs stay under ~30 s)")
+    c.add_load_arguments(parser, duration=8.0,
+                         duration_help="seconds per run (default 8: two runs stay under ~30 s)")
     parser.add_argument("--resolver", choices=("raw", "dnspython"), default="raw",
                         help="the DNS client: raw (default), a minimal SRV client on one UDP "
                              "socket (~0.2 ms CPU per lookup), or dnspython's asyncio "
                              "resolver (~1-2 ms CPU per lookup here: at 500/s on 2 cores "
                              "the client itself saturates)")
-    parser.add_argument("--timeout", type=float, default=c.REQUEST_TIMEOUT,
-                        help="client timeout per request, from its scheduled send time")
 
 
 class SrvRecord(NamedTuple):
@@ -249,7 +245,7 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
         else:
             send = functools.partial(client.get, proxy.listen)
         c.say(f"  run {label}: kill -9 {victim} at t={args.duration / 2:g}s")
-        samples, timeline, watcher, start_line = kill_under_load(
+        samples, timeline, watcher, start_line = c.kill_under_load(
             proxy if svc == PROXY_SERVICE else None, send, backends=backends, victim=victim,
             consul_addr=agent.http_addr, service=svc, rate=args.rate,
             duration=args.duration, timeout=args.timeout)
@@ -257,16 +253,11 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
         if svc == DNS_SERVICE:
             with contextlib.suppress(RuntimeError):  # its loop may be closed already
                 resolver.close()
-        killed = next(t for t, m in timeline.marks if m.startswith("kill"))
-        critical = watcher.first(victim, "critical", after=killed)
-        if critical is not None:
-            timeline.mark("Consul: critical", critical)
-        if svc == PROXY_SERVICE:
-            for what, t in sdproxy_reactions(proxy, timeline, victim, start_line).items():
-                timeline.mark(f"sdproxy {what}", t)
+        killed = timeline.mark_time("kill")
+        critical, _ = c.mark_reactions(timeline, watcher, victim, killed,
+                                     proxy if svc == PROXY_SERVICE else None, start_line)
         results[label] = Run(samples, timeline, killed, critical, client.connects)
-    if not proxy.child.alive():
-        raise c.ScenarioError(f"sdproxy exited during the run:\n{proxy.child.output()}")
+    proxy.check_alive()
 
     labels = list(results)
     totals = {k: c.summarize(r.samples) for k, r in results.items()}
@@ -292,7 +283,7 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     c.say()
     for k in labels:
         c.say(f"  errors by kind, {k + ':':<13} {c.kinds_text(totals[k].kinds)}")
-    c.say(f"  sdproxy failovers           {failover_counts(proxy)}")
+    c.say(f"  sdproxy failovers           {c.failover_counts(proxy)}")
     c.say("  latency: from each request's scheduled send time, errors included; the DNS "
           "run includes one SRV lookup per request")
     c.say(f"  note: DNS stops answering with the victim only once Consul's next check of it "
@@ -302,10 +293,10 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     c.say("verdict: " + "; ".join(f"{k} {totals[k].errors} errors" for k in labels))
 
     if args.plot:
-        panels = [c.Panel(f"({'ab'[i]}) {k}: {totals[k].errors} errors in {totals[k].requests} "
-                          f"requests", c.bucketize(results[k].samples, c.BUCKET, args.duration),
-                          results[k].timeline.marks) for i, k in enumerate(labels)]
-        c.plot_timelines(args.plot, f"dns-vs-proxy: kill -9 1 of 3 instances, {args.rate:g} "
-                         f"GET/s for {args.duration:g}s, client without retries", panels)
-        c.say(f"plot: {args.plot}")
+        panels = [c.timeline_panel(f"({'ab'[i]}) {k}: {totals[k].errors} errors in "
+                                   f"{totals[k].requests} requests", results[k].samples,
+                                   args.duration, results[k].timeline.marks)
+                  for i, k in enumerate(labels)]
+        c.save_plot(args.plot, f"dns-vs-proxy: kill -9 1 of 3 instances, {args.rate:g} "
+                    f"GET/s for {args.duration:g}s, client without retries", panels)
     return 0

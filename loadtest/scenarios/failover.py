@@ -7,7 +7,8 @@ that matters: failed requests through sdproxy (the goal is zero). The report spl
 run at the kill and says when Consul marked the victim critical and when sdproxy's pool
 and breaker reacted (from its log lines' own timestamps).
 
-`kill_under_load` and `sdproxy_reactions` are reused by dns_vs_proxy and hang.
+Its setup (SERVICE, BACKENDS, VICTIM) is reused by hang; the fault-under-load steps it
+shares with hang and dns_vs_proxy are in `loadtest.common`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable
 
 from loadtest import common as c
 
@@ -26,52 +26,7 @@ VICTIM = "backend-2"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rate", type=float, default=500.0, help="GET/s (default 500)")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
-    parser.add_argument("--timeout", type=float, default=c.REQUEST_TIMEOUT,
-                        help="client timeout per request, from its scheduled send time")
-
-
-def sdproxy_reactions(proxy: c.Sdproxy, timeline: c.Timeline, victim: str,
-                      start: int = 0) -> dict[str, float]:
-    """When sdproxy (by its own log ts) opened the victim's breaker and dropped it from
-    the pool, in timeline seconds; only the first of each, only from line `start` on."""
-    out: dict[str, float] = {}
-    for wall, f in proxy.events("breaker_change", start):
-        if f.get("instance") == victim and f.get("to") == "open" and "breaker open" not in out:
-            out["breaker open"] = timeline.from_wall(wall)
-    for wall, f in proxy.events("pool_change", start):
-        if victim in f.get("removed", "").split(",") and "pool: removed" not in out:
-            out["pool: removed"] = timeline.from_wall(wall)
-    return out
-
-
-def failover_counts(proxy: c.Sdproxy) -> str:
-    reasons = c.metric_samples(proxy.metrics(), "sdproxy_failovers_total")
-    text = ", ".join(f"{lab.get('reason', '?')} x{v:g}" for lab, v in reasons if v)
-    return text or "none"
-
-
-def kill_under_load(proxy: c.Sdproxy | None, send: Callable[[], Awaitable[c.Response]],
-                    *, backends: dict[str, c.Backend], victim: str, consul_addr: str,
-                    service: str, rate: float, duration: float, timeout: float,
-                    ) -> tuple[list[c.Sample], c.Timeline, c.CheckWatcher, int]:
-    """Paced load through `send`, SIGKILL of `victim` half way, Consul watched beside.
-    Returns (samples, timeline, watcher, sdproxy log line index when the load began)."""
-    start_line = len(proxy.child.lines) if proxy else 0
-
-    async def main() -> tuple[list[c.Sample], c.Timeline, c.CheckWatcher]:
-        await c.warm_up(send)
-        timeline = c.Timeline()
-        watcher = c.CheckWatcher(consul_addr, service, timeline)
-        samples = await c.load_with_fault(
-            send, rate=rate, duration=duration, timeline=timeline, fault_at=duration / 2,
-            fault=backends[victim].kill, label=f"kill -9 {victim}", watcher=watcher,
-            timeout=timeout)
-        return samples, timeline, watcher
-
-    samples, timeline, watcher = c.run_async(main())
-    return samples, timeline, watcher, start_line
+    c.add_load_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,25 +36,17 @@ def run(args: argparse.Namespace) -> int:
 def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     c.say(f"failover: Consul, {len(BACKENDS)} backends, sdproxy; {args.rate:g} GET/s for "
           f"{args.duration:g}s, kill -9 {VICTIM} at t={args.duration / 2:g}s")
-    agent = c.start_consul(stack)
-    backends = c.start_service(stack, agent, SERVICE, BACKENDS)
-    proxy = c.start_sdproxy(stack, agent.http_addr, SERVICE, expect=BACKENDS)
+    agent, backends, proxy = c.start_proxied_service(stack, SERVICE, BACKENDS)
     client = c.HttpClient()
-    samples, timeline, watcher, start_line = kill_under_load(
+    samples, timeline, watcher, start_line = c.kill_under_load(
         proxy, functools.partial(client.get, proxy.listen), backends=backends, victim=VICTIM,
         consul_addr=agent.http_addr, service=SERVICE, rate=args.rate,
         duration=args.duration, timeout=args.timeout)
     client.close()
-    if not proxy.child.alive():
-        raise c.ScenarioError(f"sdproxy exited during the run:\n{proxy.child.output()}")
+    proxy.check_alive()
 
-    killed = next(t for t, label in timeline.marks if label.startswith("kill"))
-    critical = watcher.first(VICTIM, "critical", after=killed)
-    if critical is not None:
-        timeline.mark("Consul: critical", critical)
-    reactions = sdproxy_reactions(proxy, timeline, VICTIM, start_line)
-    for label, t in reactions.items():
-        timeline.mark(f"sdproxy {label}", t)
+    killed = timeline.mark_time("kill")
+    critical, reactions = c.mark_reactions(timeline, watcher, VICTIM, killed, proxy, start_line)
 
     before, after = c.split_at(samples, killed)
     columns = [c.summarize(before), c.summarize(after), c.summarize(samples)]
@@ -121,18 +68,15 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
                                               if critical is not None else "not seen"))
     for label, t in reactions.items():
         c.say(f"  sdproxy {label:<20}+{t - killed:.3f}s after the kill (log ts)")
-    c.say(f"  sdproxy failovers           {failover_counts(proxy)}")
-    c.say(f"  client                      {client.connects} connections opened; generator "
-          f"send lag p99 {c.ms(total.lag_p99)}")
-    c.say("  latency: from each request's scheduled send time, errors included")
+    c.say(f"  sdproxy failovers           {c.failover_counts(proxy)}")
+    c.say_client(client, total)
     c.say()
     c.say(f"verdict: {total.errors} failed requests through sdproxy out of {total.requests}")
 
     if args.plot:
-        c.plot_timelines(args.plot, f"failover: kill -9 1 of 3 instances, {args.rate:g} GET/s "
-                         f"for {args.duration:g}s through sdproxy (no client retries)",
-                         [c.Panel(f"through sdproxy: {total.errors} errors in "
-                                  f"{total.requests} requests",
-                                  c.bucketize(samples, c.BUCKET, args.duration), timeline.marks)])
-        c.say(f"plot: {args.plot}")
+        c.save_plot(args.plot, f"failover: kill -9 1 of 3 instances, {args.rate:g} GET/s "
+                    f"for {args.duration:g}s through sdproxy (no client retries)",
+                    [c.timeline_panel(f"through sdproxy: {total.errors} errors in "
+                                      f"{total.requests} requests",
+                                      samples, args.duration, timeline.marks)])
     return 0

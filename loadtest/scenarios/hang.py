@@ -17,28 +17,19 @@ import contextlib
 import functools
 
 from loadtest import common as c
-from loadtest.scenarios.failover import (
-    BACKENDS,
-    SERVICE,
-    VICTIM,
-    failover_counts,
-    sdproxy_reactions,
-)
+from loadtest.scenarios.failover import BACKENDS, SERVICE, VICTIM
 
 DESCRIPTION = "SIGSTOP one of three instances under paced load (request_timeout, breaker)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rate", type=float, default=500.0, help="GET/s (default 500)")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
+    c.add_load_arguments(parser)
     parser.add_argument("--request-timeout", default="1s",
                         help='sdproxy request_timeout (default "1s")')
     parser.add_argument("--breaker-failures", type=int, default=3,
                         help="sdproxy breaker failures (default 3)")
     parser.add_argument("--slow-ms", type=float, default=250.0,
                         help="a request slower than this counts as slow (default 250)")
-    parser.add_argument("--timeout", type=float, default=c.REQUEST_TIMEOUT,
-                        help="client timeout per request, from its scheduled send time")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,42 +40,21 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     c.say(f"hang: Consul, {len(BACKENDS)} backends, sdproxy (request_timeout "
           f"{args.request_timeout}, breaker failures {args.breaker_failures}); {args.rate:g} "
           f"GET/s for {args.duration:g}s, SIGSTOP {VICTIM} at t={args.duration / 2:g}s")
-    agent = c.start_consul(stack)
-    backends = c.start_service(stack, agent, SERVICE, BACKENDS)
     settings = {"request_timeout": args.request_timeout,
                 "breaker": {"failures": args.breaker_failures}}
-    proxy = c.start_sdproxy(stack, agent.http_addr, SERVICE, settings, expect=BACKENDS)
+    agent, backends, proxy = c.start_proxied_service(stack, SERVICE, BACKENDS, settings)
     victim = backends[VICTIM]
     client = c.HttpClient()
-    start_line = len(proxy.child.lines)
-
-    async def main() -> tuple[list[c.Sample], c.Timeline, c.CheckWatcher]:
-        send = functools.partial(client.get, proxy.listen)
-        await c.warm_up(send)
-        timeline = c.Timeline()
-        watcher = c.CheckWatcher(agent.http_addr, SERVICE, timeline)
-        try:
-            samples = await c.load_with_fault(
-                send, rate=args.rate, duration=args.duration, timeline=timeline,
-                fault_at=args.duration / 2, fault=victim.pause, label=f"SIGSTOP {VICTIM}",
-                watcher=watcher, timeout=args.timeout)
-        finally:
-            victim.resume()
-        timeline.mark(f"SIGCONT {VICTIM}")
-        return samples, timeline, watcher
-
-    samples, timeline, watcher = c.run_async(main())
+    samples, timeline, watcher, start_line = c.fault_under_load(
+        proxy, functools.partial(client.get, proxy.listen), fault=victim.pause,
+        label=f"SIGSTOP {VICTIM}", recover=victim.resume, recover_label=f"SIGCONT {VICTIM}",
+        consul_addr=agent.http_addr, service=SERVICE, rate=args.rate, duration=args.duration,
+        timeout=args.timeout)
     client.close()
-    if not proxy.child.alive():
-        raise c.ScenarioError(f"sdproxy exited during the run:\n{proxy.child.output()}")
+    proxy.check_alive()
 
-    stopped = next(t for t, label in timeline.marks if label.startswith("SIGSTOP"))
-    critical = watcher.first(VICTIM, "critical", after=stopped)
-    if critical is not None:
-        timeline.mark("Consul: critical", critical)
-    reactions = sdproxy_reactions(proxy, timeline, VICTIM, start_line)
-    for label, t in reactions.items():
-        timeline.mark(f"sdproxy {label}", t)
+    stopped = timeline.mark_time("SIGSTOP")
+    critical, reactions = c.mark_reactions(timeline, watcher, VICTIM, stopped, proxy, start_line)
     opened = reactions.get("breaker open")
 
     before, after = c.split_at(samples, stopped)
@@ -122,19 +92,16 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
               "after the stop (log ts)")
     c.say("  Consul marked it critical   " + (f"+{critical - stopped:.3f}s after the stop"
                                               if critical is not None else "not seen"))
-    c.say(f"  sdproxy failovers           {failover_counts(proxy)}")
-    c.say(f"  client                      {client.connects} connections opened; generator "
-          f"send lag p99 {c.ms(total.lag_p99)}")
-    c.say("  latency: from each request's scheduled send time, errors included")
+    c.say(f"  sdproxy failovers           {c.failover_counts(proxy)}")
+    c.say_client(client, total)
     c.say()
     c.say(f"verdict: {total.errors} failed and {len(slow)} slow requests while {VICTIM} hung")
 
     if args.plot:
-        c.plot_timelines(args.plot, f"hang: SIGSTOP 1 of 3 instances, {args.rate:g} GET/s for "
-                         f"{args.duration:g}s through sdproxy (request_timeout "
-                         f"{args.request_timeout}, breaker failures {args.breaker_failures})",
-                         [c.Panel(f"through sdproxy: {total.errors} errors, {len(slow)} requests "
-                                  f"> {args.slow_ms:g} ms",
-                                  c.bucketize(samples, c.BUCKET, args.duration), timeline.marks)])
-        c.say(f"plot: {args.plot}")
+        c.save_plot(args.plot, f"hang: SIGSTOP 1 of 3 instances, {args.rate:g} GET/s for "
+                    f"{args.duration:g}s through sdproxy (request_timeout "
+                    f"{args.request_timeout}, breaker failures {args.breaker_failures})",
+                    [c.timeline_panel(f"through sdproxy: {total.errors} errors, {len(slow)} "
+                                      f"requests > {args.slow_ms:g} ms",
+                                      samples, args.duration, timeline.marks)])
     return 0

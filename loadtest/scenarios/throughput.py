@@ -33,6 +33,7 @@ from typing import NoReturn
 
 from loadtest import tools
 from loadtest.common import format_table, run_scenario, say, start_consul
+from proxy.devconsul import free_port, free_ports
 
 DESCRIPTION = ("sdproxy vs HAProxy and Envoy on the same backends: requests/s per proxy "
                "CPU-second and p99 (http, tcp, bulk tcp, --workers)")
@@ -150,7 +151,7 @@ def _start_proxy(env: Env, proxy: str, case: str, *, workers: int = 1,
     mode = "http" if case in ("http", "workers") else "tcp"
     backends = [("127.0.0.1", env.sink_port)] if case == "bulk" else env.backends
     if proxy == "sdproxy":
-        port = tools.free_port()
+        port = free_port()
         service = SERVICE["http" if case == "workers" else case]
         up = tools.SdUpstream(service, port, mode=mode)
         return tools.Sdproxy([up], consul_addr=env.consul_addr, workers=workers,
@@ -258,7 +259,7 @@ def _run_one(env: Env, case: str, proxy: str, label: str, *, workers: int = 1,
 
 def _idle_rss(env: Env) -> float:
     """VmRSS (MiB) of an idle single-process sdproxy with one upstream, 2 s after listening."""
-    up = tools.SdUpstream(SERVICE["http"], tools.free_port())
+    up = tools.SdUpstream(SERVICE["http"], free_port())
     with tools.Sdproxy([up], consul_addr=env.consul_addr, cpus=env.args.proxy_cpus) as proc:
         tools.wait_http_ok(up.port)
         time.sleep(2.0)
@@ -434,7 +435,7 @@ def _body(stack: contextlib.ExitStack, args: argparse.Namespace, cases: list[str
 
     backends: list[tuple[str, int]] = []
     if any(c != "bulk" for c in cases):
-        ports = tools.free_ports(args.backends)
+        ports = free_ports(args.backends)
         stack.enter_context(tools.Nginx(ports, cpus=args.load_cpus, binary=tool["nginx"]))
         backends = [("127.0.0.1", p) for p in ports]
     sink_port = 0

@@ -17,54 +17,24 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from support.consul import ttl_instance
+from support.fakes import FakeClock
+from support.watch import AliveSink, FailingOnceSink, QueueSink, ids, running
 
 from proxy.config import ConsulConfig, UpstreamConfig
 from proxy.devconsul import ConsulAgent
 from proxy.discovery.consul import PACE_BURST, PACE_INTERVAL, ConsulWatcher
-from proxy.model import Address, CatalogAnswer
+from proxy.model import Address
 
 WAIT = 5.0  # small blocking wait: a test never needs a full 55 s query to end
 STEP = 2.0  # generous bound for one catalog change to reach the sink
 LISTEN = Address("127.0.0.1", 0)
-
-
-class QueueSink:
-    """Records what the watcher reports, for the test to await."""
-
-    def __init__(self) -> None:
-        self.answers: asyncio.Queue[CatalogAnswer] = asyncio.Queue()
-        self.errors: asyncio.Queue[str] = asyncio.Queue()
-
-    def on_catalog_answer(self, answer: CatalogAnswer) -> None:
-        self.answers.put_nowait(answer)
-
-    def on_catalog_error(self, error: str) -> None:
-        self.errors.put_nowait(error)
-
-    async def answer_where(self, pred: Callable[[CatalogAnswer], bool],
-                           timeout: float = STEP) -> CatalogAnswer:
-        async with asyncio.timeout(timeout):
-            while True:
-                answer = await self.answers.get()
-                if pred(answer):
-                    return answer
-
-
-def ids(answer: CatalogAnswer) -> set[str]:
-    return {e.id for e in answer.endpoints}
-
-
-def instance(name: str, sid: str, port: int, status: str = "passing", *,
-             address: str = "127.0.0.2", **extra: Any) -> dict[str, Any]:
-    """A service with one TTL check `<sid>-ttl` in `status` (TTL long: no expiry here)."""
-    return {"Name": name, "ID": sid, "Address": address, "Port": port,
-            "Check": {"CheckID": f"{sid}-ttl", "TTL": "10m", "Status": status}, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -76,26 +46,19 @@ def agent() -> Iterator[ConsulAgent]:
 @contextlib.asynccontextmanager
 async def watching(address: str, name: str, *, consul: ConsulConfig | None = None,
                    **upstream: Any) -> AsyncIterator[tuple[ConsulWatcher, QueueSink]]:
-    sink = QueueSink()
+    sink = QueueSink(STEP)
     watcher = ConsulWatcher(consul or ConsulConfig(address=address, wait=WAIT),
                             UpstreamConfig(name=name, listen=LISTEN, **upstream), sink,
                             rng=random.Random(7))
-    task = asyncio.create_task(watcher.run())
-    try:
+    async with running(watcher):
         yield watcher, sink
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        # run() must only ever end by cancellation: no other exception escaped.
-        assert task.cancelled()
 
 
 # -- against a real Consul --------------------------------------------------------------
 async def test_first_answer_holds_only_passing_instances(agent: ConsulAgent) -> None:
     for sid, port, status in [("first-ok", 9001, "passing"), ("first-crit", 9002, "critical"),
                               ("first-warn", 9003, "warning")]:
-        agent.register(instance("first", sid, port, status))
+        agent.register(ttl_instance("first", sid, port, status))
     async with watching(agent.http_addr, "first") as (watcher, sink):
         answer = await sink.answer_where(lambda a: True)
         assert ids(answer) == {"first-ok"}
@@ -107,11 +70,11 @@ async def test_first_answer_holds_only_passing_instances(agent: ConsulAgent) -> 
 
 
 async def test_register_reaches_the_sink_at_once(agent: ConsulAgent) -> None:
-    agent.register(instance("reg", "reg-1", 9001))
+    agent.register(ttl_instance("reg", "reg-1", 9001))
     async with watching(agent.http_addr, "reg") as (_, sink):
         await sink.answer_where(lambda a: ids(a) == {"reg-1"})
         started = time.perf_counter()
-        await asyncio.to_thread(agent.register, instance("reg", "reg-2", 9002))
+        await asyncio.to_thread(agent.register, ttl_instance("reg", "reg-2", 9002))
         await sink.answer_where(lambda a: ids(a) == {"reg-1", "reg-2"})
         delay = time.perf_counter() - started
         print(f"\nregister -> answer: {delay * 1000:.1f} ms")
@@ -121,8 +84,8 @@ async def test_register_reaches_the_sink_at_once(agent: ConsulAgent) -> None:
 
 
 async def test_failing_check_removes_and_passing_restores(agent: ConsulAgent) -> None:
-    agent.register(instance("flap", "flap-1", 9001))
-    agent.register(instance("flap", "flap-2", 9002))
+    agent.register(ttl_instance("flap", "flap-1", 9001))
+    agent.register(ttl_instance("flap", "flap-2", 9002))
     async with watching(agent.http_addr, "flap") as (_, sink):
         await sink.answer_where(lambda a: ids(a) == {"flap-1", "flap-2"})
         started = time.perf_counter()
@@ -137,10 +100,10 @@ async def test_failing_check_removes_and_passing_restores(agent: ConsulAgent) ->
 
 
 async def test_include_warning(agent: ConsulAgent) -> None:
-    agent.register(instance("warn", "warn-ok", 9001))
-    agent.register(instance("warn", "warn-w", 9002, "warning",
+    agent.register(ttl_instance("warn", "warn-ok", 9001))
+    agent.register(ttl_instance("warn", "warn-w", 9002, "warning",
                             Weights={"Passing": 5, "Warning": 1}))
-    agent.register(instance("warn", "warn-crit", 9003, "critical"))
+    agent.register(ttl_instance("warn", "warn-crit", 9003, "critical"))
     async with watching(agent.http_addr, "warn", include_warning=True) as (_, sink):
         answer = await sink.answer_where(lambda a: True)
         by_id = {e.id: e for e in answer.endpoints}
@@ -153,20 +116,20 @@ async def test_include_warning(agent: ConsulAgent) -> None:
 
 
 async def test_tag_filter(agent: ConsulAgent) -> None:
-    agent.register(instance("tags", "tags-blue", 9001, Tags=["blue", "v2"]))
-    agent.register(instance("tags", "tags-green", 9002, Tags=["green", "v2"]))
+    agent.register(ttl_instance("tags", "tags-blue", 9001, Tags=["blue", "v2"]))
+    agent.register(ttl_instance("tags", "tags-green", 9002, Tags=["green", "v2"]))
     async with watching(agent.http_addr, "tags", tags=("blue", "v2")) as (_, sink):
         answer = await sink.answer_where(lambda a: True)
         assert ids(answer) == {"tags-blue"}
         assert answer.endpoints[0].tags == ("blue", "v2")
         await asyncio.to_thread(agent.register,
-                                instance("tags", "tags-blue2", 9003, Tags=["v2", "blue"]))
+                                ttl_instance("tags", "tags-blue2", 9003, Tags=["v2", "blue"]))
         await sink.answer_where(lambda a: ids(a) == {"tags-blue", "tags-blue2"})
 
 
 async def test_node_address_fallback(agent: ConsulAgent) -> None:
-    agent.register(instance("naddr", "naddr-svc", 9001, address="127.0.0.2"))
-    agent.register(instance("naddr", "naddr-node", 9002, address=""))
+    agent.register(ttl_instance("naddr", "naddr-svc", 9001, address="127.0.0.2"))
+    agent.register(ttl_instance("naddr", "naddr-node", 9002, address=""))
     async with watching(agent.http_addr, "naddr") as (_, sink):
         answer = await sink.answer_where(lambda a: True)
         assert {e.id: e.address for e in answer.endpoints} == {
@@ -174,7 +137,7 @@ async def test_node_address_fallback(agent: ConsulAgent) -> None:
 
 
 async def test_unknown_datacenter_is_an_error_not_an_answer(agent: ConsulAgent) -> None:
-    agent.register(instance("nodc", "nodc-1", 9001))
+    agent.register(ttl_instance("nodc", "nodc-1", 9001))
     async with watching(agent.http_addr, "nodc", datacenters=("dc-nowhere",)) as (_, sink):
         async with asyncio.timeout(STEP):
             error = await sink.errors.get()
@@ -187,7 +150,7 @@ async def test_stopped_agent_reports_errors_and_keeps_the_last_answer(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="sdproxy.discovery.consul")
     with ConsulAgent() as own:
-        own.register(instance("gone", "gone-1", 9001))
+        own.register(ttl_instance("gone", "gone-1", 9001))
         async with watching(own.http_addr, "gone") as (watcher, sink):
             await sink.answer_where(lambda a: ids(a) == {"gone-1"})
             index = watcher.last_index
@@ -225,19 +188,26 @@ class Script:
 
 
 @contextlib.asynccontextmanager
-async def scripted(replies: list[Reply]) -> AsyncIterator[tuple[Script, str]]:
-    script = Script(replies)
+async def serving(handle: Callable[[web.Request], Awaitable[web.Response]]
+                  ) -> AsyncIterator[str]:
+    """A loopback HTTP server answering the health endpoint with `handle`; its address."""
     app = web.Application()
-    app.router.add_get("/v1/health/service/{name}", script.handle)
+    app.router.add_get("/v1/health/service/{name}", handle)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = runner.addresses[0][1]
     try:
-        yield script, f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def scripted(replies: list[Reply]) -> AsyncIterator[tuple[Script, str]]:
+    script = Script(replies)
+    async with serving(script.handle) as address:
+        yield script, address
 
 
 def one_instance(sid: str = "s-1") -> str:
@@ -246,18 +216,10 @@ def one_instance(sid: str = "s-1") -> str:
                         "Checks": [{"Status": "passing"}]}])
 
 
-class FixedClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make(address: str, sink: Any, clock: FixedClock | None = None, **consul: Any) -> ConsulWatcher:
+def make(address: str, sink: Any, clock: FakeClock | None = None, **consul: Any) -> ConsulWatcher:
     return ConsulWatcher(ConsulConfig(address=address, wait=WAIT, **consul),
                          UpstreamConfig(name="svc", listen=LISTEN), sink,
-                         rng=random.Random(3), clock=clock or FixedClock())
+                         rng=random.Random(3), clock=clock or FakeClock())
 
 
 async def test_request_shape_and_index_reset_after_error() -> None:
@@ -305,30 +267,15 @@ async def test_errors_back_off_with_jitter_up_to_the_cap() -> None:
 
 
 async def test_a_failing_sink_does_not_kill_the_loop() -> None:
-    class Exploding(QueueSink):
-        calls = 0
-
-        def on_catalog_answer(self, answer: CatalogAnswer) -> None:
-            self.calls += 1
-            if self.calls == 1:
-                raise RuntimeError("boom")
-            super().on_catalog_answer(answer)
-
     async with scripted([(200, one_instance(), "5")]) as (_, address):
-        sink = Exploding()
+        sink = FailingOnceSink()
         watcher = make(address, sink)
-        task = asyncio.create_task(watcher.run())  # owns its session
-        try:
+        async with running(watcher):  # run() owns its session
             async with asyncio.timeout(STEP):
                 error = await sink.errors.get()
                 answer = await sink.answers.get()  # sent again after the failure
             assert "internal error: RuntimeError: boom" in error
             assert ids(answer) == {"s-1"}
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        assert task.cancelled()
 
 
 async def test_connection_refused_is_reported() -> None:
@@ -360,16 +307,8 @@ class DcScript:
 @contextlib.asynccontextmanager
 async def scripted_dcs(replies: dict[str, Reply]) -> AsyncIterator[tuple[DcScript, str]]:
     script = DcScript(replies)
-    app = web.Application()
-    app.router.add_get("/v1/health/service/{name}", script.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield script, f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(script.handle) as address:
+        yield script, address
 
 
 def dc_instances(dc: str, *sids: str) -> str:
@@ -381,14 +320,7 @@ def dc_instances(dc: str, *sids: str) -> str:
 def make_failover(address: str, sink: Any, *dcs: str) -> ConsulWatcher:
     return ConsulWatcher(ConsulConfig(address=address, wait=WAIT),
                          UpstreamConfig(name="svc", listen=LISTEN, datacenters=dcs), sink,
-                         rng=random.Random(5), clock=FixedClock())
-
-
-def drain(sink: QueueSink) -> list[CatalogAnswer]:
-    out = []
-    while not sink.answers.empty():
-        out.append(sink.answers.get_nowait())
-    return out
+                         rng=random.Random(5), clock=FakeClock())
 
 
 async def test_failover_to_the_next_datacenter_and_back() -> None:
@@ -398,28 +330,28 @@ async def test_failover_to_the_next_datacenter_and_back() -> None:
         sink = QueueSink()
         watcher = make_failover(address, sink, "dc1", "dc2")
         await watcher.poll_once(s, "dc2")
-        assert drain(sink) == []  # dc1 not heard from yet: no premature failover
+        assert sink.drain() == []  # dc1 not heard from yet: no premature failover
         await watcher.poll_once(s, "dc1")
-        (answer,) = drain(sink)
+        (answer,) = sink.drain()
         assert ids(answer) == {"a1", "a2"} and answer.index == 10
         assert {e.datacenter for e in answer.endpoints} == {"dc1"}
         await watcher.poll_once(s, "dc2")
-        assert drain(sink) == []  # dc2 unchanged and not selected
+        assert sink.drain() == []  # dc2 unchanged and not selected
         replies["dc1"] = (200, "[]", "11")  # every dc1 instance gone
         await watcher.poll_once(s, "dc1")
-        (answer,) = drain(sink)
+        (answer,) = sink.drain()
         assert ids(answer) == {"b1"} and answer.index == 20 and watcher.selected == "dc2"
         replies["dc2"] = (200, dc_instances("dc2", "b1", "b2"), "21")  # dc2 changes: follow
         await watcher.poll_once(s, "dc2")
-        assert [ids(a) for a in drain(sink)] == [{"b1", "b2"}]
+        assert [ids(a) for a in sink.drain()] == [{"b1", "b2"}]
         replies["dc1"] = (200, dc_instances("dc1", "a1"), "12")  # dc1 recovers: back
         await watcher.poll_once(s, "dc1")
-        assert [ids(a) for a in drain(sink)] == [{"a1"}]
+        assert [ids(a) for a in sink.drain()] == [{"a1"}]
         assert watcher.selected == "dc1"
         replies["dc1"] = replies["dc2"] = (200, "[]", "30")
         await watcher.poll_once(s, "dc1")
         await watcher.poll_once(s, "dc2")
-        assert [ids(a) for a in drain(sink)] == [{"b1", "b2"}, set()]  # none anywhere
+        assert [ids(a) for a in sink.drain()] == [{"b1", "b2"}, set()]  # none anywhere
         assert {q["dc"] for q in script.requests} == {"dc1", "dc2"}
         assert sink.errors.empty()
 
@@ -432,20 +364,20 @@ async def test_a_failing_datacenter_keeps_its_last_answer() -> None:
         watcher = make_failover(address, sink, "dc1", "dc2")
         await watcher.poll_once(s, "dc1")
         await watcher.poll_once(s, "dc2")
-        assert [ids(a) for a in drain(sink)] == [{"a1"}]
+        assert [ids(a) for a in sink.drain()] == [{"a1"}]
         replies["dc1"] = (500, "rpc error: No path to datacenter", None)
         assert await watcher.poll_once(s, "dc1") <= 0.1  # first backoff
         error = sink.errors.get_nowait()
         assert error == f"consul {address} dc=dc1: HTTP 500: rpc error: No path to datacenter"
-        assert drain(sink) == []  # dc1's last answer (a1) stays in force: no failover
+        assert sink.drain() == []  # dc1's last answer (a1) stays in force: no failover
         replies["dc2"] = (200, dc_instances("dc2", "b1", "b2"), "21")
         await watcher.poll_once(s, "dc2")
-        assert drain(sink) == []  # dc1 still wins with its last answer
+        assert sink.drain() == []  # dc1 still wins with its last answer
         replies["dc1"] = (200, dc_instances("dc1", "a1"), "10")
         await watcher.poll_once(s, "dc1")
         # Unchanged, but the first answer once no datacenter fails: the sink learns the
         # catalog answers again.
-        assert [ids(a) for a in drain(sink)] == [{"a1"}]
+        assert [ids(a) for a in sink.drain()] == [{"a1"}]
 
 
 async def test_an_unreachable_first_datacenter_is_passed_over() -> None:
@@ -455,13 +387,13 @@ async def test_an_unreachable_first_datacenter_is_passed_over() -> None:
         sink = QueueSink()
         watcher = make_failover(address, sink, "dc1", "dc2")
         await watcher.poll_once(s, "dc2")
-        assert drain(sink) == []  # dc1 not heard from yet
+        assert sink.drain() == []  # dc1 not heard from yet
         await watcher.poll_once(s, "dc1")  # fails before ever answering: skip it
-        assert [ids(a) for a in drain(sink)] == [{"b1"}]
+        assert [ids(a) for a in sink.drain()] == [{"b1"}]
         assert watcher.selected == "dc2"
         replies["dc1"] = (200, dc_instances("dc1", "a1"), "5")
         await watcher.poll_once(s, "dc1")
-        assert [ids(a) for a in drain(sink)] == [{"a1"}]
+        assert [ids(a) for a in sink.drain()] == [{"a1"}]
 
 
 async def test_nothing_is_emitted_while_every_datacenter_fails() -> None:
@@ -471,7 +403,7 @@ async def test_nothing_is_emitted_while_every_datacenter_fails() -> None:
         watcher = make_failover(address, sink, "dc1", "dc2")
         await watcher.poll_once(s, "dc1")
         await watcher.poll_once(s, "dc2")
-        assert drain(sink) == [] and sink.errors.qsize() == 2  # never seen: not ready
+        assert sink.drain() == [] and sink.errors.qsize() == 2  # never seen: not ready
 
 
 async def test_run_queries_every_datacenter_concurrently() -> None:
@@ -484,30 +416,17 @@ async def test_run_queries_every_datacenter_concurrently() -> None:
                                 UpstreamConfig(name="svc", listen=LISTEN,
                                                datacenters=("dc1", "dc2", "dc3")),
                                 sink, rng=random.Random(5))
-        task = asyncio.create_task(watcher.run())  # owns its session
-        try:
+        async with running(watcher):  # run() owns its session
             answer = await sink.answer_where(lambda a: True)
             assert ids(answer) == {"b1"}
             replies["dc2"] = (200, "[]", "21")  # picked up by the paced re-query (~1 s)
             answer = await sink.answer_where(lambda a: ids(a) == {"c1"}, timeout=3.0)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        assert task.cancelled()
         assert {q.get("dc") for q in script.requests} == {"dc1", "dc2", "dc3"}
 
 
 async def test_unchanged_answers_tell_a_sink_the_catalog_is_alive() -> None:
     """A sink with `on_catalog_alive` hears of every unchanged answer while no datacenter
     fails, so its staleness counts from the last answer rather than the last change."""
-
-    class AliveSink(QueueSink):
-        alive = 0
-
-        def on_catalog_alive(self) -> None:
-            self.alive += 1
-
     replies: dict[str, Reply] = {"dc1": (200, dc_instances("dc1", "a1"), "10"),
                                  "dc2": (200, dc_instances("dc2", "b1"), "20")}
     async with scripted_dcs(replies) as (_, address), aiohttp.ClientSession() as s:
@@ -516,7 +435,7 @@ async def test_unchanged_answers_tell_a_sink_the_catalog_is_alive() -> None:
         await watcher.poll_once(s, "dc1")  # emitted: not "alive"
         await watcher.poll_once(s, "dc2")  # unchanged combined answer
         await watcher.poll_once(s, "dc1")
-        assert (len(drain(sink)), sink.alive) == (1, 2)
+        assert (len(sink.drain()), sink.alive) == (1, 2)
         replies["dc2"] = (500, "down", None)
         await watcher.poll_once(s, "dc2")
         await watcher.poll_once(s, "dc1")  # dc2 fails: the sink must stay stale

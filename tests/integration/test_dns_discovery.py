@@ -16,7 +16,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Self, cast
 
 import dns.asyncresolver
@@ -27,6 +27,10 @@ import dns.rdatatype
 import dns.resolver
 import dns.rrset
 import pytest
+from support.consul import ttl_instance
+from support.dnsmsg import reply
+from support.fakes import FakeClock
+from support.watch import AliveSink, FailingOnceSink, ids, running, stop
 
 from proxy.config import DnsConfig, UpstreamConfig
 from proxy.devconsul import ConsulAgent, free_port
@@ -39,50 +43,6 @@ STEP = INTERVAL + MARGIN
 LISTEN = Address("127.0.0.1", 0)
 
 
-class QueueSink:
-    """Records what the watcher reports, for the test to await."""
-
-    def __init__(self) -> None:
-        self.answers: asyncio.Queue[CatalogAnswer] = asyncio.Queue()
-        self.errors: asyncio.Queue[str] = asyncio.Queue()
-        self.alive = 0  # unchanged good answers
-
-    def on_catalog_answer(self, answer: CatalogAnswer) -> None:
-        self.answers.put_nowait(answer)
-
-    def on_catalog_error(self, error: str) -> None:
-        self.errors.put_nowait(error)
-
-    def on_catalog_alive(self) -> None:
-        self.alive += 1
-
-    async def answer_where(self, pred: Callable[[CatalogAnswer], bool],
-                           timeout: float = STEP) -> CatalogAnswer:
-        async with asyncio.timeout(timeout):
-            while True:
-                answer = await self.answers.get()
-                if pred(answer):
-                    return answer
-
-    async def error(self, timeout: float = STEP) -> str:
-        async with asyncio.timeout(timeout):
-            return await self.errors.get()
-
-
-async def stop(task: asyncio.Task[None]) -> None:
-    """Cancel a watcher's run() and check it ended by cancellation, within a bound."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        async with asyncio.timeout(5.0):
-            await task
-    # run() must only ever end by cancellation: no other exception escaped.
-    assert task.cancelled()
-
-
-def ids(answer: CatalogAnswer) -> set[str]:
-    return {e.id for e in answer.endpoints}
-
-
 def upstream(name: str, **kw: Any) -> UpstreamConfig:
     return UpstreamConfig(name=name, listen=LISTEN, discovery="dns", **kw)
 
@@ -91,27 +51,17 @@ def upstream(name: str, **kw: Any) -> UpstreamConfig:
 async def watching(dns_port: int, name: str, *, interval: float = INTERVAL,
                    domain: str = "service.consul",
                    resolver: dns.asyncresolver.Resolver | None = None,
-                   **kw: Any) -> AsyncIterator[tuple[DnsWatcher, QueueSink]]:
-    sink = QueueSink()
+                   **kw: Any) -> AsyncIterator[tuple[DnsWatcher, AliveSink]]:
+    sink = AliveSink(STEP)
     config = DnsConfig(nameservers=(Address("127.0.0.1", dns_port),), domain=domain,
                        interval=interval)
     watcher = DnsWatcher(config, upstream(name, **kw), sink, resolver=resolver,
                          rng=random.Random(7))
-    task = asyncio.create_task(watcher.run())
-    try:
+    async with running(watcher):
         yield watcher, sink
-    finally:
-        await stop(task)
 
 
-def instance(name: str, sid: str, port: int, *, address: str = "127.0.0.2",
-             status: str = "passing") -> dict[str, Any]:
-    """A service with one TTL check `<sid>-ttl` (TTL long: it changes only on demand)."""
-    return {"Name": name, "ID": sid, "Address": address, "Port": port,
-            "Check": {"CheckID": f"{sid}-ttl", "TTL": "10m", "Status": status}}
-
-
-async def timed(action: Callable[[], object], sink: QueueSink,
+async def timed(action: Callable[[], object], sink: AliveSink,
                 pred: Callable[[CatalogAnswer], bool], label: str) -> CatalogAnswer:
     """Run a blocking Consul API call, wait for the answer it causes, print the delay.
 
@@ -136,8 +86,8 @@ def agent() -> Iterator[ConsulAgent]:
 # -- against a real Consul --------------------------------------------------------------
 async def test_srv_pool_follows_the_catalog(agent: ConsulAgent) -> None:
     p1, p2, p3 = 9101, 9102, 9103
-    agent.register(instance("dsrv", "dsrv-1", p1, address="127.0.0.2"))
-    agent.register(instance("dsrv", "dsrv-2", p2, address=""))  # -> the node's address
+    agent.register(ttl_instance("dsrv", "dsrv-1", p1, address="127.0.0.2"))
+    agent.register(ttl_instance("dsrv", "dsrv-2", p2, address=""))  # -> the node's address
     async with watching(agent.dns_port, "dsrv") as (watcher, sink):
         first = await sink.answer_where(lambda a: True)
         by_id = {e.id: e for e in first.endpoints}
@@ -150,7 +100,7 @@ async def test_srv_pool_follows_the_catalog(agent: ConsulAgent) -> None:
 
         both = ids(first)
         third = f"127.0.0.3:{p3}"
-        await timed(lambda: agent.register(instance("dsrv", "dsrv-3", p3, address="127.0.0.3")),
+        await timed(lambda: agent.register(ttl_instance("dsrv", "dsrv-3", p3, address="127.0.0.3")),
                     sink, lambda a: ids(a) == both | {third}, "register")
         await timed(lambda: agent.deregister("dsrv-3"), sink, lambda a: ids(a) == both,
                     "deregister")
@@ -190,8 +140,8 @@ class NoAdditional(dns.asyncresolver.Resolver):
 
 async def test_srv_targets_are_resolved_through_the_same_nameserver(
         agent: ConsulAgent) -> None:
-    agent.register(instance("dtgt", "dtgt-1", 9201, address="127.0.0.2"))
-    agent.register(instance("dtgt", "dtgt-2", 9202, address=""))
+    agent.register(ttl_instance("dtgt", "dtgt-1", 9201, address="127.0.0.2"))
+    agent.register(ttl_instance("dtgt", "dtgt-2", 9202, address=""))
     config = DnsConfig(nameservers=(Address("127.0.0.1", agent.dns_port),))
     resolver = NoAdditional(make_resolver(config))
     async with watching(agent.dns_port, "dtgt", resolver=resolver) as (_, sink):
@@ -208,20 +158,20 @@ async def test_more_instances_than_a_udp_answer_holds(agent: ConsulAgent) -> Non
     # setting TC; the watcher asks over TCP and must see every instance.
     count = 30
     for i in range(count):
-        agent.register(instance("dmany", f"dmany-{i}", 9300 + i, address=f"127.0.3.{i + 1}"))
+        agent.register(ttl_instance("dmany", f"dmany-{i}", 9300 + i, address=f"127.0.3.{i + 1}"))
     async with watching(agent.dns_port, "dmany") as (_, sink):
         answer = await sink.answer_where(lambda a: True)
         assert len(answer.endpoints) == count
 
 
 async def test_a_mode_with_a_fixed_port(agent: ConsulAgent) -> None:
-    agent.register(instance("da", "da-1", 1, address="127.0.0.2"))  # the SRV port is ignored
-    agent.register(instance("da", "da-2", 2, address="127.0.0.3"))
+    agent.register(ttl_instance("da", "da-1", 1, address="127.0.0.2"))  # the SRV port is ignored
+    agent.register(ttl_instance("da", "da-2", 2, address="127.0.0.3"))
     async with watching(agent.dns_port, "da", dns_type="A", port=8080) as (_, sink):
         first = await sink.answer_where(lambda a: True)
         assert ids(first) == {"127.0.0.2:8080", "127.0.0.3:8080"}
         assert {e.port for e in first.endpoints} == {8080}
-        await timed(lambda: agent.register(instance("da", "da-3", 3, address="127.0.0.4")),
+        await timed(lambda: agent.register(ttl_instance("da", "da-3", 3, address="127.0.0.4")),
                     sink, lambda a: "127.0.0.4:8080" in ids(a), "A register")
         await timed(lambda: agent.check_fail("da-1-ttl"), sink,
                     lambda a: ids(a) == {"127.0.0.3:8080", "127.0.0.4:8080"}, "A check_fail")
@@ -234,7 +184,7 @@ async def test_no_passing_instance_is_an_empty_answer(agent: ConsulAgent) -> Non
         # Unknown to Consul: NXDOMAIN, which is an answer (the upstream is known empty).
         first = await sink.answer_where(lambda a: True)
         assert first.endpoints == ()
-        await timed(lambda: agent.register(instance("dnone", "dnone-1", 9401)), sink,
+        await timed(lambda: agent.register(ttl_instance("dnone", "dnone-1", 9401)), sink,
                     lambda a: ids(a) == {"127.0.0.2:9401"}, "register")
         await timed(lambda: agent.check_fail("dnone-1-ttl"), sink, lambda a: not a.endpoints,
                     "last check_fail")
@@ -245,7 +195,7 @@ async def test_stopped_agent_reports_errors_and_keeps_the_last_answer(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="sdproxy.discovery.dns")
     with ConsulAgent() as own:
-        own.register(instance("dgone", "dgone-1", 9501))
+        own.register(ttl_instance("dgone", "dgone-1", 9501))
         async with watching(own.dns_port, "dgone") as (watcher, sink):
             await sink.answer_where(lambda a: ids(a) == {"127.0.0.2:9501"})
             started = time.perf_counter()
@@ -265,23 +215,6 @@ async def test_stopped_agent_reports_errors_and_keeps_the_last_answer(
 
 # -- a scripted DNS server stands in where a real Consul cannot misbehave on demand -----
 Handler = Callable[[dns.message.Message], "dns.message.Message | None"]
-
-
-def reply(query: dns.message.Message, answer: Sequence[str] = (), *,
-          additional: Sequence[str] = (), rcode: dns.rcode.Rcode = dns.rcode.NOERROR
-          ) -> dns.message.Message:
-    """A response to `query` with records written as "name ttl IN type rdata"."""
-    response = dns.message.make_response(query)
-    response.set_rcode(rcode)
-    for section, lines in ((response.answer, answer), (response.additional, additional)):
-        for line in lines:
-            owner, ttl, rdclass, rtype, rdata = line.split(None, 4)
-            rrset = dns.rrset.from_text(owner, int(ttl), rdclass, rtype, rdata)
-            into = response.find_rrset(section, rrset.name, rrset.rdclass, rrset.rdtype,
-                                       create=True)
-            for rd in rrset:
-                into.add(rd, rrset.ttl)
-    return response
 
 
 def question(query: dns.message.Message) -> tuple[str, str]:
@@ -329,15 +262,7 @@ class ScriptedDns:
             writer.close()
 
 
-class FixedClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def scripted_watcher(port: int, sink: QueueSink, *, interval: float = 30.0,
+def scripted_watcher(port: int, sink: AliveSink, *, interval: float = 30.0,
                      lifetime: float | None = None, **kw: Any) -> DnsWatcher:
     config = DnsConfig(nameservers=(Address("127.0.0.1", port),), domain="svc.test",
                        interval=interval)
@@ -345,7 +270,7 @@ def scripted_watcher(port: int, sink: QueueSink, *, interval: float = 30.0,
     if lifetime is not None:
         resolver.timeout = resolver.lifetime = lifetime
     return DnsWatcher(config, upstream("web", **kw), sink, resolver=resolver,
-                      rng=random.Random(3), clock=FixedClock())
+                      rng=random.Random(3), clock=FakeClock())
 
 
 QNAME = "web.svc.test."
@@ -364,7 +289,7 @@ def servfail(query: dns.message.Message) -> dns.message.Message:
 
 async def test_a_ttl_above_zero_brings_the_next_lookup_forward() -> None:
     async with ScriptedDns(srv_answer(ttl=0)) as server:
-        sink = QueueSink()
+        sink = AliveSink(STEP)
         watcher = scripted_watcher(server.port, sink, interval=30.0)
         assert await watcher.poll_once() == 30.0  # TTL 0: the interval
         server.handler = srv_answer(ttl=4)
@@ -377,7 +302,7 @@ async def test_a_ttl_above_zero_brings_the_next_lookup_forward() -> None:
 
 async def test_servfail_keeps_the_last_answer_and_recovery_is_reported() -> None:
     async with ScriptedDns(srv_answer()) as server:
-        sink = QueueSink()
+        sink = AliveSink(STEP)
         watcher = scripted_watcher(server.port, sink, interval=0.3)
         await watcher.poll_once()
         first = sink.answers.get_nowait()
@@ -402,7 +327,7 @@ async def test_servfail_keeps_the_last_answer_and_recovery_is_reported() -> None
 
 async def test_a_silent_nameserver_is_a_timeout() -> None:
     async with ScriptedDns(lambda q: None) as server:
-        sink = QueueSink()
+        sink = AliveSink(STEP)
         watcher = scripted_watcher(server.port, sink, lifetime=0.3)
         started = time.perf_counter()
         await watcher.poll_once()
@@ -414,14 +339,13 @@ async def test_a_silent_nameserver_is_a_timeout() -> None:
 
 async def test_nxdomain_empties_the_pool_once() -> None:
     async with ScriptedDns(srv_answer()) as server:
-        sink = QueueSink()
+        sink = AliveSink(STEP)
         watcher = scripted_watcher(server.port, sink)
         await watcher.poll_once()
         server.handler = lambda q: reply(q, rcode=dns.rcode.NXDOMAIN)
         await watcher.poll_once()
         await watcher.poll_once()
-        answers = [sink.answers.get_nowait() for _ in range(sink.answers.qsize())]
-        assert [len(a.endpoints) for a in answers] == [1, 0]
+        assert [len(a.endpoints) for a in sink.drain()] == [1, 0]
         assert sink.errors.empty()
 
 
@@ -446,7 +370,7 @@ async def test_targets_are_looked_up_and_a_refused_one_is_left_out(
     caplog.set_level(logging.WARNING, logger="sdproxy.discovery.dns")
     refused = targets(lambda q: reply(q, rcode=dns.rcode.REFUSED))
     async with ScriptedDns(refused) as server:
-        sink = QueueSink()
+        sink = AliveSink(STEP)
         watcher = scripted_watcher(server.port, sink)
         await watcher.poll_once()
         await watcher.poll_once()
@@ -464,7 +388,7 @@ async def test_targets_are_looked_up_and_a_refused_one_is_left_out(
 
 async def test_a_target_lookup_nobody_answers_fails_the_whole_lookup() -> None:
     async with ScriptedDns(targets(lambda q: None)) as server:
-        sink = QueueSink()
+        sink = AliveSink(STEP)
         watcher = scripted_watcher(server.port, sink, lifetime=0.3)
         await watcher.poll_once()
         error = sink.errors.get_nowait()
@@ -475,63 +399,45 @@ async def test_a_target_lookup_nobody_answers_fails_the_whole_lookup() -> None:
 
 async def test_reread_wakes_the_loop_at_once() -> None:
     async with ScriptedDns(srv_answer(port=9001)) as server:
-        sink = QueueSink()
+        sink = AliveSink(STEP)
         config = DnsConfig(nameservers=(Address("127.0.0.1", server.port),),
                            domain="svc.test", interval=60.0)
         watcher = DnsWatcher(config, upstream("web"), sink)
-        task = asyncio.create_task(watcher.run())
-        try:
+        async with running(watcher):
             await sink.answer_where(lambda a: ids(a) == {"10.0.0.1:9001"})
             server.handler = srv_answer(port=9002)
             started = time.perf_counter()
             watcher.reread()
             await sink.answer_where(lambda a: ids(a) == {"10.0.0.1:9002"}, timeout=1.0)
             print(f"\nreread -> answer: {(time.perf_counter() - started) * 1000:.1f} ms")
-        finally:
-            await stop(task)
 
 
 async def test_a_failing_sink_does_not_kill_the_loop() -> None:
-    class Exploding(QueueSink):
-        calls = 0
-
-        def on_catalog_answer(self, answer: CatalogAnswer) -> None:
-            self.calls += 1
-            if self.calls == 1:
-                raise RuntimeError("boom")
-            super().on_catalog_answer(answer)
-
     async with ScriptedDns(srv_answer()) as server:
-        sink = Exploding()
+        sink = FailingOnceSink(STEP)
         config = DnsConfig(nameservers=(Address("127.0.0.1", server.port),),
                            domain="svc.test", interval=INTERVAL)
-        task = asyncio.create_task(DnsWatcher(config, upstream("web"), sink).run())
-        try:
+        async with running(DnsWatcher(config, upstream("web"), sink)):
             error = await sink.error()
             answer = await sink.answer_where(lambda a: True)  # sent again after the failure
             assert "internal error: RuntimeError: boom" in error
             assert ids(answer) == {"10.0.0.1:9001"}
-        finally:
-            await stop(task)
 
 
 @pytest.mark.parametrize("nameserver,message", [
     (Address("consul.local", 8600), "nameserver consul.local:8600 is not an IP address"),
 ])
 async def test_bad_setup_is_reported_not_raised(nameserver: Address, message: str) -> None:
-    sink = QueueSink()
+    sink = AliveSink(STEP)
     watcher = DnsWatcher(DnsConfig(nameservers=(nameserver,), interval=INTERVAL),
                          upstream("web"), sink)
-    task = asyncio.create_task(watcher.run())
-    try:
+    async with running(watcher):
         assert (await sink.error()).endswith(message)
         await sink.error()  # and retried, within the interval
-    finally:
-        await stop(task)
 
 
 async def test_nothing_listening_is_refused_at_once() -> None:
-    sink = QueueSink()
+    sink = AliveSink(STEP)
     port = free_port()
     watcher = scripted_watcher(port, sink)
     started = time.perf_counter()
@@ -565,7 +471,7 @@ async def test_a_cancellation_lost_inside_a_query_still_ends_run() -> None:
         config = DnsConfig(nameservers=(Address("127.0.0.1", server.port),),
                            domain="svc.test", interval=INTERVAL)
         resolver = SwallowsOneCancel(make_resolver(config))
-        task = asyncio.create_task(DnsWatcher(config, upstream("web"), QueueSink(),
+        task = asyncio.create_task(DnsWatcher(config, upstream("web"), AliveSink(STEP),
                                               resolver=resolver).run())
         await resolver.entered.wait()
         await stop(task)

@@ -21,26 +21,18 @@ Clients never retry (`support.http`). Each test prints what it measured.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import select
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from support.consul import Registration, wait_passing
+from support.consul import Registration
 from support.http import RawConnection, Response, Sample, fetch, paced_requests
-from support.procs import REPO_ROOT, Backend, ProxyProcess
-
-from proxy.devconsul import ConsulAgent
+from support.procs import Backend, ProxyProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,10 +40,9 @@ PARSERS = pytest.mark.parametrize("http_parser", ["httptools", "h11"])
 
 StartBackends = Callable[..., list[Backend]]
 StartBackend = Callable[..., Backend]
-Register = Callable[..., Registration]
-StartProxy = Callable[..., ProxyProcess]
 ServiceName = Callable[[str], str]
 Spawn = Callable[[str, str], Backend]
+ProxyFor = Callable[..., tuple[ProxyProcess, list[Registration]]]
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -113,21 +104,6 @@ async def wait_state(proxy: ProxyProcess, upstream: str, endpoint_id: str, state
     return None
 
 
-async def serve(consul: ConsulAgent, register: Register, service: str,
-                targets: list[Backend | tuple[int, str]]) -> list[Registration]:
-    """Register each target (a backend, or `(port, id suffix)` for a bare port) passing
-    under `service` with a TTL check and wait until the catalog shows exactly them."""
-    regs = []
-    for t in targets:
-        if isinstance(t, Backend):
-            regs.append(register(t, service))
-        else:
-            port, suffix = t
-            regs.append(register(port, service, service_id=f"{service}-{suffix}"))
-    wait_passing(consul, service, {r.service_id for r in regs})
-    return regs
-
-
 # A test-owned instance that reads each whole request (head and Content-Length body), then
 # resets the connection (SO_LINGER 0 -> RST) without a byte of response, whatever the path.
 RESETTER = r"""
@@ -167,39 +143,11 @@ while True:
 """
 
 
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """`spawn(script, name)`: run `python -c script` in its own session; it must print
-    `event=backend_listening ... port=N` first. Killed (process group) at teardown."""
-    started: list[Backend] = []
-
-    def _spawn(script: str, name: str) -> Backend:
-        fd, err_name = tempfile.mkstemp(prefix=f"script-{name}-", suffix=".log")
-        with os.fdopen(fd, "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=err, cwd=REPO_ROOT,
-                                    start_new_session=True)
-        backend = Backend(name=name, port=0, proc=proc, stderr_path=Path(err_name))
-        started.append(backend)
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 10.0)
-        line = proc.stdout.readline().decode() if ready else ""
-        m = re.search(r"event=backend_listening .*port=(\d+)", line)
-        assert m, f"{name} did not start: {line!r} {backend.stderr_text()[-2000:]}"
-        backend.port = int(m.group(1))
-        return backend
-
-    yield _spawn
-    for b in started:
-        b.cleanup()
-
-
 # -- a. a registered, passing instance whose port nobody listens on -------------------------
 @PARSERS
 async def test_closed_port_costs_no_client_errors_and_opens_breaker(
-        http_parser: str, consul: ConsulAgent, start_backends: StartBackends,
-        register: Register, service_name: ServiceName, start_proxy: StartProxy,
-        request: pytest.FixtureRequest) -> None:
+        http_parser: str, start_backends: StartBackends, service_name: ServiceName,
+        proxy_for: ProxyFor, request: pytest.FixtureRequest) -> None:
     svc = service_name("dead")
     a, b = start_backends("a", "b")
     # Bound but never listening: connects are refused, and no other process on this
@@ -207,11 +155,10 @@ async def test_closed_port_costs_no_client_errors_and_opens_breaker(
     closed = socket.socket()
     request.addfinalizer(closed.close)
     closed.bind(("127.0.0.1", 0))
-    regs = await serve(consul, register, svc, [a, b, (closed.getsockname()[1], "dead")])
+    proxy, regs = proxy_for(svc, [a, b, (closed.getsockname()[1], "dead")],
+                            {"http_parser": http_parser,
+                             "breaker": {"failures": 3, "reset_timeout": "30s"}})
     dead_id = regs[2].service_id
-    proxy = start_proxy({svc: {"http_parser": http_parser,
-                               "breaker": {"failures": 3, "reset_timeout": "30s"}}})
-    proxy.wait_routable(svc, {r.service_id for r in regs})
     addr = proxy.listen(svc)
 
     seen: Counter[str] = Counter()
@@ -238,14 +185,13 @@ async def test_closed_port_costs_no_client_errors_and_opens_breaker(
 
 # -- b. a hung instance (SIGSTOP) ------------------------------------------------------------
 async def test_hung_instance_costs_at_most_one_request_timeout(
-        consul: ConsulAgent, start_backends: StartBackends, register: Register,
-        service_name: ServiceName, start_proxy: StartProxy) -> None:
+        start_backends: StartBackends, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     svc = service_name("hang")
     backends = start_backends("a", "b", "c")
-    regs = await serve(consul, register, svc, list(backends))
-    proxy = start_proxy({svc: {"request_timeout": "1s", "retries": 2,
-                               "breaker": {"failures": 3, "reset_timeout": "30s"}}})
-    proxy.wait_routable(svc, {r.service_id for r in regs})
+    proxy, regs = proxy_for(svc, list(backends),
+                            {"request_timeout": "1s", "retries": 2,
+                             "breaker": {"failures": 3, "reset_timeout": "30s"}})
     victim, victim_id = backends[2], regs[2].service_id
 
     warm = asyncio.Event()
@@ -295,14 +241,13 @@ async def test_hung_instance_costs_at_most_one_request_timeout(
 # -- c. resets after the request was sent ---------------------------------------------------
 @PARSERS
 async def test_reset_retried_for_get_not_for_post(
-        http_parser: str, consul: ConsulAgent, start_backends: StartBackends,
-        register: Register, service_name: ServiceName, start_proxy: StartProxy) -> None:
+        http_parser: str, start_backends: StartBackends, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     svc = service_name("reset")
     backends = start_backends("a", "b")
-    regs = await serve(consul, register, svc, list(backends))
-    proxy = start_proxy({svc: {"http_parser": http_parser, "retries": 1,
-                               "breaker": {"failures": 100}}})
-    proxy.wait_routable(svc, {r.service_id for r in regs})
+    proxy, _ = proxy_for(svc, list(backends),
+                         {"http_parser": http_parser, "retries": 1,
+                          "breaker": {"failures": 100}})
     addr = proxy.listen(svc)
 
     def failovers() -> float:
@@ -336,16 +281,14 @@ async def test_reset_retried_for_get_not_for_post(
 
 @PARSERS
 async def test_one_resetting_instance_get_fails_over_post_gets_502(
-        http_parser: str, consul: ConsulAgent, start_backend: StartBackend,
-        register: Register, service_name: ServiceName, start_proxy: StartProxy,
-        spawn: Spawn) -> None:
+        http_parser: str, start_backend: StartBackend, service_name: ServiceName,
+        proxy_for: ProxyFor, spawn: Spawn) -> None:
     svc = service_name("mixed")
     good = start_backend("good")
     resetter = spawn(RESETTER, "resetter")
-    regs = await serve(consul, register, svc, [good, resetter])
+    proxy, regs = proxy_for(svc, [good, resetter],
+                            {"http_parser": http_parser, "breaker": {"failures": 100}})
     bad_id = regs[1].service_id
-    proxy = start_proxy({svc: {"http_parser": http_parser, "breaker": {"failures": 100}}})
-    proxy.wait_routable(svc, {r.service_id for r in regs})
     addr = proxy.listen(svc)
 
     gets = [await fetch(addr, "GET", f"/?i={i}") for i in range(10)]
@@ -377,14 +320,12 @@ async def test_one_resetting_instance_get_fails_over_post_gets_502(
 
 # -- d. half-open recovery of a restarted instance ------------------------------------------
 async def test_breaker_half_open_recovery_after_restart(
-        consul: ConsulAgent, start_backends: StartBackends, start_backend: StartBackend,
-        register: Register, service_name: ServiceName, start_proxy: StartProxy) -> None:
+        start_backends: StartBackends, start_backend: StartBackend,
+        service_name: ServiceName, proxy_for: ProxyFor) -> None:
     svc = service_name("recover")
     a, b = start_backends("a", "b")
-    regs = await serve(consul, register, svc, [a, b])
+    proxy, regs = proxy_for(svc, [a, b], {"breaker": {"failures": 2, "reset_timeout": "1s"}})
     b_id = regs[1].service_id
-    proxy = start_proxy({svc: {"breaker": {"failures": 2, "reset_timeout": "1s"}}})
-    proxy.wait_routable(svc, {r.service_id for r in regs})
     addr = proxy.listen(svc)
     assert {(await fetch(addr)).text for _ in range(4)} == {"a", "b"}
 
@@ -432,13 +373,12 @@ async def test_breaker_half_open_recovery_after_restart(
     2,  # retries >= instances: the last answer decides (a regression test)
 ])
 async def test_listed_503_retried_then_passed_through(
-        retries: int, consul: ConsulAgent, start_backends: StartBackends, register: Register,
-        service_name: ServiceName, start_proxy: StartProxy) -> None:
+        retries: int, start_backends: StartBackends, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     svc = service_name("busy")
     backends = start_backends("a", "b")
-    regs = await serve(consul, register, svc, list(backends))
-    proxy = start_proxy({svc: {"retries": retries, "breaker": {"failures": 100}}})
-    proxy.wait_routable(svc, {r.service_id for r in regs})
+    proxy, _ = proxy_for(svc, list(backends), {"retries": retries,
+                                               "breaker": {"failures": 100}})
     addr = proxy.listen(svc)
 
     resp = await fetch(addr, "GET", "/status/503")
@@ -457,13 +397,11 @@ async def test_listed_503_retried_then_passed_through(
 
 
 async def test_unlisted_503_passed_through_without_retry(
-        consul: ConsulAgent, start_backends: StartBackends, register: Register,
-        service_name: ServiceName, start_proxy: StartProxy) -> None:
+        start_backends: StartBackends, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     svc = service_name("busy")
     backends = start_backends("a", "b")
-    regs = await serve(consul, register, svc, list(backends))
-    proxy = start_proxy({svc: {"retry_on": ["connect-failure"]}})
-    proxy.wait_routable(svc, {r.service_id for r in regs})
+    proxy, _ = proxy_for(svc, list(backends), {"retry_on": ["connect-failure"]})
     addr = proxy.listen(svc)
 
     resp = await fetch(addr, "GET", "/status/503")
@@ -482,14 +420,12 @@ async def test_unlisted_503_passed_through_without_retry(
     2,  # retries >= instances: the last answer decides (a regression test)
 ])
 async def test_every_instance_hung_gives_504(
-        retries: int, consul: ConsulAgent, start_backends: StartBackends, register: Register,
-        service_name: ServiceName, start_proxy: StartProxy) -> None:
+        retries: int, start_backends: StartBackends, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     svc = service_name("hung")
     backends = start_backends("a", "b")
-    regs = await serve(consul, register, svc, list(backends))
-    proxy = start_proxy({svc: {"retries": retries, "request_timeout": "500ms",
-                               "breaker": {"failures": 100}}})
-    proxy.wait_routable(svc, {r.service_id for r in regs})
+    proxy, _ = proxy_for(svc, list(backends), {"retries": retries, "request_timeout": "500ms",
+                                               "breaker": {"failures": 100}})
     addr = proxy.listen(svc)
     try:
         for b in backends:
@@ -520,13 +456,11 @@ async def test_every_instance_hung_gives_504(
 
 # -- f. max_connections ----------------------------------------------------------------------
 async def test_max_connections_rejects_with_503_and_keeps_open_ones(
-        consul: ConsulAgent, start_backend: StartBackend, register: Register,
-        service_name: ServiceName, start_proxy: StartProxy) -> None:
+        start_backend: StartBackend, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     svc = service_name("limit")
     b = start_backend("only")
-    regs = await serve(consul, register, svc, [b])
-    proxy = start_proxy({svc: {"max_connections": 2}})
-    proxy.wait_routable(svc, {r.service_id for r in regs})
+    proxy, _ = proxy_for(svc, [b], {"max_connections": 2})
     addr = proxy.listen(svc)
 
     async with await RawConnection.open(addr) as one, await RawConnection.open(addr) as two:
@@ -564,14 +498,11 @@ async def test_max_connections_rejects_with_503_and_keeps_open_ones(
 
 # -- g. panic rule: every breaker open ----------------------------------------------------
 async def test_panic_rule_all_breakers_open_recovers_without_reset_timeout(
-        consul: ConsulAgent, start_backends: StartBackends, start_backend: StartBackend,
-        register: Register, service_name: ServiceName, start_proxy: StartProxy) -> None:
+        start_backends: StartBackends, start_backend: StartBackend,
+        service_name: ServiceName, proxy_for: ProxyFor) -> None:
     svc = service_name("panic")
     a, b = start_backends("a", "b")
-    regs = await serve(consul, register, svc, [a, b])
-    ids = {r.service_id for r in regs}
-    proxy = start_proxy({svc: {"breaker": {"failures": 1, "reset_timeout": "30s"}}})
-    proxy.wait_routable(svc, ids)
+    proxy, _ = proxy_for(svc, [a, b], {"breaker": {"failures": 1, "reset_timeout": "30s"}})
     addr = proxy.listen(svc)
     assert {(await fetch(addr)).text for _ in range(4)} == {"a", "b"}
 

@@ -10,7 +10,6 @@ config with `discovery = "file"`, and moves traffic by rewriting the services fi
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -25,47 +24,15 @@ from typing import Any
 import pytest
 from support.procs import Backend, ProxyProcess, launch_backends, launch_proxy
 from support.tomlconf import toml_table
+from support.watch import QueueSink, ids, running
 
 from proxy.config import UpstreamConfig
 from proxy.devconsul import free_port
 from proxy.discovery.file import FileWatcher
-from proxy.model import Address, CatalogAnswer
+from proxy.model import Address
 
 SPEC_DELAY = 1.0  # SPEC: a change is picked up within a second
 STEP = 2.0  # bound for one expected report to arrive (a failure, not a measurement)
-
-
-class QueueSink:
-    """Records what the watcher reports, for the test to await."""
-
-    def __init__(self) -> None:
-        self.answers: asyncio.Queue[CatalogAnswer] = asyncio.Queue()
-        self.errors: asyncio.Queue[str] = asyncio.Queue()
-
-    def on_catalog_answer(self, answer: CatalogAnswer) -> None:
-        self.answers.put_nowait(answer)
-
-    def on_catalog_error(self, error: str) -> None:
-        self.errors.put_nowait(error)
-
-    async def answer_where(self, pred: Callable[[CatalogAnswer], bool],
-                           timeout: float = STEP) -> CatalogAnswer:
-        async with asyncio.timeout(timeout):
-            while True:
-                answer = await self.answers.get()
-                if pred(answer):
-                    return answer
-
-    async def error_where(self, pred: Callable[[str], bool], timeout: float = STEP) -> str:
-        async with asyncio.timeout(timeout):
-            while True:
-                error = await self.errors.get()
-                if pred(error):
-                    return error
-
-
-def ids(answer: CatalogAnswer) -> set[str]:
-    return {e.id for e in answer.endpoints}
 
 
 def content(*entries: str, name: str = "web") -> str:
@@ -87,18 +54,12 @@ def replace_atomically(path: Path, text: str) -> None:
 
 @contextlib.asynccontextmanager
 async def watching(path: Path, **kw: Any) -> AsyncIterator[tuple[FileWatcher, QueueSink]]:
-    sink = QueueSink()
+    sink = QueueSink(STEP)
     upstream = UpstreamConfig(name="web", listen=Address("127.0.0.1", 0), discovery="file",
                               file=str(path))
     watcher = FileWatcher(upstream, sink, **kw)
-    task = asyncio.create_task(watcher.run())
-    try:
+    async with running(watcher):  # run() ends only by cancellation: nothing else escaped
         yield watcher, sink
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        assert task.cancelled()  # run() ends only by cancellation: nothing else escaped
 
 
 # -- the watcher on a real file ------------------------------------------------------------

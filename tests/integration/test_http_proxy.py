@@ -39,6 +39,7 @@ StartBackend = Callable[..., Backend]
 Register = Callable[..., Registration]
 StartProxy = Callable[..., ProxyProcess]
 ServiceName = Callable[[str], str]
+ProxyFor = Callable[..., tuple[ProxyProcess, list[Registration]]]
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -71,15 +72,6 @@ async def watch_pool(proxy: ProxyProcess, upstream: str, gone_id: str,
     return None
 
 
-async def serve_three(consul: ConsulAgent, start_backends: StartBackends, register: Register,
-                      service: str, **reg_kw: Any) -> tuple[list[Backend], list[Registration]]:
-    """Backends a, b, c registered passing under `service`, visible in the catalog."""
-    backends = start_backends("a", "b", "c")
-    regs = [register(b, service, **reg_kw) for b in backends]
-    wait_passing(consul, service, {r.service_id for r in regs})
-    return backends, regs
-
-
 # -- a. routing only to passing instances --------------------------------------------------
 @PARSERS
 async def test_only_passing_instances_receive_traffic(
@@ -106,12 +98,10 @@ async def test_only_passing_instances_receive_traffic(
 
 # -- b. a check turning critical removes the instance at once -------------------------------
 async def test_check_turning_critical_removes_instance_quickly(
-        consul: ConsulAgent, start_backends: StartBackends, register: Register,
-        service_name: ServiceName, start_proxy: StartProxy) -> None:
+        consul: ConsulAgent, start_backends: StartBackends, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     svc = service_name("web")
-    _, regs = await serve_three(consul, start_backends, register, svc)
-    proxy = start_proxy({svc: {}})
-    proxy.wait_routable(svc, {r.service_id for r in regs})
+    proxy, regs = proxy_for(svc, start_backends("a", "b", "c"))
     victim = regs[2]  # backend "c"
 
     load = asyncio.create_task(paced_requests(proxy.listen(svc), rate=200, duration=3.0))
@@ -172,13 +162,12 @@ async def test_tag_filter(consul: ConsulAgent, start_backends: StartBackends,
 # -- e. kill -9 under load: the client sees nothing ------------------------------------------
 @PARSERS
 async def test_kill9_under_load_no_client_errors(
-        http_parser: str, consul: ConsulAgent, start_backends: StartBackends,
-        register: Register, service_name: ServiceName, start_proxy: StartProxy) -> None:
+        http_parser: str, start_backends: StartBackends, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     svc = service_name("web")
     # HTTP checks every 1s: Consul notices the dead instance late, the proxy must not wait.
-    backends, regs = await serve_three(consul, start_backends, register, svc, check="http")
-    proxy = start_proxy({svc: {"http_parser": http_parser}})
-    proxy.wait_routable(svc, {r.service_id for r in regs})
+    backends = start_backends("a", "b", "c")
+    proxy, _ = proxy_for(svc, backends, {"http_parser": http_parser}, check="http")
     victim = backends[2]
 
     load = asyncio.create_task(paced_requests(proxy.listen(svc), rate=200, duration=4.0))
@@ -218,16 +207,13 @@ async def test_no_passing_instance_gives_503_naming_upstream(
 # -- g. big bodies stream both ways in bounded memory ----------------------------------------
 @PARSERS
 async def test_100mib_each_way_intact_and_memory_bounded(
-        http_parser: str, consul: ConsulAgent, start_backend: StartBackend,
-        register: Register, service_name: ServiceName, start_proxy: StartProxy) -> None:
+        http_parser: str, start_backend: StartBackend, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     size = 100 * MiB
     rss_limit = 150 * MiB
     svc = service_name("bulk")
     b = start_backend("bulk")
-    reg = register(b, svc)
-    wait_passing(consul, svc, {reg.service_id})
-    proxy = start_proxy({svc: {"http_parser": http_parser}})
-    proxy.wait_routable(svc, {reg.service_id})
+    proxy, _ = proxy_for(svc, [b], {"http_parser": http_parser})
     host, port = proxy.listen(svc)
     base = f"http://{host}:{port}"
 
@@ -301,14 +287,11 @@ MALFORMED = {
 
 @PARSERS
 async def test_malformed_requests_get_400_and_proxy_keeps_serving(
-        http_parser: str, consul: ConsulAgent, start_backend: StartBackend,
-        register: Register, service_name: ServiceName, start_proxy: StartProxy) -> None:
+        http_parser: str, start_backend: StartBackend, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     svc = service_name("web")
     b = start_backend("fine")
-    reg = register(b, svc)
-    wait_passing(consul, svc, {reg.service_id})
-    proxy = start_proxy({svc: {"http_parser": http_parser}})
-    proxy.wait_routable(svc, {reg.service_id})
+    proxy, _ = proxy_for(svc, [b], {"http_parser": http_parser})
     addr = proxy.listen(svc)
 
     async with await RawConnection.open(addr) as bystander:
@@ -335,14 +318,11 @@ async def test_malformed_requests_get_400_and_proxy_keeps_serving(
 # -- i. keep-alive, forwarding headers, HTTP/1.0 ---------------------------------------------
 @PARSERS
 async def test_keepalive_and_forwarding_headers(
-        http_parser: str, consul: ConsulAgent, start_backend: StartBackend,
-        register: Register, service_name: ServiceName, start_proxy: StartProxy) -> None:
+        http_parser: str, start_backend: StartBackend, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     svc = service_name("web")
     b = start_backend("echo")
-    reg = register(b, svc)
-    wait_passing(consul, svc, {reg.service_id})
-    proxy = start_proxy({svc: {"http_parser": http_parser}})
-    proxy.wait_routable(svc, {reg.service_id})
+    proxy, _ = proxy_for(svc, [b], {"http_parser": http_parser})
     addr = proxy.listen(svc)
 
     peers = set()
@@ -386,15 +366,12 @@ async def test_keepalive_and_forwarding_headers(
 # -- j. header limits: size and time ---------------------------------------------------------
 @PARSERS
 async def test_header_too_large_431_and_header_timeout_408(
-        http_parser: str, consul: ConsulAgent, start_backend: StartBackend,
-        register: Register, service_name: ServiceName, start_proxy: StartProxy) -> None:
+        http_parser: str, start_backend: StartBackend, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     svc = service_name("web")
     b = start_backend("limits")
-    reg = register(b, svc)
-    wait_passing(consul, svc, {reg.service_id})
-    proxy = start_proxy({svc: {"http_parser": http_parser, "max_header_size": 8192,
-                               "header_timeout": "1s"}})
-    proxy.wait_routable(svc, {reg.service_id})
+    proxy, _ = proxy_for(svc, [b], {"http_parser": http_parser, "max_header_size": 8192,
+                                    "header_timeout": "1s"})
     addr = proxy.listen(svc)
 
     async with await RawConnection.open(addr) as conn:

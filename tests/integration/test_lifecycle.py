@@ -10,15 +10,16 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
-from proxy.devconsul import ConsulAgent
 from support.consul import Registration, unique_service
 from support.http import RawConnection, fetch
 from support.procs import Backend, ProxyProcess
+
+from proxy.devconsul import ConsulAgent
 
 
 def static(*backends: Backend, **keys: Any) -> dict[str, Any]:
@@ -77,7 +78,8 @@ async def test_sigterm_gives_up_after_drain_timeout(
     proxy.proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(wait_exit, proxy, 5) == 0
     assert time.monotonic() - t0 < 2.0
-    with pytest.raises(Exception):  # the cut request fails instead of hanging
+    # The cut request fails instead of hanging; how it fails (reset, EOF) is not the point.
+    with pytest.raises(Exception):  # noqa: B017
         await asyncio.wait_for(in_flight, 5)
 
 

@@ -13,24 +13,16 @@ without that limit, so the test measures the proxy's tunnel, not the backend's c
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
-import select
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import aiohttp
 import pytest
-from support.consul import Registration, wait_passing
+from support.consul import Registration
 from support.http import RawConnection, fetch
-from support.procs import REPO_ROOT, Backend, ProxyProcess
-
-from proxy.devconsul import ConsulAgent
+from support.procs import Backend, ProxyProcess
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -38,8 +30,7 @@ PARSERS = pytest.mark.parametrize("http_parser", ["httptools", "h11"])
 MiB = 1 << 20
 
 StartBackend = Callable[..., Backend]
-Register = Callable[..., Registration]
-StartProxy = Callable[..., ProxyProcess]
+ProxyFor = Callable[..., tuple[ProxyProcess, list[Registration]]]
 ServiceName = Callable[[str], str]
 Spawn = Callable[[str, str], Backend]
 
@@ -77,43 +68,9 @@ asyncio.run(main())
 """
 
 
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """`spawn(script, name)`: run `python -c script` in its own session; it must print
-    `event=backend_listening ... port=N` first. Killed (process group) at teardown."""
-    started: list[Backend] = []
-
-    def _spawn(script: str, name: str) -> Backend:
-        fd, err_name = tempfile.mkstemp(prefix=f"script-{name}-", suffix=".log")
-        with os.fdopen(fd, "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=err, cwd=REPO_ROOT,
-                                    start_new_session=True)
-        backend = Backend(name=name, port=0, proc=proc, stderr_path=Path(err_name))
-        started.append(backend)
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 10.0)
-        line = proc.stdout.readline().decode() if ready else ""
-        m = re.search(r"event=backend_listening .*port=(\d+)", line)
-        assert m, f"{name} did not start: {line!r} {backend.stderr_text()[-2000:]}"
-        backend.port = int(m.group(1))
-        return backend
-
-    yield _spawn
-    for b in started:
-        b.cleanup()
-
-
-def start_one(consul: ConsulAgent, register: Register, start_proxy: StartProxy, svc: str,
-              backend: Backend, http_parser: str) -> tuple[ProxyProcess, str]:
-    """`backend` registered passing as the only instance of `svc`, behind a new proxy;
-    returns the proxy and its base URL."""
-    reg = register(backend, svc)
-    wait_passing(consul, svc, {reg.service_id})
-    proxy = start_proxy({svc: {"http_parser": http_parser}})
-    proxy.wait_routable(svc, {reg.service_id})
+def base_url(proxy: ProxyProcess, svc: str) -> str:
     host, port = proxy.listen(svc)
-    return proxy, f"http://{host}:{port}"
+    return f"http://{host}:{port}"
 
 
 async def echo(ws: aiohttp.ClientWebSocketResponse, data: str | bytes) -> str | bytes:
@@ -144,11 +101,11 @@ async def wait_no_connections(proxy: ProxyProcess, svc: str, timeout: float = 3.
 
 @PARSERS
 async def test_websocket_echo_text_and_5mib_binary(
-        http_parser: str, consul: ConsulAgent, register: Register,
-        service_name: ServiceName, start_proxy: StartProxy, spawn: Spawn) -> None:
+        http_parser: str, service_name: ServiceName, proxy_for: ProxyFor,
+        spawn: Spawn) -> None:
     svc = service_name("ws")
-    proxy, base = start_one(consul, register, start_proxy, svc, spawn(BIG_ECHO, "wsbig"),
-                            http_parser)
+    proxy, _ = proxy_for(svc, [spawn(BIG_ECHO, "wsbig")], {"http_parser": http_parser})
+    base = base_url(proxy, svc)
     big = random.Random(5).randbytes(5 * MiB)
 
     t0 = time.monotonic()
@@ -171,11 +128,11 @@ async def test_websocket_echo_text_and_5mib_binary(
 
 @PARSERS
 async def test_demo_backend_websocket_and_declined_upgrade(
-        http_parser: str, consul: ConsulAgent, start_backend: StartBackend,
-        register: Register, service_name: ServiceName, start_proxy: StartProxy) -> None:
+        http_parser: str, start_backend: StartBackend, service_name: ServiceName,
+        proxy_for: ProxyFor) -> None:
     svc = service_name("ws")
-    proxy, base = start_one(consul, register, start_proxy, svc, start_backend("demo"),
-                            http_parser)
+    proxy, _ = proxy_for(svc, [start_backend("demo")], {"http_parser": http_parser})
+    base = base_url(proxy, svc)
     addr = proxy.listen(svc)
     blob = random.Random(1).randbytes(1 * MiB)
 

@@ -1,4 +1,4 @@
-"""Helpers for the integration tests: real processes on loopback, a raw HTTP client.
+"""Helpers for the tests: real processes on loopback, a raw HTTP client, stand-ins.
 
 - `procs`: the demo backend and the proxy as subprocesses (own process groups, bounded
   waits, killed at teardown by the fixtures in `tests/conftest.py`).
@@ -6,6 +6,9 @@
 - `tomlconf`: writing sdproxy TOML configs from dicts.
 - `http`: a minimal HTTP/1.x client on asyncio streams that never retries and can send
   malformed bytes, and a paced request loop.
+- `watch`: a recording catalog sink and the watcher-task helpers of the discovery tests.
+- `dnsmsg`: DNS responses written as text (dnspython objects), for DNS discovery tests.
+- `fakes`: a hand-stepped clock and the application state the admin API reads.
 
 Import as `from support import ...` (`tests/conftest.py` puts `tests/` on `sys.path`).
 """

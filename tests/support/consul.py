@@ -2,9 +2,11 @@
 
 The agent lives for the whole test session, so every test must use service names of its
 own (`unique_service`). A registration carries an explicit check id, so a test can flip a
-TTL check with `consul.check_fail(reg.check_id)` / `check_pass`. `wait_passing` waits on
-Consul blocking queries (event-driven, bounded) until the catalog shows exactly the
-expected passing instances, so the proxy's first catalog answer already contains them.
+TTL check with `consul.check_fail(reg.check_id)` / `check_pass`; `ttl_instance` is the
+bare registration body, for tests that talk to an agent of their own. `wait_passing`
+waits on Consul blocking queries (event-driven, bounded) until the catalog shows exactly
+the expected passing instances, so the proxy's first catalog answer already contains
+them.
 """
 
 from __future__ import annotations
@@ -85,6 +87,14 @@ def register_backend(
     consul.register(body)
     return Registration(service=service, service_id=sid, check_id=check_id, check=check,
                         port=port, address=address, tags=tuple(tags))
+
+
+def ttl_instance(name: str, sid: str, port: int, status: str = "passing", *,
+                 address: str = "127.0.0.2", **extra: Any) -> dict[str, Any]:
+    """An agent registration body: instance `sid` of `name` with one TTL check
+    `<sid>-ttl` in `status` (TTL long: it changes only when the test says so)."""
+    return {"Name": name, "ID": sid, "Address": address, "Port": port,
+            "Check": {"CheckID": f"{sid}-ttl", "TTL": "10m", "Status": status}, **extra}
 
 
 def health_service(consul: ConsulAgent, service: str, *, passing: bool = True,

@@ -199,6 +199,32 @@ def launch_backends(specs: Iterable[tuple[str, int]], host: str = "127.0.0.1",
     return backends
 
 
+def launch_script(script: str, name: str, timeout: float = 10.0) -> Backend:
+    """Run `python -c script` in its own session as a stand-in backend called `name`.
+
+    The script must print `event=backend_listening ... port=N` first; the Backend is
+    returned once it did, and killed before an AssertionError when it did not within
+    `timeout` seconds.
+    """
+    fd, err_name = tempfile.mkstemp(prefix=f"script-{name}-", suffix=".log")
+    with os.fdopen(fd, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=err, cwd=REPO_ROOT,
+                                start_new_session=True)
+    backend = Backend(name=name, port=0, proc=proc, stderr_path=Path(err_name))
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline().decode() if ready else ""
+        m = re.search(r"event=backend_listening .*port=(\d+)", line)
+        assert m, f"{name} did not start: {line!r} {backend.stderr_text()[-2000:]}"
+    except BaseException:
+        backend.cleanup()
+        raise
+    backend.port = int(m.group(1))
+    return backend
+
+
 # -- proxy --------------------------------------------------------------------------------
 class ProxyStartError(AssertionError):
     """The proxy did not become ready in time, or exited; carries its stderr tail."""

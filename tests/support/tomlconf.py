@@ -1,5 +1,8 @@
 """Write sdproxy TOML configs from Python values (the stdlib only reads TOML).
 
+The value, key and table writers are the load tests' (`loadtest.tomlwrite`), re-exported
+here, so a config is written the same way by both.
+
 `build_config` guarantees its output parses with `tomllib` and contains `[admin]` and
 `[consul]` sections pointing where the caller said, so a proxy started with it talks to
 the test's Consul agent and serves its admin API on a known port.
@@ -7,38 +10,13 @@ the test's Consul agent and serves its admin API on a known port.
 
 from __future__ import annotations
 
-import json
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
+from loadtest.tomlwrite import toml_key, toml_table, toml_value
 
-def toml_value(value: Any) -> str:
-    """One TOML value: strings, bools, numbers, arrays and (inline) tables."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
-    if isinstance(value, Mapping):
-        inner = ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items())
-        return "{ " + inner + " }" if inner else "{}"
-    if isinstance(value, Sequence):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML: {value!r}")
-
-
-def toml_key(key: str) -> str:
-    if key and all(c.isalnum() or c in "_-" for c in key):
-        return key
-    return json.dumps(key)
-
-
-def toml_table(header: str, values: Mapping[str, Any]) -> str:
-    lines = [header]
-    lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+__all__ = ["build_config", "toml_key", "toml_table", "toml_value"]
 
 
 def build_config(

@@ -6,13 +6,13 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
+from support.fakes import T0, FakeClock, Listener, State
 
 from proxy.admin.server import build_app, start_admin
 from proxy.config import UpstreamConfig
@@ -20,36 +20,13 @@ from proxy.devconsul import free_port
 from proxy.model import Address, CatalogAnswer, Endpoint
 from proxy.upstream.manager import UpstreamRuntime
 
-T0 = 1_700_000_000.0
-
 ENDPOINT_FIELDS = {"id", "address", "port", "node", "datacenter", "tags", "weight", "state",
                    "active", "requests", "failures"}
 UPSTREAM_FIELDS = {"name", "mode", "listen", "discovery", "catalog_index", "last_update",
                    "stale_seconds", "endpoints"}
 
 
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@dataclass
-class Listener:
-    connections: int = 0
-    rejected_connections: int = 0
-
-
-@dataclass
-class State:
-    upstreams: dict[str, UpstreamRuntime]
-    listeners: dict[str, Any] = field(default_factory=dict)
-    started_at: float = T0
-
-
-def runtime(name: str, port: int, clock: Clock, **kw: Any) -> UpstreamRuntime:
+def runtime(name: str, port: int, clock: FakeClock, **kw: Any) -> UpstreamRuntime:
     cfg = UpstreamConfig(name=name, listen=Address("127.0.0.1", port), **kw)
     return UpstreamRuntime(cfg, clock=clock)
 
@@ -62,12 +39,12 @@ WEB_ENDPOINTS = (
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(T0)
 
 
 @pytest.fixture
-def state(clock: Clock) -> State:
+def state(clock: FakeClock) -> State:
     """`web` (http, answered, with traffic) and `api` (tcp, never answered)."""
     web = runtime("web", 18081, clock)
     api = runtime("api", 18082, clock, mode="tcp", discovery="static")
@@ -127,7 +104,7 @@ async def test_ready_names_the_unanswered_upstreams_then_turns_ready(state: Stat
             assert await resp.text() == "ready"
 
 
-async def test_ready_lists_every_missing_upstream_in_config_order(clock: Clock) -> None:
+async def test_ready_lists_every_missing_upstream_in_config_order(clock: FakeClock) -> None:
     state = State({"web": runtime("web", 1, clock), "api": runtime("api", 2, clock)})
     assert await get(state, "/ready") == (503, "text/plain; charset=utf-8",
                                           "not ready: web, api")
@@ -187,18 +164,18 @@ async def test_upstreams_shows_a_removed_instance_draining(state: State) -> None
     assert data[0]["catalog_index"] == 8
 
 
-async def test_stale_seconds_grow_while_the_catalog_fails(state: State, clock: Clock) -> None:
+async def test_stale_seconds_grow_while_the_catalog_fails(state: State, clock: FakeClock) -> None:
     web = state.upstreams["web"]
     async with serve(state) as (session, base):
         async def stale() -> float:
             async with session.get(base + "/upstreams") as resp:
                 return float((await resp.json())[0]["stale_seconds"])
 
-        clock.t += 3
+        clock.now += 3
         assert await stale() == 0  # answering: fresh however long ago the last change was
         web.on_catalog_error("connection refused")
         assert await stale() == 3
-        clock.t += 10
+        clock.now += 10
         assert await stale() == 13
         web.on_catalog_alive()
         assert await stale() == 0
@@ -252,7 +229,7 @@ async def test_dashboard_lists_upstreams_and_instances(state: State) -> None:
     assert "<script" not in page and "http://" not in page.replace("http-equiv", "")
 
 
-async def test_dashboard_escapes_catalog_strings(clock: Clock) -> None:
+async def test_dashboard_escapes_catalog_strings(clock: FakeClock) -> None:
     evil = "<script>alert(1)</script>"
     up = runtime("web", 1, clock)
     up.on_catalog_answer(CatalogAnswer(
@@ -266,9 +243,9 @@ async def test_dashboard_escapes_catalog_strings(clock: Clock) -> None:
     assert "&lt;i&gt;boom&lt;/i&gt;" in page
 
 
-async def test_dashboard_shows_staleness(state: State, clock: Clock) -> None:
+async def test_dashboard_shows_staleness(state: State, clock: FakeClock) -> None:
     state.upstreams["web"].on_catalog_error("connection refused")
-    clock.t += 4
+    clock.now += 4
     _, _, page = await get(state, "/")
     assert "4.0s stale" in page
     assert "connection refused" in page
@@ -278,7 +255,7 @@ async def test_dashboard_shows_staleness(state: State, clock: Clock) -> None:
 
 
 async def test_a_reload_replacing_the_upstreams_is_seen_at_the_next_request(
-        state: State, clock: Clock) -> None:
+        state: State, clock: FakeClock) -> None:
     async with serve(state) as (session, base):
         state.upstreams = {"db": runtime("db", 3, clock)}
         async with session.get(base + "/upstreams") as resp:

@@ -203,7 +203,8 @@ def test_address(tmp_path: Path, literal: str, address: Address) -> None:
 
 def test_a_nameserver_given_by_name_is_refused(tmp_path: Path) -> None:
     found = problems(tmp_path, '[dns]\nnameservers = ["consul.local:8600"]\n')
-    assert found == ["dns.nameservers[0]: a nameserver must be an IP address, got consul.local:8600"]
+    assert found == [
+        "dns.nameservers[0]: a nameserver must be an IP address, got consul.local:8600"]
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+from support.dnsmsg import reply as reply_to
 
 from proxy.discovery.dns_decode import (
     MIN_DELAY,
@@ -74,20 +75,8 @@ def reply(qname: str, rdtype: str, answer: Sequence[str] = (), *,
           additional: Sequence[str] = (), authority: Sequence[str] = (),
           rcode: dns.rcode.Rcode = dns.rcode.NOERROR) -> dns.message.Message:
     """A response to `qname rdtype` with the given records ("name ttl IN type rdata")."""
-    response = dns.message.make_response(dns.message.make_query(qname, rdtype))
-    response.set_rcode(rcode)
-    for section, lines in ((response.answer, answer), (response.additional, additional),
-                           (response.authority, authority)):
-        for line in lines:
-            owner, ttl, rdclass, rtype, rdata = line.split(None, 4)
-            rrset = dns.rrset.from_text(owner, int(ttl), rdclass, rtype, rdata)
-            # find_rrset(create=True), as from_wire does: one RRset per name and type,
-            # and the message's index (which lookups use) knows about it.
-            into = response.find_rrset(section, rrset.name, rrset.rdclass, rrset.rdtype,
-                                       create=True)
-            for rd in rrset:
-                into.add(rd, rrset.ttl)
-    return response
+    return reply_to(dns.message.make_query(qname, rdtype), answer, additional=additional,
+                    authority=authority, rcode=rcode)
 
 
 def srv(*records: str, additional: Sequence[str] = (), ttl: int = 0) -> dns.message.Message:

@@ -5,13 +5,13 @@ parsed back with prometheus_client's own parser. No sockets, no loop."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from support.fakes import T0, FakeClock, Listener, State
 
 from proxy import metrics as m
 from proxy.admin.collector import build_registry, cumulative_buckets
@@ -21,34 +21,13 @@ from proxy.upstream.host import Host
 from proxy.upstream.manager import LATENCY_BUCKETS, LatencyHistogram, UpstreamRuntime
 
 
-class Clock:
-    def __init__(self, t: float = 1_700_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@dataclass
-class Listener:
-    connections: int = 0
-    rejected_connections: int = 0
-
-
-@dataclass
-class State:
-    upstreams: dict[str, UpstreamRuntime]
-    listeners: dict[str, Any] = field(default_factory=dict)
-    started_at: float = 0.0
-
-
 def ep(eid: str, port: int, **kw: Any) -> Endpoint:
     return Endpoint(id=eid, address="10.0.0.1", port=port, **kw)
 
 
-def runtime(name: str = "web", clock: Clock | None = None) -> UpstreamRuntime:
+def runtime(name: str = "web", clock: FakeClock | None = None) -> UpstreamRuntime:
     return UpstreamRuntime(UpstreamConfig(name=name, listen=Address("127.0.0.1", 18080)),
-                           clock=clock or Clock())
+                           clock=clock or FakeClock(T0))
 
 
 def scrape(state: State) -> dict[str, Any]:
@@ -225,7 +204,7 @@ def test_endpoints_by_state_counts_routable_and_draining_hosts() -> None:
 
 
 def test_catalog_metrics_and_staleness_with_an_injected_clock() -> None:
-    clock = Clock(1_700_000_000.0)
+    clock = FakeClock(T0)
     rt = runtime(clock=clock)
     fams = scrape(State({"web": rt}))
     # Before the first answer: no timestamp sample at all, rather than a 1970 one.
@@ -233,9 +212,9 @@ def test_catalog_metrics_and_staleness_with_an_injected_clock() -> None:
     assert value(fams, "sdproxy_catalog_answered", upstream="web") == 0
 
     rt.on_catalog_answer(CatalogAnswer((ep("a", 1),), index=7))
-    clock.t += 5
+    clock.now += 5
     rt.on_catalog_error("connection refused")
-    clock.t += 7
+    clock.now += 7
     rt.on_catalog_error("connection refused")
     fams = scrape(State({"web": rt}))
     assert value(fams, "sdproxy_catalog_updates", "_total", upstream="web") == 1

@@ -6,18 +6,11 @@ Time is a fake monotonic clock: open -> half-open is stepped, never slept.
 from __future__ import annotations
 
 import pytest
+from support.fakes import FakeClock
 
 from proxy.config import BreakerConfig, RetryBudgetConfig, UpstreamConfig
 from proxy.model import Address, CatalogAnswer, Endpoint
 from proxy.upstream.manager import UpstreamRuntime
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_runtime(n: int, *, failures: int = 3, reset: float = 10.0,
