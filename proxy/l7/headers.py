@@ -127,6 +127,13 @@ def encode_interim(head: MessageHead) -> bytes:
     return out + b"".join(line + _CRLF for line in lines) + _CRLF
 
 
+# Reason phrases of the statuses sdproxy answers itself (SPEC "HTTP mode").
+REASONS: dict[int, bytes] = {
+    400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+    502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+
+
 def encode_error(status: int, reason: bytes, upstream: str, detail: str,
                  keep_alive: bool) -> bytes:
     """A short text response sdproxy makes itself, naming the upstream."""

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from proxy.config import UpstreamConfig
 from proxy.l7.hashkey import key_function
-from proxy.l7.headers import encode_error
+from proxy.l7.headers import REASONS, encode_error
 from proxy.l7.message import HeadTooLarge, MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
 from proxy.protocols.http_exchange import Exchange
@@ -146,7 +146,7 @@ class HttpDownstream(asyncio.Protocol):
         if listener.connections >= self.cfg.max_connections:
             listener.rejected_connections += 1
             self.closed = True
-            transport.write(encode_error(503, b"Service Unavailable", self.runtime.name,
+            transport.write(encode_error(503, REASONS[503], self.runtime.name,
                                          "too many connections", False))
             transport.close()
             return
@@ -319,8 +319,6 @@ class HttpDownstream(asyncio.Protocol):
 
     def _reject(self, status: int, detail: str) -> None:
         """Answer a client error ourselves and close the connection."""
-        reasons = {400: b"Bad Request", 408: b"Request Timeout",
-                   431: b"Request Header Fields Too Large"}
         exchange = self.exchange
         if exchange is not None:
             started = exchange.response_started
@@ -328,7 +326,7 @@ class HttpDownstream(asyncio.Protocol):
             if started:
                 self.abort()
                 return
-        self.write(encode_error(status, reasons[status], self.runtime.name, detail, False))
+        self.write(encode_error(status, REASONS[status], self.runtime.name, detail, False))
         self.closed = True
         self._clear_header_deadline()
         if self.transport is not None:

@@ -30,6 +30,7 @@ from proxy.l7.exchange import (
 )
 from proxy.l7.headers import (
     LAST_CHUNK,
+    REASONS,
     chunk,
     encode_error,
     encode_interim,
@@ -51,20 +52,12 @@ INFINITY = float("inf")
 DONE = "done"
 ABORTED = "aborted"
 
-_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
-            502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
 
 
 class Exchange:
     __slots__ = (
-        "deadline",
-        "attempt_open",
-        "connecting",
-        "finished",
-        "out",
-        "tried",
-        "upgrade",
         "attempt",
+        "attempt_open",
         "attempt_started",
         "body_done",
         "body_log",
@@ -75,10 +68,14 @@ class Exchange:
         "chunked_request",
         "client_keep",
         "conn",
+        "connecting",
+        "deadline",
         "down",
+        "finished",
         "head",
         "host",
         "loop",
+        "out",
         "pending",
         "pending_bytes",
         "request_bytes",
@@ -86,6 +83,8 @@ class Exchange:
         "response_started",
         "runtime",
         "started",
+        "tried",
+        "upgrade",
     )
 
     def __init__(self, down: HttpDownstream, head: MessageHead) -> None:
@@ -126,10 +125,10 @@ class Exchange:
         self.runtime.in_flight += 1
         self._guarded(self._next_attempt)
 
-    def _guarded(self, step: Callable[[], None]) -> None:
+    def _guarded(self, step: Callable[..., None], *args: object) -> None:
         """Run one step; a bug costs this request, never the listener."""
         try:
-            step()
+            step(*args)
         except Exception:
             log.exception("event=exchange_error upstream=%s", self.runtime.name)
             if not self.response_started:
@@ -190,7 +189,7 @@ class Exchange:
             conn.close()
             self._attempt_over(ABORTED)
             return
-        self._guarded(lambda: self._send(conn))
+        self._guarded(self._send, conn)
 
     def _send(self, conn: UpstreamConnection) -> None:
         self.attempt_open = True  # its outcome comes through _resolve
@@ -442,13 +441,13 @@ class Exchange:
         self._clear_deadline()
         if self.attempt_open:
             self.attempt_open = False
-            self.loop.call_soon(self._guarded, lambda: self._attempt_over(outcome))
+            self.loop.call_soon(self._guarded, self._attempt_over, outcome)
 
     def _clear_deadline(self) -> None:
         self.deadline = INFINITY
 
     def _respond_error(self, status: int, detail: str) -> bool:
         keep = self.client_keep and self.body_done
-        self.down.write(encode_error(status, _REASONS[status], self.runtime.name, detail, keep))
+        self.down.write(encode_error(status, REASONS[status], self.runtime.name, detail, keep))
         self.response_started = True
         return keep
