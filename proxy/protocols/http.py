@@ -121,6 +121,7 @@ class HttpDownstream(asyncio.Protocol):
         self.parser = PARSERS[self.cfg.http_parser][0](self, self.cfg.max_header_size)
         self.client_ip = b"-"
         self.exchange: Exchange | None = None
+        self.starting: Exchange | None = None  # its head was parsed; starts after this read
         self.in_request = False  # the current exchange's request has not ended yet
         self.final = False  # a request without keep-alive ended: later bytes are ignored
         self.held: list[bytes] | None = None  # bytes after an Upgrade request, for the tunnel
@@ -174,6 +175,12 @@ class HttpDownstream(asyncio.Protocol):
             self._reject(431, str(e))
         except ParseError as e:
             self._reject(400, f"malformed request: {e}")
+        exchange = self.starting
+        if exchange is not None:
+            # Started once the whole read is parsed, so that a request's end (or a bad byte
+            # after it) is known first; within this callback, not a loop turn later.
+            self.starting = None
+            exchange.start()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed and self not in self.listener.open:
@@ -204,10 +211,8 @@ class HttpDownstream(asyncio.Protocol):
             self._set_paused(_PAUSE_PIPELINE, True)
             return
         self._clear_header_deadline()
-        exchange = self.exchange = Exchange(self, head)
+        self.exchange = self.starting = Exchange(self, head)
         self.in_request = True
-        # Next loop turn: the rest of this read (the request's end, say) is parsed first.
-        self.loop.call_soon(exchange.start)
 
     def on_body(self, data: bytes) -> None:
         if self.in_request and not self.queue:
@@ -281,6 +286,12 @@ class HttpDownstream(asyncio.Protocol):
                 self.on_body(value)
             else:
                 self.on_end()
+        exchange = self.starting
+        if exchange is not None:
+            # A pipelined request: its turn comes on the next loop turn, so that a run of
+            # requests answered at once (503s, say) does not recurse.
+            self.starting = None
+            self.loop.call_soon(exchange.start)
         if self.exchange is None:
             self._arm_header_deadline()
         if not self.queue:

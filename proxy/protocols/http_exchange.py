@@ -9,7 +9,8 @@ side's transport pauses the other when its buffer fills.
 
 Each attempt ends exactly once (`_resolve`, or the connect task's callback) with DONE,
 ABORTED or a failure kind (connect-failure, reset, timeout, or the status of a retried
-5xx), handled on the next loop turn by `_attempt_over`: finish, retry on an untried
+5xx), handled by `_attempt_over` once the callback that reported it has returned (at the
+end of the instance's read, or on the next loop turn): finish, retry on an untried
 instance (`l7.exchange.may_retry`), or answer an error. `_finish` runs once.
 """
 
@@ -82,6 +83,7 @@ class Exchange:
         "response_head",
         "response_started",
         "runtime",
+        "settled",
         "started",
         "tried",
         "upgrade",
@@ -108,6 +110,7 @@ class Exchange:
         self.attempt_open = False  # an attempt's outcome is still to come
         self.connecting: asyncio.Task[UpstreamConnection] | None = None
         self.finished = False
+        self.settled: str | None = None  # an outcome reported within a read of the instance
         self.deadline = INFINITY  # of the current attempt's response head
         self.response_head: MessageHead | None = None
         self.response_started = False
@@ -121,9 +124,16 @@ class Exchange:
 
     # -- the attempts, driven by callbacks -----------------------------------------------
     def start(self) -> None:
-        """Begin the exchange (from the client's parser callback)."""
+        """Begin the exchange (after the read that completed the request head)."""
         self.runtime.in_flight += 1
         self._guarded(self._next_attempt)
+
+    def settle(self) -> None:
+        """Handle the outcome reported during the instance's read that just ended."""
+        outcome = self.settled
+        if outcome is not None:
+            self.settled = None
+            self._guarded(self._attempt_over, outcome)
 
     def _guarded(self, step: Callable[..., None], *args: object) -> None:
         """Run one step; a bug costs this request, never the listener."""
@@ -329,7 +339,7 @@ class Exchange:
                 self.conn = None
                 conn.exchange = None
                 conn.close()
-                self._resolve(key)
+                self._resolve(key, settle_after_read=True)
                 return
         else:
             host.on_success(status)
@@ -358,7 +368,7 @@ class Exchange:
         if not (head.keep_alive and self.body_done and head.framing != UNTIL_CLOSE
                 and conn.park()):
             conn.close()
-        self._resolve(DONE)
+        self._resolve(DONE, settle_after_read=True)
 
     def on_upstream_switched(self, conn: UpstreamConnection, leftover: bytes) -> None:
         """The instance switched protocols: both connections become one byte tunnel."""
@@ -435,13 +445,17 @@ class Exchange:
             self.out = []
             self.down.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def _resolve(self, outcome: str) -> None:
-        """End the current attempt once; handled on the next loop turn so that nothing
-        re-enters the parser or protocol callback that reported it."""
-        self._clear_deadline()
+    def _resolve(self, outcome: str, settle_after_read: bool = False) -> None:
+        """End the current attempt once. Never handled inside the parser or protocol
+        callback that reported it: from inside the instance's parser, once its read ends
+        (`settle`); from elsewhere, on the next loop turn."""
+        self.deadline = INFINITY
         if self.attempt_open:
             self.attempt_open = False
-            self.loop.call_soon(self._guarded, self._attempt_over, outcome)
+            if settle_after_read:
+                self.settled = outcome
+            else:
+                self.loop.call_soon(self._guarded, self._attempt_over, outcome)
 
     def _clear_deadline(self) -> None:
         self.deadline = INFINITY

@@ -81,13 +81,14 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             offset = self.parser.feed(data)
         except ParseError as e:
-            exchange.flush()
+            offset = None
             self.close()
             exchange.on_upstream_error(self, f"invalid response: {e}")
-            return
         exchange.flush()
         if offset is not None:  # 101: what follows the head is the new protocol's
             exchange.on_upstream_switched(self, data[offset:])
+        if exchange.settled is not None:  # the response ended in this read
+            exchange.settle()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
