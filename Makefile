@@ -15,8 +15,14 @@ test: $(VENV)/.installed consul
 consul: $(VENV)/.installed
 	$(PY) -m proxy.devconsul install
 
-lint: $(VENV)/.installed
-	$(PY) -m ruff check proxy tests
+lint: $(VENV)/.dev
+	$(PY) -m ruff check proxy tests loadtest bench
+	$(PY) -m mypy proxy
+
+# Tools for working on sdproxy: ruff, mypy, and py-spy and valgrind for profiling.
+$(VENV)/.dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,dev]'
+	touch $@
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

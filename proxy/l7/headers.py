@@ -11,6 +11,13 @@ from __future__ import annotations
 
 from proxy.l7.framing import connection_tokens
 from proxy.l7.message import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, MessageHead
+from proxy.l7.parsers import (
+    FORWARDED_FOR,
+    FORWARDED_PROTO,
+    HOST,
+    TRANSFER_ENCODING,
+    UPGRADE,
+)
 
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade"))
@@ -62,8 +69,48 @@ def _forwardable(head: MessageHead, drop_length: bool = False
     return lines, seen
 
 
+# Fields only the full pass of `_forwardable` handles; without them, and with no Connection
+# token but these, forwarding a head is dropping its hop-by-hop fields, which the parser
+# found already (`MessageHead.drop_at`).
+_NEEDS_FULL_PASS = FORWARDED_FOR | UPGRADE | TRANSFER_ENCODING
+_PLAIN_TOKENS = frozenset((b"close", b"keep-alive"))
+_CLOSE = b"close"
+_COLON_SPACE = b": "
+
+
+def _plain_lines(head: MessageHead) -> list[bytes] | None:
+    """The header lines to forward when the parser's notes suffice, else None."""
+    kinds = head.kinds
+    if kinds is None or kinds & _NEEDS_FULL_PASS:
+        return None
+    headers = head.headers
+    tokens = head.connection
+    if tokens:
+        if not tokens <= _PLAIN_TOKENS:
+            return None
+        # `Connection: close` would drop a field named Close too: leave that to the full pass.
+        if _CLOSE in tokens and any(len(n) == 5 and n.lower() == _CLOSE for n, _v in headers):
+            return None
+    lines = list(map(_COLON_SPACE.join, headers))
+    drop_at = head.drop_at
+    if drop_at is not None:
+        for i in reversed(drop_at):
+            del lines[i]
+    return lines
+
+
 def encode_request(head: MessageHead, *, client_ip: bytes, default_host: bytes) -> bytes:
     """The request head as sent upstream."""
+    lines = _plain_lines(head)
+    if lines is not None:  # no X-Forwarded-For, Upgrade or Transfer-Encoding to act on
+        kinds = head.kinds or 0
+        lines.append(b"X-Forwarded-For: " + client_ip)
+        if not kinds & FORWARDED_PROTO:
+            lines.append(b"X-Forwarded-Proto: http")
+        if not kinds & HOST:
+            lines.append(b"Host: " + default_host)
+        return b"".join((head.method, b" ", head.target, b" HTTP/1.1\r\n",
+                         _CRLF.join(lines), b"\r\n\r\n"))
     lines, seen = _forwardable(head, drop_length=head.framing == CHUNKED)
     xff = seen.get(_XFF)
     lines.append(b"X-Forwarded-For: " + (xff + b", " + client_ip if xff else client_ip))
@@ -85,7 +132,9 @@ def encode_response(head: MessageHead, *, request_version: bytes,
                     request_keep_alive: bool) -> tuple[bytes, bool, bool]:
     """(head bytes, chunk-encode the body?, keep the client connection?)."""
     rechunk = head.framing in (CHUNKED, UNTIL_CLOSE)
-    lines, _seen = _forwardable(head, drop_length=rechunk)
+    lines = None if rechunk else _plain_lines(head)
+    if lines is None:
+        lines, _seen = _forwardable(head, drop_length=rechunk)
     keep = request_keep_alive
     chunk = False
     if rechunk:

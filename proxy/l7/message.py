@@ -25,9 +25,11 @@ class MessageHead:
     __slots__ = (
         "connection",
         "content_length",
+        "drop_at",
         "framing",
         "headers",
         "keep_alive",
+        "kinds",
         "method",
         "reason",
         "status",
@@ -40,7 +42,8 @@ class MessageHead:
                  reason: bytes = b"", version: bytes = b"1.1",
                  headers: list[tuple[bytes, bytes]] | None = None, keep_alive: bool = True,
                  framing: int = NO_BODY, content_length: int | None = None,
-                 upgrade: bool = False, connection: frozenset[bytes] | None = None) -> None:
+                 upgrade: bool = False, connection: frozenset[bytes] | None = None,
+                 kinds: int | None = None, drop_at: list[int] | None = None) -> None:
         self.method = method
         # Tokens of the Connection fields, lowercased, when the parser collected them
         # (None: not known, derive from `headers`).
@@ -54,6 +57,11 @@ class MessageHead:
         self.framing = framing
         self.content_length = content_length
         self.upgrade = upgrade
+        # What the parser noted while collecting `headers` (bits of parsers.py's field
+        # kinds; None: not known, so forwarding looks at every field) and the indexes of
+        # the hop-by-hop fields among them.
+        self.kinds = kinds
+        self.drop_at = drop_at
 
     def __repr__(self) -> str:
         first = (f"{self.method!r} {self.target!r}" if self.method else f"{self.status}")

@@ -24,7 +24,7 @@ from proxy.l7.framing import (
     response_framing,
     wants_keep_alive,
 )
-from proxy.l7.message import NO_BODY, HeadTooLarge, MessageHead, MessageSink, ParseError
+from proxy.l7.message import LENGTH, NO_BODY, HeadTooLarge, MessageHead, MessageSink, ParseError
 
 
 class RequestParser(Protocol):
@@ -39,15 +39,48 @@ class ResponseParser(Protocol):
     def feed(self, data: bytes) -> int | None: ...
 
 
+# What the collector notes about a field, by name (bits of `MessageHead.kinds`).
+HOST = 1
+CONTENT_LENGTH = 2
+TRANSFER_ENCODING = 4
+CONNECTION = 8
+HOP_BY_HOP = 16  # dropped when forwarding (RFC 9110 section 7.6.1)
+UPGRADE = 32
+FORWARDED_FOR = 64
+FORWARDED_PROTO = 128
+
+_KIND_OF_NAME = {
+    b"host": HOST,
+    b"content-length": CONTENT_LENGTH,
+    b"transfer-encoding": TRANSFER_ENCODING | HOP_BY_HOP,
+    b"connection": CONNECTION | HOP_BY_HOP,
+    b"keep-alive": HOP_BY_HOP,
+    b"proxy-connection": HOP_BY_HOP,
+    b"te": HOP_BY_HOP,
+    b"trailer": HOP_BY_HOP,
+    b"upgrade": UPGRADE | HOP_BY_HOP,
+    b"x-forwarded-for": FORWARDED_FOR,
+    b"x-forwarded-proto": FORWARDED_PROTO,
+}
+# Looked up by the name as sent: the usual spellings are found at once, without
+# lowercasing; only a name of one of these lengths can still be one of them.
+_KINDS = {**_KIND_OF_NAME,
+          **{b"-".join(p.capitalize() for p in n.split(b"-")): k for n, k in _KIND_OF_NAME.items()},
+          b"TE": HOP_BY_HOP}
+_KIND_LENGTHS = frozenset(len(n) for n in _KIND_OF_NAME)
+_OWS = (32, 9)
+
+
 class _HeadCollector:
-    """Gathers one head's fields and the header values framing depends on.
+    """Gathers one head's fields and notes the few that framing or forwarding act on.
 
     The httptools parsers are collectors themselves (`on_header = add`): llhttp then calls
-    straight into `add`, one Python call per field instead of two.
+    straight into `add`, one Python call per field instead of two. Lists of values are
+    made only for fields that are present (most heads have none of them).
     """
 
-    __slots__ = ("connection", "content_lengths", "head_size", "headers", "hosts", "max_head",
-                 "transfer_encodings", "what")
+    __slots__ = ("connection", "content_lengths", "drop_at", "head_size", "headers", "hosts",
+                 "kinds", "max_head", "transfer_encodings", "what")
 
     def __init__(self, max_head: int, what: str) -> None:
         self.max_head = max_head
@@ -56,33 +89,72 @@ class _HeadCollector:
 
     def reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
-        self.content_lengths: list[bytes] = []
-        self.transfer_encodings: list[bytes] = []
-        self.connection: list[bytes] = []
+        self.content_lengths: list[bytes] | None = None
+        self.transfer_encodings: list[bytes] | None = None
+        self.connection: list[bytes] | None = None
+        self.drop_at: list[int] | None = None  # indexes of hop-by-hop fields in `headers`
+        self.kinds = 0
         self.hosts = 0
         self.head_size = 0
 
     def add(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.max_head:
+        size = self.head_size = self.head_size + len(name) + len(value) + 4
+        if size > self.max_head:
             raise HeadTooLarge(f"{self.what} head larger than {self.max_head} bytes")
-        if value and value[-1] in (32, 9):  # llhttp keeps trailing OWS; h11 does not
+        if value and value[-1] in _OWS:  # llhttp keeps trailing OWS; h11 does not
             value = value.rstrip(b" \t")
-        self.headers.append((name, value))
-        if len(name) == 4:
-            if name.lower() == b"host":
-                self.hosts += 1
-        elif len(name) in (10, 14, 17):  # only then can it be one of the three names below
-            lname = name.lower()
-            if lname == b"content-length":
-                self.content_lengths.append(value)
-            elif lname == b"transfer-encoding":
-                self.transfer_encodings.append(value)
-            elif lname == b"connection":
-                self.connection.append(value)
+        headers = self.headers
+        kind = _KINDS.get(name)
+        if kind is None:
+            if len(name) not in _KIND_LENGTHS:
+                headers.append((name, value))
+                return
+            kind = _KIND_OF_NAME.get(name.lower())
+            if kind is None:
+                headers.append((name, value))
+                return
+        if kind & HOP_BY_HOP:
+            if self.drop_at is None:
+                self.drop_at = [len(headers)]
+            else:
+                self.drop_at.append(len(headers))
+        headers.append((name, value))
+        self.kinds |= kind
+        if kind == HOST:
+            self.hosts += 1
+        elif kind == CONTENT_LENGTH:
+            self.content_lengths = _appended(self.content_lengths, value)
+        elif kind & TRANSFER_ENCODING:
+            self.transfer_encodings = _appended(self.transfer_encodings, value)
+        elif kind & CONNECTION:
+            self.connection = _appended(self.connection, value)
+
+
+def _appended(values: list[bytes] | None, value: bytes) -> list[bytes]:
+    if values is None:
+        return [value]
+    values.append(value)
+    return values
 
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
+_NO_VALUES: list[bytes] = []
+# Connection values seen before, and their tokens: servers and clients repeat a few.
+_TOKENS_SEEN: dict[bytes, frozenset[bytes]] = {}
+_TOKENS_SEEN_MAX = 64
+
+
+def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
+    if values is None:
+        return _NO_TOKENS
+    if len(values) == 1:
+        tokens = _TOKENS_SEEN.get(values[0])
+        if tokens is None:
+            tokens = connection_tokens(values)
+            if len(_TOKENS_SEEN) < _TOKENS_SEEN_MAX:
+                _TOKENS_SEEN[values[0]] = tokens
+        return tokens
+    return connection_tokens(values)
 
 
 def _request_head(method: bytes, target: bytes, version: bytes, c: _HeadCollector) -> MessageHead:
@@ -93,21 +165,40 @@ def _request_head(method: bytes, target: bytes, version: bytes, c: _HeadCollecto
     if not (c.content_lengths or c.transfer_encodings or c.connection):
         # The common request (no body, no Connection field): nothing to decide.
         return MessageHead(method=method, target=target, version=version, headers=c.headers,
-                           keep_alive=version == b"1.1", connection=_NO_TOKENS)
-    framing, length = request_framing(c.content_lengths, c.transfer_encodings)
-    tokens = connection_tokens(c.connection)
+                           keep_alive=version == b"1.1", connection=_NO_TOKENS, kinds=c.kinds,
+                           drop_at=c.drop_at)
+    framing, length = request_framing(c.content_lengths or _NO_VALUES,
+                                      c.transfer_encodings or _NO_VALUES)
+    tokens = _tokens(c.connection)
     return MessageHead(method=method, target=target, version=version, headers=c.headers,
                        keep_alive=wants_keep_alive(version, tokens), framing=framing,
-                       content_length=length, upgrade=b"upgrade" in tokens, connection=tokens)
+                       content_length=length, upgrade=b"upgrade" in tokens, connection=tokens,
+                       kinds=c.kinds, drop_at=c.drop_at)
 
 
 def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
                    c: _HeadCollector) -> MessageHead:
-    framing, length = response_framing(status, method, c.content_lengths, c.transfer_encodings)
-    tokens = connection_tokens(c.connection) if c.connection else _NO_TOKENS
+    lengths = c.content_lengths
+    if (lengths is not None and c.transfer_encodings is None and len(lengths) == 1
+            and status >= 200 and status != 204 and status != 304 and method != b"HEAD"
+            and lengths[0].isdigit() and len(lengths[0]) <= 18):
+        length: int | None = int(lengths[0])  # the common response, decided at once
+        framing = LENGTH if length else NO_BODY
+    else:
+        framing, length = response_framing(status, method, lengths or _NO_VALUES,
+                                           c.transfer_encodings or _NO_VALUES)
+    tokens = _tokens(c.connection)
     return MessageHead(status=status, reason=reason, version=version, headers=c.headers,
                        keep_alive=wants_keep_alive(version, tokens), framing=framing,
-                       content_length=length, upgrade=status == 101, connection=tokens)
+                       content_length=length, upgrade=status == 101, connection=tokens,
+                       kinds=c.kinds, drop_at=c.drop_at)
+
+
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+
+
+def _version(text: str) -> bytes:
+    return _VERSIONS.get(text) or text.encode()
 
 
 def _feed_httptools(parser: httptools.HttpRequestParser | httptools.HttpResponseParser,
@@ -168,7 +259,7 @@ class HttptoolsRequestParser(_HeadCollector):
     def on_headers_complete(self) -> None:
         self._in_head = False
         p = self._parser
-        head = _request_head(p.get_method(), self._url, p.get_http_version().encode(), self)
+        head = _request_head(p.get_method(), self._url, _version(p.get_http_version()), self)
         self.reset()  # trailers must not join the head
         self._sink.on_head(head)
 
@@ -213,7 +304,7 @@ class HttptoolsResponseParser(_HeadCollector):
 
     def on_headers_complete(self) -> None:
         p = self._parser
-        head = _response_head(p.get_status_code(), self._reason, p.get_http_version().encode(),
+        head = _response_head(p.get_status_code(), self._reason, _version(p.get_http_version()),
                               self._method, self)
         self.reset()  # trailers must not join the head
         self._sink.on_head(head)

@@ -286,12 +286,12 @@ class HttpDownstream(asyncio.Protocol):
                 self.on_body(value)
             else:
                 self.on_end()
-        exchange = self.starting
-        if exchange is not None:
-            # A pipelined request: its turn comes on the next loop turn, so that a run of
-            # requests answered at once (503s, say) does not recurse.
+        pipelined = self.starting
+        if pipelined is not None:
+            # Its turn comes on the next loop turn, so that a run of requests answered at
+            # once (503s, say) does not recurse.
             self.starting = None
-            self.loop.call_soon(exchange.start)
+            self.loop.call_soon(pipelined.start)
         if self.exchange is None:
             self._arm_header_deadline()
         if not self.queue:

@@ -15,7 +15,7 @@ breaker becomes half-open (pybreaker would only look at the wall clock on its ne
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pybreaker
 
@@ -53,8 +53,16 @@ class _Relay(pybreaker.CircuitBreakerListener):
 
 
 class HostBreaker:
-    __slots__ = ("cb", "reset_timeout", "clock", "opened_at", "trial_in_flight", "on_change",
-                 "state", "name")
+    __slots__ = (
+        "cb",
+        "clock",
+        "name",
+        "on_change",
+        "opened_at",
+        "reset_timeout",
+        "state",
+        "trial_in_flight",
+    )
 
     def __init__(self, name: str, failures: int, reset_timeout: float, *,
                  clock: Callable[[], float] = time.monotonic,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import h11
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.l7.exchange import CONNECT_FAILURE, RESET, TIMEOUT, may_retry
 from proxy.l7.framing import (
@@ -32,6 +34,7 @@ from proxy.l7.headers import (
     encode_response,
 )
 from proxy.l7.message import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, MessageHead, ParseError
+from proxy.l7.parsers import PARSERS
 
 Headers = list[tuple[bytes, bytes]]
 CLIENT_IP = b"192.0.2.7"
@@ -548,3 +551,90 @@ RETRY_TABLE: list[tuple[RetryRow, bool]] = [
 def test_may_retry(row: RetryRow, retry: bool) -> None:
     assert may_retry(row.kind, method=row.method, replayable=row.replayable,
                      attempt=row.attempt, retries=row.retries, retry_on=row.retry_on) is retry
+
+
+# --- the parser's notes give the same forwarding as the full pass -----------------------
+# `encode_request`/`encode_response` skip the pass over every field when the parser noted
+# nothing but hop-by-hop fields to drop (`MessageHead.kinds`, `drop_at`). Heads parsed from
+# random fields must encode to the same bytes with and without those notes.
+
+FIELD_NAMES = [b"Host", b"host", b"HOST", b"Accept", b"Server", b"Date", b"Content-Type",
+               b"Connection", b"connection", b"CONNECTION", b"Keep-Alive", b"keep-alive",
+               b"Proxy-Connection", b"TE", b"te", b"Trailer", b"Upgrade", b"Close", b"close",
+               b"X-Forwarded-For", b"x-forwarded-for", b"X-Forwarded-Proto", b"X-Custom",
+               b"Content-Length", b"Transfer-Encoding"]
+CONNECTION_VALUES = [b"keep-alive", b"close", b"Keep-Alive", b"close, keep-alive", b"x-custom",
+                     b"upgrade", b"te, trailer", b"Close"]
+fields = st.lists(st.tuples(st.sampled_from(FIELD_NAMES),
+                            st.sampled_from([b"1", b"a b", b"0", b"chunked", b"v "])),
+                  max_size=6)
+
+
+class _Heads:
+    def __init__(self) -> None:
+        self.heads: list[MessageHead] = []
+
+    def on_head(self, head: MessageHead) -> None:
+        self.heads.append(head)
+
+    def on_body(self, data: bytes) -> None:
+        pass
+
+    def on_end(self) -> None:
+        pass
+
+
+def _wire(first: bytes, pairs: Headers) -> bytes:
+    return first + b"".join(n + b": " + v + b"\r\n" for n, v in pairs) + b"\r\n"
+
+
+def _parsed(data: bytes, parser_name: str, side: int) -> MessageHead | None:
+    sink = _Heads()
+    parser = PARSERS[parser_name][side](sink, 65536)
+    if side:
+        parser.expect(b"GET")
+    try:
+        parser.feed(data)
+    except ParseError:
+        return None
+    return sink.heads[0] if sink.heads else None
+
+
+def _without_notes(head: MessageHead) -> MessageHead:
+    return MessageHead(method=head.method, target=head.target, status=head.status,
+                       reason=head.reason, version=head.version, headers=head.headers,
+                       keep_alive=head.keep_alive, framing=head.framing,
+                       content_length=head.content_length, upgrade=head.upgrade,
+                       connection=head.connection)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pairs=fields, connection=st.lists(st.sampled_from(CONNECTION_VALUES), max_size=2),
+       version=st.sampled_from([b"1.1", b"1.0"]), parser_name=st.sampled_from(["httptools", "h11"]))
+def test_request_notes_forward_like_the_full_pass(pairs: Headers, connection: list[bytes],
+                                                  version: bytes, parser_name: str) -> None:
+    pairs = [*pairs, *((b"Connection", v) for v in connection)]
+    head = _parsed(_wire(b"GET /p HTTP/" + version + b"\r\n", pairs), parser_name, 0)
+    if head is None:
+        return
+    assert head.kinds is not None
+    fast = encode_request(head, client_ip=CLIENT_IP, default_host=UPSTREAM)
+    assert fast == encode_request(_without_notes(head), client_ip=CLIENT_IP,
+                                  default_host=UPSTREAM)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pairs=fields, connection=st.lists(st.sampled_from(CONNECTION_VALUES), max_size=2),
+       status=st.sampled_from([200, 204, 404, 503]), request_version=st.sampled_from([b"1.1", b"1.0"]),
+       keep=st.booleans(), parser_name=st.sampled_from(["httptools", "h11"]))
+def test_response_notes_forward_like_the_full_pass(pairs: Headers, connection: list[bytes],
+                                                   status: int, request_version: bytes,
+                                                   keep: bool, parser_name: str) -> None:
+    pairs = [*pairs, *((b"Connection", v) for v in connection)]
+    head = _parsed(_wire(b"HTTP/1.1 %d X\r\n" % status, pairs), parser_name, 1)
+    if head is None:
+        return
+    assert head.kinds is not None
+    fast = encode_response(head, request_version=request_version, request_keep_alive=keep)
+    assert fast == encode_response(_without_notes(head), request_version=request_version,
+                                   request_keep_alive=keep)
