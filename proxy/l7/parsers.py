@@ -197,7 +197,8 @@ def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
-def _version(text: str) -> bytes:
+def _http_version(parser: httptools.HttpRequestParser | httptools.HttpResponseParser) -> bytes:
+    text = parser.get_http_version()
     return _VERSIONS.get(text) or text.encode()
 
 
@@ -245,7 +246,8 @@ class HttptoolsRequestParser(_HeadCollector):
 
     def on_message_begin(self) -> None:
         self._url = b""
-        self.reset()
+        if self.headers:  # trailers of the previous message (the head reset the rest)
+            self.reset()
         self._in_head = True
         self._began_here = True
         self._fed_in_head = 0
@@ -259,7 +261,7 @@ class HttptoolsRequestParser(_HeadCollector):
     def on_headers_complete(self) -> None:
         self._in_head = False
         p = self._parser
-        head = _request_head(p.get_method(), self._url, _version(p.get_http_version()), self)
+        head = _request_head(p.get_method(), self._url, _http_version(p), self)
         self.reset()  # trailers must not join the head
         self._sink.on_head(head)
 
@@ -297,14 +299,15 @@ class HttptoolsResponseParser(_HeadCollector):
 
     def on_message_begin(self) -> None:
         self._reason = b""
-        self.reset()
+        if self.headers:  # trailers of the previous message (the head reset the rest)
+            self.reset()
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_headers_complete(self) -> None:
         p = self._parser
-        head = _response_head(p.get_status_code(), self._reason, _version(p.get_http_version()),
+        head = _response_head(p.get_status_code(), self._reason, _http_version(p),
                               self._method, self)
         self.reset()  # trailers must not join the head
         self._sink.on_head(head)

@@ -210,7 +210,7 @@ class HttpDownstream(asyncio.Protocol):
             self.queue.append(("head", head))
             self._set_paused(_PAUSE_PIPELINE, True)
             return
-        self._clear_header_deadline()
+        self.head_deadline = INFINITY
         self.exchange = self.starting = Exchange(self, head)
         self.in_request = True
 
@@ -293,9 +293,10 @@ class HttpDownstream(asyncio.Protocol):
             self.starting = None
             self.loop.call_soon(pipelined.start)
         if self.exchange is None:
-            self._arm_header_deadline()
+            self.head_deadline = self.loop.time() + self.cfg.header_timeout
         if not self.queue:
-            self._set_paused(_PAUSE_PIPELINE, False)
+            if self.paused:
+                self._set_paused(_PAUSE_PIPELINE, False)
         elif self.transport is not None and not self.paused:
             self.transport.resume_reading()
 

@@ -117,7 +117,8 @@ class Exchange:
         self.chunk_response = False
         self.client_keep = head.keep_alive
         self.out: list[bytes] = []  # for the client, written once per read of the instance
-        self.upgrade = is_upgrade_request(head)  # a 101 hands both connections to a tunnel
+        # A 101 hands both connections to a tunnel.
+        self.upgrade = head.upgrade and is_upgrade_request(head)
         self.started = self.loop.time()
         self.request_bytes = encode_request(head, client_ip=down.client_ip,
                                             default_host=self.runtime.name.encode())
@@ -126,24 +127,33 @@ class Exchange:
     def start(self) -> None:
         """Begin the exchange (after the read that completed the request head)."""
         self.runtime.in_flight += 1
-        self._guarded(self._next_attempt)
+        try:
+            self._next_attempt()
+        except Exception:  # noqa: BLE001 -- _failed logs it
+            self._failed()
 
     def settle(self) -> None:
         """Handle the outcome reported during the instance's read that just ended."""
         outcome = self.settled
         if outcome is not None:
             self.settled = None
-            self._guarded(self._attempt_over, outcome)
+            try:
+                self._attempt_over(outcome)
+            except Exception:  # noqa: BLE001 -- _failed logs it
+                self._failed()
 
     def _guarded(self, step: Callable[..., None], *args: object) -> None:
         """Run one step; a bug costs this request, never the listener."""
         try:
             step(*args)
-        except Exception:
-            log.exception("event=exchange_error upstream=%s", self.runtime.name)
-            if not self.response_started:
-                self._respond_error(502, "internal error")
-            self._finish(False)
+        except Exception:  # noqa: BLE001 -- _failed logs it
+            self._failed()
+
+    def _failed(self) -> None:
+        log.exception("event=exchange_error upstream=%s", self.runtime.name)
+        if not self.response_started:
+            self._respond_error(502, "internal error")
+        self._finish(False)
 
     def _next_attempt(self) -> None:
         if self.finished:
@@ -225,7 +235,7 @@ class Exchange:
 
     def _attempt_over(self, outcome: str) -> None:
         """The current attempt ended with `outcome`: finish, retry, or answer an error."""
-        self._clear_deadline()
+        self.deadline = INFINITY
         rt = self.runtime
         host = self.host
         if host is not None:
@@ -268,7 +278,7 @@ class Exchange:
             return
         self.finished = True
         self.runtime.in_flight -= 1
-        self._clear_deadline()
+        self.deadline = INFINITY
         if self.connecting is not None:
             self.connecting.cancel()
         if self.conn is not None:
@@ -313,7 +323,7 @@ class Exchange:
             if not self.response_started and self.head.version == b"1.1":
                 self.out.append(encode_interim(head))
             return
-        self._clear_deadline()
+        self.deadline = INFINITY
         now = self.down.last_activity = self.loop.time()
         host = conn.host
         host.record_latency(now - self.attempt_started)
@@ -443,7 +453,9 @@ class Exchange:
         out = self.out
         if out:
             self.out = []
-            self.down.write(out[0] if len(out) == 1 else b"".join(out))
+            down = self.down
+            if not down.closed and down.transport is not None:
+                down.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _resolve(self, outcome: str, settle_after_read: bool = False) -> None:
         """End the current attempt once. Never handled inside the parser or protocol
@@ -456,9 +468,6 @@ class Exchange:
                 self.settled = outcome
             else:
                 self.loop.call_soon(self._guarded, self._attempt_over, outcome)
-
-    def _clear_deadline(self) -> None:
-        self.deadline = INFINITY
 
     def _respond_error(self, status: int, detail: str) -> bool:
         keep = self.client_keep and self.body_done

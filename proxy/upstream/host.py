@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from proxy.model import Endpoint
-from proxy.upstream.breaker import STATE_NAMES, HostBreaker
+from proxy.upstream.breaker import CLOSED, STATE_NAMES, HostBreaker
 
 # Weight of the newest sample in the latency EWMA: about the last 10 attempts count.
 EWMA_ALPHA = 0.2
@@ -115,8 +115,12 @@ class Host:
         return DRAINING if self.draining else STATE_NAMES[self.breaker.state]
 
     def on_success(self, status: int) -> None:
-        self.consecutive_failures = 0
-        self.breaker.record_success()
+        # A closed breaker with no failure since the last success has nothing to reset
+        # (every failure passes through on_failure): the common case skips the breaker.
+        breaker = self.breaker
+        if self.consecutive_failures or breaker.state != CLOSED:
+            self.consecutive_failures = 0
+            breaker.record_success()
         if status:  # 0: a success without an HTTP status (a TCP connection established)
             counts = self.status_counts
             counts[status] = counts.get(status, 0) + 1
