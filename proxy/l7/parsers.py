@@ -197,7 +197,13 @@ def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
-def _http_version(parser: httptools.HttpRequestParser | httptools.HttpResponseParser) -> bytes:
+def _http_version(parser: httptools.HttpRequestParser | httptools.HttpResponseParser,
+                  known_11: bool) -> bytes:
+    """The message's version. httptools formats it as text on every call (a tenth of the
+    parsing cost of a small request), so a message that starts a read and shows
+    HTTP/1.1 in its first line, which llhttp has just accepted, skips the call."""
+    if known_11:
+        return b"1.1"
     text = parser.get_http_version()
     return _VERSIONS.get(text) or text.encode()
 
@@ -217,7 +223,8 @@ def _feed_httptools(parser: httptools.HttpRequestParser | httptools.HttpResponse
 
 
 class HttptoolsRequestParser(_HeadCollector):
-    __slots__ = ("_began_here", "_fed_in_head", "_in_head", "_parser", "_sink", "_url")
+    __slots__ = ("_began_here", "_fed_in_head", "_idle", "_in_head", "_parser", "_sink", "_url",
+                 "_v11")
 
     def __init__(self, sink: MessageSink, max_head: int) -> None:
         super().__init__(max_head, "request")
@@ -227,10 +234,15 @@ class HttptoolsRequestParser(_HeadCollector):
         self._in_head = False  # a message began and its head is not complete yet
         self._began_here = False  # ... and it began within the current feed
         self._fed_in_head = 0  # bytes of the incomplete head so far (bounds buffering)
+        self._idle = True  # between messages: the next byte starts one
+        self._v11 = False  # the message starting this read has "HTTP/1.1" ending its line
 
     def feed(self, data: bytes) -> int | None:
         carried = self._in_head
         self._began_here = False
+        if self._idle:
+            eol = data.find(b"\n")
+            self._v11 = eol >= 9 and data[eol - 9:eol] == b"HTTP/1.1\r"
         offset = _feed_httptools(self._parser, data)
         if self._in_head:
             if carried and not self._began_here:
@@ -248,6 +260,7 @@ class HttptoolsRequestParser(_HeadCollector):
         self._url = b""
         if self.headers:  # trailers of the previous message (the head reset the rest)
             self.reset()
+        self._idle = False
         self._in_head = True
         self._began_here = True
         self._fed_in_head = 0
@@ -261,7 +274,7 @@ class HttptoolsRequestParser(_HeadCollector):
     def on_headers_complete(self) -> None:
         self._in_head = False
         p = self._parser
-        head = _request_head(p.get_method(), self._url, _http_version(p), self)
+        head = _request_head(p.get_method(), self._url, _http_version(p, self._v11), self)
         self.reset()  # trailers must not join the head
         self._sink.on_head(head)
 
@@ -269,11 +282,13 @@ class HttptoolsRequestParser(_HeadCollector):
         self._sink.on_body(body)
 
     def on_message_complete(self) -> None:
+        self._idle = True
+        self._v11 = False  # a further message in this read does not start it
         self._sink.on_end()
 
 
 class HttptoolsResponseParser(_HeadCollector):
-    __slots__ = ("_done_early", "_method", "_parser", "_reason", "_sink")
+    __slots__ = ("_done_early", "_idle", "_method", "_parser", "_reason", "_sink", "_v11")
 
     def __init__(self, sink: MessageSink, max_head: int) -> None:
         super().__init__(max_head, "response")
@@ -282,6 +297,8 @@ class HttptoolsResponseParser(_HeadCollector):
         self._reason = b""
         self._method = b"GET"
         self._done_early = False
+        self._idle = True  # between messages: the next byte starts one
+        self._v11 = False  # the message starting this read begins with "HTTP/1.1 "
 
     def expect(self, request_method: bytes, upgrade: bool = False) -> None:
         self._method = request_method
@@ -289,10 +306,13 @@ class HttptoolsResponseParser(_HeadCollector):
             # llhttp cannot be told that a response had no body (HEAD): start afresh.
             self._parser = httptools.HttpResponseParser(self)
             self._done_early = False
+            self._idle = True
 
     def feed(self, data: bytes) -> int | None:
         if self._done_early:
             raise ParseError("data after a response without body")
+        if self._idle:
+            self._v11 = data.startswith(b"HTTP/1.1 ")
         return _feed_httptools(self._parser, data)
 
     on_header = _HeadCollector.add
@@ -301,13 +321,14 @@ class HttptoolsResponseParser(_HeadCollector):
         self._reason = b""
         if self.headers:  # trailers of the previous message (the head reset the rest)
             self.reset()
+        self._idle = False
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_headers_complete(self) -> None:
         p = self._parser
-        head = _response_head(p.get_status_code(), self._reason, _http_version(p),
+        head = _response_head(p.get_status_code(), self._reason, _http_version(p, self._v11),
                               self._method, self)
         self.reset()  # trailers must not join the head
         self._sink.on_head(head)
@@ -319,6 +340,8 @@ class HttptoolsResponseParser(_HeadCollector):
         self._sink.on_body(body)
 
     def on_message_complete(self) -> None:
+        self._idle = True
+        self._v11 = False  # a further message in this read does not start it
         if not self._done_early:
             self._sink.on_end()
 
