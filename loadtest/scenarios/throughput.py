@@ -6,7 +6,12 @@ Cases (`--only`), each run once per proxy (`--proxies`), every proxy started fre
   connections map one to one onto backend connections);
 - bulk: N GiB over one connection through each proxy's TCP mode into a sink
   (loadtest/fastbackend.py); MB/s and proxy CPU seconds per GiB;
-- workers: sdproxy alone, `--workers 1` against `--workers 2`.
+- workers: sdproxy alone, `--workers 1` against `--workers 2`;
+- latency: GETs at a fixed rate (`--latency-rate`, open model: each request is due at
+  its time whether or not earlier ones answered) through each proxy in http mode; p50
+  and p99 from the due time. wrk's p99 above is that of a proxy saturated by a closed
+  loop of 50 connections, so it mostly mirrors the throughput gap; this one compares the
+  time each proxy adds to a request at a load all of them carry.
 
 The proxy is pinned to `--proxy-cpus` (core 0); the load generator, nginx, the sink and
 Consul to `--load-cpus` (core 1). On a two-core machine the load side shares a core, so
@@ -32,12 +37,15 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from loadtest import tools
+from loadtest.client import HttpClient, Response
 from loadtest.common import format_table, run_scenario, say, start_consul
+from loadtest.load import Timeline, paced_load, run_async, warm_up
+from loadtest.report import Summary, summarize
 from proxy.devconsul import free_port, free_ports
 
 DESCRIPTION = ("sdproxy vs HAProxy and Envoy on the same backends: requests/s per proxy "
                "CPU-second and p99 (http, tcp, bulk tcp, --workers)")
-CASES = ("http", "tcp", "bulk", "workers")
+CASES = ("http", "tcp", "bulk", "workers", "latency")
 PROXIES = ("sdproxy", "haproxy", "envoy")
 MiB = 1 << 20
 GiB = 1 << 30
@@ -45,13 +53,14 @@ GiB = 1 << 30
 # (case, what is compared, the issue's target). Ratios are sdproxy / HAProxy unless said.
 TARGETS = {
     "http": 0.9,  # req per proxy CPU-second >= 0.9 x HAProxy
-    "http_p99": 1.5,  # p99 <= 1.5 x HAProxy
+    "http_p99": 1.5,  # p99 <= 1.5 x HAProxy (wrk's, and at a fixed rate)
     "tcp": 0.8,  # req per proxy CPU-second >= 0.8 x HAProxy tcp
     "bulk": 2.0,  # bytes per proxy CPU-second >= 2 x HAProxy's default tcp mode
     "workers": 0.95,  # 2 workers: >= 95 % of one worker's req per CPU-second
     "rss_mib": 40.0,  # idle sdproxy with one upstream
 }
-SERVICE = {"http": "web", "tcp": "web-tcp", "bulk": "bulk"}
+SERVICE = {"http": "web", "tcp": "web-tcp", "bulk": "bulk", "latency": "web"}
+HTTP_CASES = ("http", "workers", "latency")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nginx instances (server blocks of one nginx; default 3)")
     parser.add_argument("--bulk-gib", type=float, default=2.0,
                         help="GiB moved through each proxy in the bulk case (default 2)")
+    parser.add_argument("--latency-rate", type=float, default=2000.0,
+                        help="requests/s of the latency case, open model (default 2000)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measured runs per proxy and case; the median (by requests "
                              "per proxy CPU-second) is reported (default 1)")
@@ -107,6 +118,7 @@ class Row:
     proxy: str  # sdproxy, haproxy, envoy; "sdproxy x2" for 2 workers
     rps: float = math.nan  # requests/s (bulk: MB/s)
     p99_ms: float = math.nan
+    p50_ms: float = math.nan  # latency case only
     cpu_s: float = math.nan  # proxy CPU seconds over the measured window
     seconds: float = math.nan  # length of the measured window
     done: float = math.nan  # requests completed (bulk: bytes moved)
@@ -148,7 +160,7 @@ def _start_proxy(env: Env, proxy: str, case: str, *, workers: int = 1,
                  cpus: str | None = None) -> tuple[tools.Proc, int]:
     """Start `proxy` for `case` pinned to `cpus`; (the process, its listening port)."""
     cpus = cpus or env.args.proxy_cpus
-    mode = "http" if case in ("http", "workers") else "tcp"
+    mode = "http" if case in HTTP_CASES else "tcp"
     backends = [("127.0.0.1", env.sink_port)] if case == "bulk" else env.backends
     if proxy == "sdproxy":
         port = free_port()
@@ -209,6 +221,47 @@ def _measure_bulk(env: Env, row: Row, proc: tools.Proc, port: int) -> None:
     _keep_median(row, runs)
 
 
+def _measure_latency(env: Env, row: Row, proc: tools.Proc, port: int) -> None:
+    """`--repeat` runs of paced GETs at `--latency-rate`; the row keeps the median p99."""
+    args = env.args
+    tools.wait_http_ok(port)
+    runs: list[Row] = []
+    for _ in range(args.repeat):
+        one = Row(row.case, row.proxy)
+        pids = proc.pids()
+        before = sum(tools.cpu_seconds(p) for p in pids)
+        started = time.monotonic()
+        summary = run_async(_paced(port, args.latency_rate, args.duration))
+        one.seconds = time.monotonic() - started
+        one.cpu_s = sum(tools.cpu_seconds(p) for p in pids) - before
+        one.done = summary.ok
+        one.rps = summary.ok / args.duration
+        one.p50_ms, one.p99_ms = summary.p50 * 1000, summary.p99 * 1000
+        one.errors = (", ".join(f"{n} {kind}" for kind, n in summary.kinds.most_common())
+                      or "0")
+        runs.append(one)
+    ranked = sorted(runs, key=lambda r: r.p99_ms)
+    best = ranked[(len(ranked) - 1) // 2]
+    row.rps, row.p50_ms, row.p99_ms, row.cpu_s = best.rps, best.p50_ms, best.p99_ms, best.cpu_s
+    row.seconds, row.done = best.seconds, best.done
+    errors = [r.errors for r in runs if r.errors != "0"]
+    row.errors = "; ".join(errors) if errors else "0"
+    row.runs = [r.p99_ms for r in runs]
+
+
+async def _paced(port: int, rate: float, duration: float) -> Summary:
+    client = HttpClient()
+    addr = ("127.0.0.1", port)
+
+    async def send() -> Response:
+        return await client.get(addr)
+
+    await warm_up(send, count=200)
+    samples = await paced_load(send, rate=rate, duration=duration, timeline=Timeline())
+    client.close()
+    return summarize(samples)
+
+
 def _keep_median(row: Row, runs: list[Row]) -> None:
     if not runs:
         return
@@ -234,6 +287,8 @@ def _run_one(env: Env, case: str, proxy: str, label: str, *, workers: int = 1,
     try:
         if case == "bulk":
             _measure_bulk(env, row, proc, port)
+        elif case == "latency":
+            _measure_latency(env, row, proc, port)
         else:
             _measure_requests(env, row, proc, port)
         if isinstance(proc, tools.Sdproxy):
@@ -250,6 +305,9 @@ def _run_one(env: Env, case: str, proxy: str, label: str, *, workers: int = 1,
     elif case == "bulk":
         say(f"  {case:8} {label:11} {row.rps:9.0f} MB/s  cpu {row.cpu_s:6.2f}s  "
             f"{row.cpu_per_gib:5.2f} cpu-s/GiB")
+    elif case == "latency":
+        say(f"  {case:8} {label:11} {row.rps:9.0f} req/s  p50 {row.p50_ms:6.2f} ms  "
+            f"p99 {row.p99_ms:6.2f} ms  cpu {row.cpu_s:6.2f}s  errors {row.errors}")
     else:
         say(f"  {case:8} {label:11} {row.rps:9.0f} req/s  p99 {row.p99_ms:7.2f} ms  "
             f"cpu {row.cpu_s:6.2f}s ({row.util:3.0f}%)  {row.per_cpu:8.0f} req/cpu-s  "
@@ -293,7 +351,7 @@ def report(rows: list[Row], rss_mib: float | None, env: Env) -> str:
             return []
         return [f"{min(r.runs):.0f}-{max(r.runs):.0f}" if r.runs else "-"]
 
-    req_rows = [r for r in rows if r.case != "bulk"]
+    req_rows = [r for r in rows if r.case not in ("bulk", "latency")]
     if req_rows:
         out.append("Small requests (wrk "
                    f"-t{env.args.threads} -c{env.args.connections} -d{env.args.duration:g}s, "
@@ -318,6 +376,22 @@ def report(rows: list[Row], rss_mib: float | None, env: Env) -> str:
               _f(r.cpu_per_gib, ".3f"), _f(r.per_cpu, ".0f"), *runs_text(r)]
              if not r.failed else [r.case, r.proxy, f"FAILED: {r.failed[:120]}"]
              for r in bulk]))
+
+    paced = [r for r in rows if r.case == "latency"]
+    if paced:
+        out.append("")
+        out.append(f"Latency at {env.args.latency_rate:g} GETs/s, open model, "
+                   f"{env.args.duration:g} s (from each request's due time; the load "
+                   "generator is Python on the load core"
+                   + (f"; median p99 of {env.args.repeat} runs" if spread else "") + "):")
+        out.append(format_table(
+            ["case", "proxy", "req/s", "p50 ms", "p99 ms", "proxy cpu %",
+             *(["p99 runs min-max"] if spread else []), "errors"],
+            [[r.case, r.proxy, _f(r.rps, ".0f"), _f(r.p50_ms, ".2f"), _f(r.p99_ms, ".2f"),
+              _f(r.util, ".0f"),
+              *([f"{min(r.runs):.2f}-{max(r.runs):.2f}" if r.runs else "-"] if spread else []),
+              r.errors if not r.failed else f"FAILED: {r.failed[:120]}"]
+             for r in paced]))
 
     def get(case: str, proxy: str) -> Row | None:
         return next((r for r in rows if r.case == case and r.proxy == proxy and not r.failed),
@@ -344,9 +418,15 @@ def report(rows: list[Row], rss_mib: float | None, env: Env) -> str:
         if case == "http":
             vs_h = _ratio(p99(case, "sdproxy"), p99(case, "haproxy"))
             vs_e = _ratio(p99(case, "sdproxy"), p99(case, "envoy"))
-            lines.append(["http small: p99 latency", _f(vs_h, ".3f"),
+            lines.append(["http small: p99 latency (wrk, saturated)", _f(vs_h, ".3f"),
                           f"<= {TARGETS['http_p99']:.2f}",
                           _verdict(vs_h, TARGETS["http_p99"], at_least=False), _f(vs_e, ".3f")])
+    if get("latency", "sdproxy") is not None:
+        vs_h = _ratio(p99("latency", "sdproxy"), p99("latency", "haproxy"))
+        vs_e = _ratio(p99("latency", "sdproxy"), p99("latency", "envoy"))
+        lines.append([f"http p99 at {env.args.latency_rate:g} req/s (open model)",
+                      _f(vs_h, ".3f"), f"<= {TARGETS['http_p99']:.2f}",
+                      _verdict(vs_h, TARGETS["http_p99"], at_least=False), _f(vs_e, ".3f")])
     one, two = get("workers", "sdproxy x1"), get("workers", "sdproxy x2")
     if one and two:
         eff = _ratio(two.per_cpu, one.per_cpu)
@@ -376,20 +456,23 @@ def plot(path: str, rows: list[Row]) -> None:
               "haproxy": "#2ca02c", "envoy": "#ff7f0e"}
     for ax, case in zip(axes[0], cases):
         mine = [r for r in rows if r.case == case]
-        values = [0.0 if math.isnan(r.per_cpu) else r.per_cpu for r in mine]
+        shown = [r.p99_ms if case == "latency" else r.per_cpu for r in mine]
+        values = [0.0 if math.isnan(v) else v for v in shown]
         bars = ax.bar([r.proxy for r in mine], values,
                       color=[colors.get(r.proxy, "#7f7f7f") for r in mine])
-        for bar, r in zip(bars, mine):
-            ax.annotate("failed" if r.failed else f"{r.per_cpu:,.0f}",
+        for bar, r, v in zip(bars, mine, shown):
+            ax.annotate("failed" if r.failed else f"{v:,.2f}" if case == "latency" else f"{v:,.0f}",
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
         ax.set_title({"http": "http small (keep-alive)", "tcp": "tcp small requests",
-                      "bulk": "tcp bulk", "workers": "sdproxy --workers"}[case], fontsize=10)
+                      "bulk": "tcp bulk", "workers": "sdproxy --workers",
+                      "latency": "http p99 at a fixed rate"}[case], fontsize=10)
         ax.set_ylabel("MB per proxy CPU-second" if case == "bulk"
+                      else "p99 ms (lower is better)" if case == "latency"
                       else "requests per proxy CPU-second")
         ax.grid(axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle("throughput per proxy CPU-second (higher is better)", fontsize=11)
+    fig.suptitle("throughput per proxy CPU-second (higher is better); latency", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -470,7 +553,8 @@ def _body(stack: contextlib.ExitStack, args: argparse.Namespace, cases: list[str
             continue
         for proxy in proxies:
             rows.append(_run_one(env, case, proxy, proxy))
-    rss = _idle_rss(env) if "sdproxy" in proxies else None
+    # The idle process is measured after one request through it, which needs the backends.
+    rss = _idle_rss(env) if "sdproxy" in proxies and backends else None
 
     say("")
     say(f"throughput report (proxy pinned to CPU {args.proxy_cpus}; wrk, nginx, sink, Consul "
