@@ -147,11 +147,26 @@ def encode_response(head: MessageHead, *, request_version: bytes,
         lines.append(b"Connection: close")
     elif request_version != b"1.1":
         lines.append(b"Connection: keep-alive")
-    reason = head.reason or b"-"
-    status_line = b"HTTP/1.1 %d %s\r\n" % (head.status, reason)
+    status_line = _status_line(head.status, head.reason or b"-")
     if not lines:
         return status_line + _CRLF, chunk, keep
     return b"".join((status_line, _CRLF.join(lines), b"\r\n\r\n")), chunk, keep
+
+
+# Status lines already made, by status: (reason, line). Formatting one costs more than
+# the rest of a small response head; a server repeats a few.
+_STATUS_LINES: dict[int, tuple[bytes, bytes]] = {}
+_STATUS_LINES_MAX = 64
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    known = _STATUS_LINES.get(status)
+    if known is not None and known[0] == reason:
+        return known[1]
+    line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    if len(_STATUS_LINES) < _STATUS_LINES_MAX and len(reason) <= 64:
+        _STATUS_LINES[status] = (reason, line)
+    return line
 
 
 def is_upgrade_request(head: MessageHead) -> bool:

@@ -55,6 +55,7 @@ class HttpListener:
         self.loop = loop
         self.retry_on = frozenset(self.cfg.retry_on)
         self.hash_key = key_function(self.cfg.balance, self.cfg.hash_key)
+        self.default_host = runtime.name.encode()  # Host for an HTTP/1.0 request without one
         self.connections = 0
         self.rejected_connections = 0
         self.open: set[HttpDownstream] = set()

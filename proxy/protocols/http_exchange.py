@@ -121,7 +121,7 @@ class Exchange:
         self.upgrade = head.upgrade and is_upgrade_request(head)
         self.started = self.loop.time()
         self.request_bytes = encode_request(head, client_ip=down.client_ip,
-                                            default_host=self.runtime.name.encode())
+                                            default_host=down.listener.default_host)
 
     # -- the attempts, driven by callbacks -----------------------------------------------
     def start(self) -> None:
@@ -338,8 +338,8 @@ class Exchange:
             self.response_started = True
             self.down.write(encode_switching(head))
             return  # the tunnel starts with on_upstream_switched
-        key = str(status)
-        if status >= 500 and key in self.down.listener.retry_on:
+        key = str(status) if status >= 500 else ""
+        if key and key in self.down.listener.retry_on:
             host.on_failure(status)
             replayable = self.body_log is not None or not self.body_sent
             if (may_retry(key, method=self.head.method, replayable=replayable,
