@@ -46,6 +46,7 @@ DEBIAN_TOOLS: dict[str, tuple[str, str]] = {
     "haproxy": ("haproxy", "/usr/sbin/haproxy"),
     "nginx": ("nginx", "/usr/sbin/nginx"),
     "wrk": ("wrk", "/usr/bin/wrk"),
+    "valgrind": ("valgrind", "/usr/bin/valgrind"),  # bench/profile_http.py --instructions
 }
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 POLICY_RC_D_DENY = ("#!/bin/sh\n# written by sdproxy's loadtest while installing packages\n"
