@@ -32,9 +32,9 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from loadtest.apt import ensure_tools
 from loadtest.benchprocs import Proc, ToolError, cpu_seconds, pin, rss_bytes
@@ -64,6 +64,7 @@ TARGETS = {
     "workers": 0.95,  # 2 workers: >= 95 % of one worker's req per CPU-second
     "rss_mib": 40.0,  # idle sdproxy with one upstream
 }
+T = TypeVar("T")
 SERVICE = {"http": "web", "tcp": "web-tcp", "bulk": "bulk", "latency": "web"}
 HTTP_CASES = ("http", "workers", "latency")
 
@@ -192,13 +193,9 @@ def _measure_requests(env: Env, row: Row, proc: Proc, port: int) -> None:
     runs: list[Row] = []
     for _ in range(args.repeat):
         one = Row(row.case, row.proxy)
-        pids = proc.pids()
-        before = sum(cpu_seconds(p) for p in pids)
-        started = time.monotonic()
-        result = run_wrk(url, duration=args.duration, connections=args.connections,
-                         threads=args.threads, cpus=args.load_cpus, binary=env.tool["wrk"])
-        one.seconds = time.monotonic() - started
-        one.cpu_s = sum(cpu_seconds(p) for p in pids) - before
+        result, one.seconds, one.cpu_s = _timed(proc, lambda: run_wrk(
+            url, duration=args.duration, connections=args.connections, threads=args.threads,
+            cpus=args.load_cpus, binary=env.tool["wrk"]))
         one.rps, one.p99_ms, one.done = result.rps, result.p99_ms, result.requests
         one.errors = result.error_text()
         runs.append(one)
@@ -215,10 +212,8 @@ def _measure_bulk(env: Env, row: Row, proc: Proc, port: int) -> None:
     runs: list[Row] = []
     for _ in range(args.repeat):
         one = Row(row.case, row.proxy)
-        pids = proc.pids()
-        before = sum(cpu_seconds(p) for p in pids)
-        result = run_bulk(port, int(args.bulk_gib * GiB), cpus=args.load_cpus)
-        one.cpu_s = sum(cpu_seconds(p) for p in pids) - before
+        result, _wall, one.cpu_s = _timed(
+            proc, lambda: run_bulk(port, int(args.bulk_gib * GiB), cpus=args.load_cpus))
         one.seconds, one.done, one.rps = result.seconds, result.bytes, result.mb_per_s
         runs.append(one)
     _keep_median(row, runs)
@@ -231,25 +226,15 @@ def _measure_latency(env: Env, row: Row, proc: Proc, port: int) -> None:
     runs: list[Row] = []
     for _ in range(args.repeat):
         one = Row(row.case, row.proxy)
-        pids = proc.pids()
-        before = sum(cpu_seconds(p) for p in pids)
-        started = time.monotonic()
-        summary = run_async(_paced(port, args.latency_rate, args.duration))
-        one.seconds = time.monotonic() - started
-        one.cpu_s = sum(cpu_seconds(p) for p in pids) - before
+        summary, one.seconds, one.cpu_s = _timed(
+            proc, lambda: run_async(_paced(port, args.latency_rate, args.duration)))
         one.done = summary.ok
         one.rps = summary.ok / args.duration
         one.p50_ms, one.p99_ms = summary.p50 * 1000, summary.p99 * 1000
         one.errors = (", ".join(f"{n} {kind}" for kind, n in summary.kinds.most_common())
                       or "0")
         runs.append(one)
-    ranked = sorted(runs, key=lambda r: r.p99_ms)
-    best = ranked[(len(ranked) - 1) // 2]
-    row.rps, row.p50_ms, row.p99_ms, row.cpu_s = best.rps, best.p50_ms, best.p99_ms, best.cpu_s
-    row.seconds, row.done = best.seconds, best.done
-    errors = [r.errors for r in runs if r.errors != "0"]
-    row.errors = "; ".join(errors) if errors else "0"
-    row.runs = [r.p99_ms for r in runs]
+    _keep_median(row, runs, by=lambda r: r.p99_ms)
 
 
 async def _paced(port: int, rate: float, duration: float) -> Summary:
@@ -265,16 +250,27 @@ async def _paced(port: int, rate: float, duration: float) -> Summary:
     return summarize(samples)
 
 
-def _keep_median(row: Row, runs: list[Row]) -> None:
+def _timed(proc: Proc, work: Callable[[], T]) -> tuple[T, float, float]:
+    """work()'s result, the wall seconds it took and the proxy's CPU seconds meanwhile."""
+    pids = proc.pids()
+    before = sum(cpu_seconds(p) for p in pids)
+    started = time.monotonic()
+    result = work()
+    return result, time.monotonic() - started, sum(cpu_seconds(p) for p in pids) - before
+
+
+def _keep_median(row: Row, runs: list[Row],
+                 by: Callable[[Row], float] = lambda r: r.per_cpu) -> None:
+    """The row takes the figures of the median run by `by`; `runs` keeps every run's."""
     if not runs:
         return
-    ranked = sorted(runs, key=lambda r: r.per_cpu)
+    ranked = sorted(runs, key=by)
     best = ranked[(len(ranked) - 1) // 2]
-    row.rps, row.p99_ms, row.cpu_s = best.rps, best.p99_ms, best.cpu_s
+    row.rps, row.p50_ms, row.p99_ms, row.cpu_s = best.rps, best.p50_ms, best.p99_ms, best.cpu_s
     row.seconds, row.done = best.seconds, best.done
     errors = [r.errors for r in runs if r.errors != "0"]
     row.errors = "; ".join(errors) if errors else "0"
-    row.runs = [r.per_cpu for r in runs]
+    row.runs = [by(r) for r in runs]
 
 
 def _run_one(env: Env, case: str, proxy: str, label: str, *, workers: int = 1,
