@@ -107,6 +107,10 @@ class H11ResponseParser:
             if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
                 return None
             if event is h11.PAUSED:
+                if self._conn.their_state is not h11.SWITCHED_PROTOCOL:
+                    # Bytes after a complete response, which no request asked for: the
+                    # connection is out of step (llhttp reports the same as an error).
+                    raise ParseError("data after a complete response")
                 trailing, _closed = self._conn.trailing_data
                 return len(data) - len(trailing)
             if isinstance(event, (h11.Response, h11.InformationalResponse)):

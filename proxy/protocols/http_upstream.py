@@ -113,6 +113,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_head(self, head: MessageHead) -> None:
         if self.exchange is not None:
             self.exchange.on_response_head(self, head)
+        else:  # a response nobody asked for (after the one that ended): out of step
+            self.host.pool.discard(self)
+            self.close()
 
     def on_body(self, data: bytes) -> None:
         if self.exchange is not None:

@@ -142,6 +142,45 @@ while True:
     threading.Thread(target=handle, args=(conn,), daemon=True).start()
 """
 
+# Answers every request on a connection with a complete response followed, in the same
+# write, by TRAILER: bytes that are not HTTP, or a second response nobody asked for. The
+# body names the connection ("c1", "c2", ...).
+TRAILING_BYTES = r"""
+import itertools, socket, sys, threading
+
+TRAILER = {"junk": b"\x00\x01 not http\r\n\r\n",
+           "response": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra"}[sys.argv[1]]
+
+counter = itertools.count(1)
+
+def handle(conn, number):
+    body = b"c%d" % number
+    buf = b""
+    try:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            _head, _, buf = buf.partition(b"\r\n\r\n")
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                         + TRAILER)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 0))
+srv.listen(128)
+print(f"event=backend_listening name=garbage port={srv.getsockname()[1]}", flush=True)
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=handle, args=(conn, next(counter)), daemon=True).start()
+"""
+
 
 # -- a. a registered, passing instance whose port nobody listens on -------------------------
 @PARSERS
@@ -541,3 +580,24 @@ async def test_panic_rule_all_breakers_open_recovers_without_reset_timeout(
     for _ in range(5):  # keeps working: a2 serves, failing over from dead b if picked
         resp = await fetch(addr)
         assert (resp.status, resp.text) == (200, "a2")
+
+
+# -- h. bytes after a complete response ------------------------------------------------------
+@PARSERS
+@pytest.mark.parametrize("trailer", ["junk", "response"])
+async def test_bytes_after_a_response_spoil_only_that_connection(
+        http_parser: str, trailer: str, service_name: ServiceName, proxy_for: ProxyFor,
+        spawn: Spawn) -> None:
+    """The response is delivered whole; the connection that carried more after it is never
+    used again (each request gets a new one), and the proxy keeps serving."""
+    svc = service_name("junk")
+    backend = spawn(TRAILING_BYTES.replace("sys.argv[1]", repr(trailer)), "trailing")
+    proxy, _ = proxy_for(svc, [backend], {"http_parser": http_parser,
+                                          "breaker": {"failures": 100}})
+    addr = proxy.listen(svc)
+    responses = [await fetch(addr, "GET", f"/?i={i}") for i in range(6)]
+    print(f"parser={http_parser} trailer={trailer}: {[(r.status, r.text) for r in responses]}")
+    assert all(r.status == 200 for r in responses)
+    bodies = [r.text for r in responses]
+    assert all(re.fullmatch(r"c\d+", b) for b in bodies), bodies
+    assert len(set(bodies)) == len(bodies), f"a spoiled connection was reused: {bodies}"
