@@ -326,7 +326,7 @@ class Exchange:
         self.deadline = INFINITY
         now = self.down.last_activity = self.loop.time()
         host = conn.host
-        host.record_latency(now - self.attempt_started)
+        host.record_latency(now - self.attempt_started, now)
         status = head.status
         if status == 101:
             if not self.upgrade or self.response_started:

@@ -16,6 +16,9 @@ from proxy.upstream.breaker import CLOSED, STATE_NAMES, HostBreaker
 
 # Weight of the newest sample in the latency EWMA: about the last 10 attempts count.
 EWMA_ALPHA = 0.2
+# An EWMA not refreshed for this long no longer counts (p2c.py says why): the next
+# measurement starts it afresh.
+EWMA_FORGET_AFTER = 10.0
 
 HEALTHY = "healthy"
 DRAINING = "draining"
@@ -84,6 +87,7 @@ class Host:
         "draining",
         "endpoint",
         "ewma",
+        "ewma_at",
         "failures",
         "id",
         "pool",
@@ -103,6 +107,7 @@ class Host:
         self.draining = False
         self.sw_current = 0  # smooth weighted round robin's running weight
         self.ewma = 0.0  # latency of recent attempts, seconds (p2c); 0 until measured
+        self.ewma_at = 0.0  # monotonic time of the last measurement
         self.pool = IdlePool()
         self.breaker = breaker or HostBreaker(endpoint.id, failures=5, reset_timeout=10.0)
 
@@ -125,10 +130,14 @@ class Host:
             counts = self.status_counts
             counts[status] = counts.get(status, 0) + 1
 
-    def record_latency(self, seconds: float) -> None:
-        """An attempt's time to its response head (http) or to connect (tcp)."""
+    def record_latency(self, seconds: float, now: float) -> None:
+        """An attempt's time to its response head (http), measured at monotonic `now`."""
         ewma = self.ewma
-        self.ewma = seconds if ewma == 0.0 else ewma + EWMA_ALPHA * (seconds - ewma)
+        if ewma == 0.0 or now - self.ewma_at > EWMA_FORGET_AFTER:
+            self.ewma = seconds
+        else:
+            self.ewma = ewma + EWMA_ALPHA * (seconds - ewma)
+        self.ewma_at = now
 
     def on_failure(self, status: int = 0) -> None:
         """`status` 0 means no response (connect failure, reset, timeout)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 
@@ -28,7 +29,7 @@ from proxy.upstream.balancers import BALANCERS, Balancer, make_balancer
 from proxy.upstream.balancers import hash as hash_mod
 from proxy.upstream.balancers.hash import ConsistentHash, Ring, key_hash
 from proxy.upstream.balancers.least_conn import LeastConnections
-from proxy.upstream.balancers.p2c import PowerOfTwoChoices, cost
+from proxy.upstream.balancers.p2c import FORGET_AFTER, PowerOfTwoChoices, cost
 from proxy.upstream.balancers.random_pick import WeightedRandom
 from proxy.upstream.balancers.round_robin import SmoothWeightedRoundRobin
 from proxy.upstream.breaker import HALF_OPEN, OPEN
@@ -268,6 +269,7 @@ def host_with(hid: str = "h", *, ewma: float = 0.0, active: int = 0, weight: int
               failures: int = 0) -> Host:
     host = Host(endpoint(hid, weight))
     host.ewma, host.active, host.consecutive_failures = ewma, active, failures
+    host.ewma_at = time.monotonic()  # measured just now, on the clock p2c reads by default
     return host
 
 
@@ -317,12 +319,14 @@ def simulate(b: Balancer, hosts: Sequence[Host], latency: dict[str, float], *,
     in_flight: list[tuple[float, int, Host, float]] = []
     counts: Counter[str] = Counter()
     now = 0.0
+    if isinstance(b, PowerOfTwoChoices):
+        b.clock = lambda: now  # p2c reads EWMA ages on the simulation's clock
     for seq in range(requests):
         now += rng.expovariate(1.0 / interval)
         while in_flight and in_flight[0][0] <= now:
             end, _seq, done, start = heapq.heappop(in_flight)
             done.active -= 1
-            done.record_latency(end - start)
+            done.record_latency(end - start, end)
             if done.id in failing:
                 done.on_failure(503)
             else:
@@ -450,6 +454,28 @@ def test_p2c_tcp_mode_nothing_measured_is_least_loaded() -> None:
     # b wins every comparison it is in (half the pairs); the other pairs tie
     assert got["b"] == pytest.approx(1500, rel=0.1)
     assert got["b"] > max(got["a"], got["c"], got["d"])
+
+
+def test_p2c_cost_forgets_an_old_measurement() -> None:
+    host = host_with(ewma=0.5)
+    measured = host.ewma_at
+    assert cost(host, T, now=measured + FORGET_AFTER / 2) == pytest.approx(0.5)
+    assert cost(host, T, now=measured + FORGET_AFTER + 1) == 0.0  # idle: probe it again
+    host.active = 1
+    assert cost(host, T, now=measured + FORGET_AFTER + 1) == pytest.approx(2 * T)
+
+
+def test_p2c_takes_back_a_host_priced_out_by_one_slow_answer() -> None:
+    """Three equally fast hosts; one answered once in 1 s (a pause) just before the run.
+    Its price would keep it out of every comparison, and unpicked it is never measured
+    again; once forgotten it is tried, measures fast, and gets its share back."""
+    hosts = pool(a=1, b=1, paused=1)
+    hosts[2].record_latency(1.0, 0.0)
+    latency = {"a": 0.01, "b": 0.01, "paused": 0.01}
+    share = simulate(PowerOfTwoChoices(random.Random(2)), hosts, latency, interval=0.02,
+                     requests=10_000)  # 200 s of virtual time
+    print(f"shares {share}")
+    assert share["paused"] > 0.25  # out for at most FORGET_AFTER of 200 s
 
 
 def test_p2c_with_tried_compares_the_rest() -> None:
@@ -752,11 +778,11 @@ def test_runtime_p2c_keeps_latency_across_swaps() -> None:
     rt = runtime("p2c", *EPS[:3])
     fast = rt.hosts["web-0"]
     for host in rt.current.hosts:
-        host.record_latency(0.005 if host is fast else 0.050)
+        host.record_latency(0.005 if host is fast else 0.050, time.monotonic())
     rt.on_catalog_answer(CatalogAnswer(EPS[:3] + (endpoint("web-7", port=9007),), index=2))
     assert rt.hosts["web-0"] is fast and fast.ewma == pytest.approx(0.005)
     newcomer = rt.hosts["web-7"]
-    newcomer.record_latency(0.050)
+    newcomer.record_latency(0.050, time.monotonic())
     got = Counter(rt.pick(()).id for _ in range(4000))  # type: ignore[union-attr]
     # fast wins every pair it is in: 1 - (3/4 * 2/3) = half the picks
     assert got["web-0"] == pytest.approx(2000, rel=0.08)

@@ -46,6 +46,16 @@ Cost, the expected time a new request would take there:
   With nothing measured the typical latency is DEFAULT_LATENCY; it is only computed (one
   pass over the candidates) when a drawn candidate needs it and the other does not
   share the same unknown.
+- An EWMA not refreshed for FORGET_AFTER (10 s, the decay time of Finagle's and Linkerd's
+  peak EWMA) is forgotten: the host is read as unmeasured, so it is tried again. Without
+  this, one slow answer (a GC pause) would price a host out of every comparison, and a
+  host that is never picked is never measured again: it would stay out for good. With
+  it, such a host gets one request per FORGET_AFTER, and that answer starts its EWMA
+  afresh (`Host.record_latency`): fast, it is back; slow, it is out for another round.
+  Forgetting rather than fading (Finagle's exp(-age / 10 s)) keeps the weights: under
+  light load a lighter host is measured less often, and a fading price would make it
+  look cheaper than it is (twice its share at one request per 200 ms, in the tests'
+  simulation); no host in use goes 10 s without a measurement.
 
 State: none of its own; `ewma`, `active` and `consecutive_failures` live on `Host` and
 survive snapshot swaps. A first attempt costs two or three `random()` calls, a bisect
@@ -55,32 +65,43 @@ and a few float operations; a retry filters the candidates (one small list).
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Sequence
+import time
+from collections.abc import Callable, Collection, Sequence
 
 from proxy.upstream.balancers.random_pick import WeightedSampler
 from proxy.upstream.breaker import HALF_OPEN
-from proxy.upstream.host import Host
+from proxy.upstream.host import EWMA_FORGET_AFTER, Host
 
 FAILURE_PENALTY = 1.0  # each consecutive failure adds one typical latency
 DEFAULT_LATENCY = 0.05  # seconds; the typical latency while nothing is measured
+FORGET_AFTER = EWMA_FORGET_AFTER  # seconds after which an unrefreshed EWMA no longer counts
 
 
-def typical_latency(hosts: Sequence[Host]) -> float:
+def latency_now(host: Host, now: float | None) -> float:
+    """The host's EWMA as of `now`: 0 (unmeasured) once FORGET_AFTER old (None: as is)."""
+    if now is not None and now - host.ewma_at > FORGET_AFTER:
+        return 0.0
+    return host.ewma
+
+
+def typical_latency(hosts: Sequence[Host], now: float | None = None) -> float:
     """Mean latency EWMA of the measured hosts that did not just fail."""
     total = 0.0
     count = 0
     for host in hosts:
-        ewma = host.ewma
+        ewma = latency_now(host, now)
         if ewma > 0.0 and not host.consecutive_failures:
             total += ewma
             count += 1
     return total / count if count else DEFAULT_LATENCY
 
 
-def cost(host: Host, typical: float, mean_weight: float = 1.0) -> float:
+def cost(host: Host, typical: float, mean_weight: float = 1.0,
+         now: float | None = None) -> float:
     """The module docstring's formula; `typical` as `typical_latency` gives it,
-    `mean_weight` the mean weight of the candidates."""
-    ewma = host.ewma
+    `mean_weight` the mean weight of the candidates, `now` the time the EWMA is read at
+    (None: as last measured)."""
+    ewma = latency_now(host, now)
     active = host.active
     failures = host.consecutive_failures
     if failures:
@@ -96,15 +117,18 @@ def cost(host: Host, typical: float, mean_weight: float = 1.0) -> float:
     return latency * (1.0 + active * mean_weight / (host.endpoint.weight or 1))
 
 
-def _uses_typical(host: Host) -> bool:
-    return bool(host.consecutive_failures) or (host.ewma == 0.0 and host.active > 0)
+def _uses_typical(host: Host, now: float) -> bool:
+    return bool(host.consecutive_failures) or (
+        host.active > 0 and latency_now(host, now) == 0.0)
 
 
 class PowerOfTwoChoices:
-    __slots__ = ("_sampler", "rng")
+    __slots__ = ("_sampler", "clock", "rng")
 
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.rng = rng or random.Random()
+        self.clock = clock  # the clock Host.record_latency's `now` is read on
         self._sampler = WeightedSampler(self.rng)
 
     def pick(self, hosts: Sequence[Host], tried: Collection[Host],
@@ -123,17 +147,18 @@ class PowerOfTwoChoices:
             second += 1
         a = candidates[first]
         b = candidates[second]
-        if _uses_typical(a) or _uses_typical(b):
+        now = self.clock()
+        if _uses_typical(a, now) or _uses_typical(b, now):
             if (not a.consecutive_failures and not b.consecutive_failures
-                    and a.ewma == 0.0 and b.ewma == 0.0):
+                    and latency_now(a, now) == 0.0 and latency_now(b, now) == 0.0):
                 typical = 1.0  # both unmeasured: the common L cancels out
             else:
-                typical = typical_latency(hosts)
+                typical = typical_latency(hosts, now)
         else:
             typical = DEFAULT_LATENCY  # unused by either cost
         mean_weight = sampler.last_total / n or 1.0
-        cost_a = cost(a, typical, mean_weight)
-        cost_b = cost(b, typical, mean_weight)
+        cost_a = cost(a, typical, mean_weight, now)
+        cost_b = cost(b, typical, mean_weight, now)
         if cost_a < cost_b:
             return a
         if cost_b < cost_a:
