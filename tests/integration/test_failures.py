@@ -104,12 +104,33 @@ async def wait_state(proxy: ProxyProcess, upstream: str, endpoint_id: str, state
     return None
 
 
+# The listening half of the raw instances below (run as `python -c`): each accepted
+# connection goes to `handle(conn, number)` in a thread, numbered from 1.
+_SERVE = r"""
+import itertools, socket, threading
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 0))
+srv.listen(128)
+print(f"event=backend_listening name=NAME port={srv.getsockname()[1]}", flush=True)
+for number in itertools.count(1):
+    conn, _ = srv.accept()
+    threading.Thread(target=handle, args=(conn, number), daemon=True).start()
+"""
+
+
+def raw_instance(name: str, handler: str) -> str:
+    """A script for `spawn`: `handler` defines handle(conn, number)."""
+    return handler + _SERVE.replace("NAME", name)
+
+
 # A test-owned instance that reads each whole request (head and Content-Length body), then
 # resets the connection (SO_LINGER 0 -> RST) without a byte of response, whatever the path.
-RESETTER = r"""
-import socket, struct, threading
+RESETTER = raw_instance("resetter", r"""
+import socket, struct
 
-def handle(conn):
+def handle(conn, _number):
     try:
         buf = b""
         while b"\r\n\r\n" not in buf:
@@ -131,28 +152,18 @@ def handle(conn):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     finally:
         conn.close()
+""")
 
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 0))
-srv.listen(128)
-print(f"event=backend_listening name=resetter port={srv.getsockname()[1]}", flush=True)
-while True:
-    conn, _ = srv.accept()
-    threading.Thread(target=handle, args=(conn,), daemon=True).start()
-"""
+# After each response, in the same write: bytes that are not HTTP, or a second response
+# nobody asked for.
+TRAILERS = {"junk": b"\x00\x01 not http\r\n\r\n",
+            "response": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra"}
 
-# Answers every request on a connection with a complete response followed, in the same
-# write, by TRAILER: bytes that are not HTTP, or a second response nobody asked for. The
-# body names the connection ("c1", "c2", ...).
-TRAILING_BYTES = r"""
-import itertools, socket, sys, threading
 
-TRAILER = {"junk": b"\x00\x01 not http\r\n\r\n",
-           "response": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra"}[sys.argv[1]]
-
-counter = itertools.count(1)
-
+def trailing_bytes(trailer: bytes) -> str:
+    """An instance that answers every request with a complete response followed by
+    `trailer` in one write; the body names the connection ("c1", "c2", ...)."""
+    return raw_instance("trailing", f"TRAILER = {trailer!r}\n" + r"""
 def handle(conn, number):
     body = b"c%d" % number
     buf = b""
@@ -170,16 +181,7 @@ def handle(conn, number):
         pass
     finally:
         conn.close()
-
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 0))
-srv.listen(128)
-print(f"event=backend_listening name=garbage port={srv.getsockname()[1]}", flush=True)
-while True:
-    conn, _ = srv.accept()
-    threading.Thread(target=handle, args=(conn, next(counter)), daemon=True).start()
-"""
+""")
 
 
 # -- a. a registered, passing instance whose port nobody listens on -------------------------
@@ -591,7 +593,7 @@ async def test_bytes_after_a_response_spoil_only_that_connection(
     """The response is delivered whole; the connection that carried more after it is never
     used again (each request gets a new one), and the proxy keeps serving."""
     svc = service_name("junk")
-    backend = spawn(TRAILING_BYTES.replace("sys.argv[1]", repr(trailer)), "trailing")
+    backend = spawn(trailing_bytes(TRAILERS[trailer]), "trailing")
     proxy, _ = proxy_for(svc, [backend], {"http_parser": http_parser,
                                           "breaker": {"failures": 100}})
     addr = proxy.listen(svc)
