@@ -57,7 +57,8 @@ class BreakerConfig:
 
 @dataclass(frozen=True)
 class RetryBudgetConfig:
-    """Retries in flight <= max(min_concurrency, percent % of requests in flight)."""
+    """Retries in flight <= max(min_concurrency, percent % of requests in flight); a
+    failed connect is retried whatever the budget (`UpstreamRuntime.retry_allowed`)."""
 
     percent: float = 20.0
     min_concurrency: int = 3

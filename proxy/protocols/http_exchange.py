@@ -261,7 +261,7 @@ class Exchange:
         if (may_retry(outcome, method=self.head.method, replayable=replayable,
                       attempt=self.attempt, retries=cfg.retries,
                       retry_on=self.down.listener.retry_on)
-                and rt.has_untried(self.tried) and rt.retry_allowed()):
+                and rt.has_untried(self.tried) and rt.retry_allowed(outcome)):
             rt.count_failover(outcome)
             self._guarded(self._next_attempt)
             return
@@ -345,7 +345,8 @@ class Exchange:
             if (may_retry(key, method=self.head.method, replayable=replayable,
                           attempt=self.attempt, retries=self.cfg.retries,
                           retry_on=self.down.listener.retry_on)
-                    and self.runtime.has_untried(self.tried) and self.runtime.retry_allowed()):
+                    and self.runtime.has_untried(self.tried)
+                    and self.runtime.retry_allowed(key)):
                 self.conn = None
                 conn.exchange = None
                 conn.close()

@@ -15,7 +15,8 @@ Invariants:
   the relay ends; `runtime.release(host)` runs exactly once per attempt.
 - A connect failure (refused, reset, `connect_timeout`) counts against that instance and
   is retried on an instance not tried yet, at most `retries` times, only when
-  "connect-failure" is in `retry_on` and the retry budget allows. Nothing reaches the
+  "connect-failure" is in `retry_on` (the retry budget never refuses a failed connect:
+  `UpstreamRuntime.retry_allowed`). Nothing reaches the
   client before an instance accepted; when none does the client is closed without a byte.
 - While connecting, client bytes and EOF are held (relay.Holding, bounded by
   HOLD_HIGH_WATER, then reading pauses) and delivered first once the relay starts.
@@ -222,8 +223,6 @@ class TcpClient(Holding):
             if self.lost or not may_retry(CONNECT_FAILURE, method=b"", replayable=True,
                                           attempt=len(tried), retries=cfg.retries,
                                           retry_on=listener.retry_on):
-                return
-            if not rt.retry_allowed():
                 return
             rt.count_failover(CONNECT_FAILURE)
 

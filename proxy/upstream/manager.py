@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from proxy.config import UpstreamConfig
+from proxy.l7.exchange import CONNECT_FAILURE
 from proxy.model import CatalogAnswer, Endpoint
 from proxy.upstream.balancers import Balancer, make_balancer
 from proxy.upstream.breaker import CLOSED, HALF_OPEN, OPEN, HostBreaker
@@ -225,8 +226,16 @@ class UpstreamRuntime:
                 host.breaker.to_half_open()
         return host
 
-    def retry_allowed(self) -> bool:
-        """The retry budget: retries in flight stay within max(min, percent of requests)."""
+    def retry_allowed(self, kind: str) -> bool:
+        """The retry budget: retries in flight stay within max(min, percent of requests).
+
+        It bounds the extra work retries put on instances, so a failed connect (`kind`
+        connect-failure) is always allowed: its request reached no instance, and its retry
+        is the first time any instance works on it. Refusing it would fail requests
+        exactly when an instance dies under load and several connects fail at once.
+        """
+        if kind == CONNECT_FAILURE:
+            return True
         budget = self.config.retry_budget
         limit = max(budget.min_concurrency, self.in_flight * budget.percent / 100.0)
         if self.retries_in_flight < limit:

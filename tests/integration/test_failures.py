@@ -224,6 +224,37 @@ async def test_closed_port_costs_no_client_errors_and_opens_breaker(
     assert failovers == 3
 
 
+async def test_an_empty_retry_budget_still_retries_failed_connects(
+        start_backend: StartBackend, service_name: ServiceName, proxy_for: ProxyFor,
+        spawn: Spawn, request: pytest.FixtureRequest) -> None:
+    """With a budget of zero retries in flight, a refused connect is still retried (its
+    request reached no instance), while a reset after the request was sent is not."""
+    svc = service_name("budget")
+    good = start_backend("good")
+    closed = socket.socket()
+    request.addfinalizer(closed.close)
+    closed.bind(("127.0.0.1", 0))
+    resetter = spawn(RESETTER, "resetter")
+    proxy, _ = proxy_for(svc, [good, (closed.getsockname()[1], "dead"), resetter],
+                         {"retries": 2, "breaker": {"failures": 1000},
+                          "retry_budget": {"percent": 0, "min_concurrency": 0}})
+    addr = proxy.listen(svc)
+    responses = [await fetch(addr, "GET", f"/?i={i}") for i in range(30)]
+    exhausted = metric(metrics_text(proxy), "sdproxy_retry_budget_exhausted_total",
+                       upstream=svc)
+    failovers = metric(metrics_text(proxy), "sdproxy_failovers_total", upstream=svc,
+                       reason="connect-failure")
+    statuses = Counter((r.status, r.text.split(":")[-1].strip()) for r in responses)
+    print(f"{dict(statuses)}; budget refusals {exhausted:g}, connect failovers {failovers:g}")
+    # Round robin sends a third of the first attempts to each: the dead port's are
+    # retried (good, or the resetter and then 502), the resetter's are refused a retry.
+    assert failovers >= 10
+    assert exhausted >= 10
+    assert all(r.status in (200, 502) for r in responses)
+    assert all("reset" in r.text for r in responses if r.status == 502)
+    assert sum(r.status == 200 for r in responses) >= 10
+
+
 # -- b. a hung instance (SIGSTOP) ------------------------------------------------------------
 async def test_hung_instance_costs_at_most_one_request_timeout(
         start_backends: StartBackends, service_name: ServiceName,

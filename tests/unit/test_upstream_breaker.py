@@ -9,6 +9,7 @@ import pytest
 from support.fakes import FakeClock
 
 from proxy.config import BreakerConfig, RetryBudgetConfig, UpstreamConfig
+from proxy.l7.exchange import CONNECT_FAILURE, RESET, TIMEOUT
 from proxy.model import Address, CatalogAnswer, Endpoint
 from proxy.upstream.manager import UpstreamRuntime
 
@@ -116,5 +117,21 @@ def test_retry_budget(in_flight: int, retries_in_flight: int, allowed: bool) -> 
     rt, _ = make_runtime(1, budget=RetryBudgetConfig(percent=20.0, min_concurrency=3))
     rt.in_flight = in_flight
     rt.retries_in_flight = retries_in_flight
-    assert rt.retry_allowed() is allowed
+    assert rt.retry_allowed(RESET) is allowed
     assert rt.budget_exhausted == (0 if allowed else 1)
+
+
+@pytest.mark.parametrize("kind", [RESET, TIMEOUT, "503"])
+def test_retry_budget_applies_to_work_an_instance_may_have_done(kind: str) -> None:
+    rt, _ = make_runtime(1, budget=RetryBudgetConfig(percent=20.0, min_concurrency=3))
+    rt.retries_in_flight = 3
+    assert not rt.retry_allowed(kind)
+
+
+def test_a_failed_connect_is_retried_whatever_the_budget() -> None:
+    """Its request reached no instance: the retry adds no work, and refusing it would
+    fail requests just when an instance dies under load."""
+    rt, _ = make_runtime(1, budget=RetryBudgetConfig(percent=20.0, min_concurrency=3))
+    rt.retries_in_flight = 50
+    assert rt.retry_allowed(CONNECT_FAILURE)
+    assert rt.budget_exhausted == 0
