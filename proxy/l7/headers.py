@@ -9,14 +9,20 @@ re-established by us: Content-Length is forwarded, chunked bodies are re-chunked
 
 from __future__ import annotations
 
+import functools
+
 from proxy.l7.framing import connection_tokens
-from proxy.l7.message import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, MessageHead
-from proxy.l7.parsers import (
+from proxy.l7.message import (
+    CHUNKED,
     FORWARDED_FOR,
     FORWARDED_PROTO,
     HOST,
+    LENGTH,
+    NO_BODY,
     TRANSFER_ENCODING,
+    UNTIL_CLOSE,
     UPGRADE,
+    MessageHead,
 )
 
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -153,20 +159,10 @@ def encode_response(head: MessageHead, *, request_version: bytes,
     return b"".join((status_line, _CRLF.join(lines), b"\r\n\r\n")), chunk, keep
 
 
-# Status lines already made, by status: (reason, line). Formatting one costs more than
-# the rest of a small response head; a server repeats a few.
-_STATUS_LINES: dict[int, tuple[bytes, bytes]] = {}
-_STATUS_LINES_MAX = 64
-
-
+@functools.lru_cache(maxsize=64)
 def _status_line(status: int, reason: bytes) -> bytes:
-    known = _STATUS_LINES.get(status)
-    if known is not None and known[0] == reason:
-        return known[1]
-    line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-    if len(_STATUS_LINES) < _STATUS_LINES_MAX and len(reason) <= 64:
-        _STATUS_LINES[status] = (reason, line)
-    return line
+    # Formatting one costs more than the rest of a small response head; servers repeat a few.
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
 
 
 def is_upgrade_request(head: MessageHead) -> bool:

@@ -16,6 +16,17 @@ LENGTH = 1
 CHUNKED = 2
 UNTIL_CLOSE = 3
 
+# What a parser notes about a field, by name (bits of `MessageHead.kinds`), so that
+# forwarding (headers.py) need not look at every field again.
+HOST = 1
+CONTENT_LENGTH = 2
+TRANSFER_ENCODING = 4
+CONNECTION = 8
+HOP_BY_HOP = 16  # dropped when forwarding (RFC 9110 section 7.6.1)
+UPGRADE = 32
+FORWARDED_FOR = 64
+FORWARDED_PROTO = 128
+
 IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 
@@ -57,9 +68,9 @@ class MessageHead:
         self.framing = framing
         self.content_length = content_length
         self.upgrade = upgrade
-        # What the parser noted while collecting `headers` (bits of parsers.py's field
-        # kinds; None: not known, so forwarding looks at every field) and the indexes of
-        # the hop-by-hop fields among them.
+        # What the parser noted while collecting `headers` (the kind bits above; None:
+        # not known, so forwarding looks at every field) and the indexes of the
+        # hop-by-hop fields among them.
         self.kinds = kinds
         self.drop_at = drop_at
 

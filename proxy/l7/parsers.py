@@ -13,6 +13,7 @@ fields never join the head already delivered (the proxy re-chunks without them).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Protocol
 
@@ -24,7 +25,22 @@ from proxy.l7.framing import (
     response_framing,
     wants_keep_alive,
 )
-from proxy.l7.message import LENGTH, NO_BODY, HeadTooLarge, MessageHead, MessageSink, ParseError
+from proxy.l7.message import (
+    CONNECTION,
+    CONTENT_LENGTH,
+    FORWARDED_FOR,
+    FORWARDED_PROTO,
+    HOP_BY_HOP,
+    HOST,
+    LENGTH,
+    NO_BODY,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    HeadTooLarge,
+    MessageHead,
+    MessageSink,
+    ParseError,
+)
 
 
 class RequestParser(Protocol):
@@ -38,16 +54,6 @@ class ResponseParser(Protocol):
 
     def feed(self, data: bytes) -> int | None: ...
 
-
-# What the collector notes about a field, by name (bits of `MessageHead.kinds`).
-HOST = 1
-CONTENT_LENGTH = 2
-TRANSFER_ENCODING = 4
-CONNECTION = 8
-HOP_BY_HOP = 16  # dropped when forwarding (RFC 9110 section 7.6.1)
-UPGRADE = 32
-FORWARDED_FOR = 64
-FORWARDED_PROTO = 128
 
 _KIND_OF_NAME = {
     b"host": HOST,
@@ -139,21 +145,19 @@ def _appended(values: list[bytes] | None, value: bytes) -> list[bytes]:
 
 _NO_TOKENS: frozenset[bytes] = frozenset()
 _NO_VALUES: list[bytes] = []
-# Connection values seen before, and their tokens: servers and clients repeat a few.
-_TOKENS_SEEN: dict[bytes, frozenset[bytes]] = {}
-_TOKENS_SEEN_MAX = 64
+
+
+@functools.lru_cache(maxsize=64)
+def _tokens_of(value: bytes) -> frozenset[bytes]:
+    # Servers and clients repeat a few Connection values ("keep-alive", "close").
+    return connection_tokens([value])
 
 
 def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
     if values is None:
         return _NO_TOKENS
     if len(values) == 1:
-        tokens = _TOKENS_SEEN.get(values[0])
-        if tokens is None:
-            tokens = connection_tokens(values)
-            if len(_TOKENS_SEEN) < _TOKENS_SEEN_MAX:
-                _TOKENS_SEEN[values[0]] = tokens
-        return tokens
+        return _tokens_of(values[0])
     return connection_tokens(values)
 
 

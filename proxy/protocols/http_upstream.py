@@ -59,6 +59,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = exchange
         self.parser.expect(request_method, upgrade)
 
+    def _drop(self) -> None:
+        """Out of step with its requests: never used again."""
+        self.host.pool.discard(self)
+        self.close()
+
     def park(self) -> bool:
         """Return the connection to its host's pool; False if it must be closed instead."""
         self.exchange = None
@@ -75,8 +80,7 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is None:  # bytes from an idle instance: protocol violation, drop it
-            self.host.pool.discard(self)
-            self.close()
+            self._drop()
             return
         try:
             offset = self.parser.feed(data)
@@ -114,8 +118,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.exchange is not None:
             self.exchange.on_response_head(self, head)
         else:  # a response nobody asked for (after the one that ended): out of step
-            self.host.pool.discard(self)
-            self.close()
+            self._drop()
 
     def on_body(self, data: bytes) -> None:
         if self.exchange is not None:

@@ -130,13 +130,14 @@ class Host:
             counts = self.status_counts
             counts[status] = counts.get(status, 0) + 1
 
+    def latency_at(self, now: float) -> float:
+        """The latency EWMA as of monotonic `now`: 0 (unmeasured) once forgotten."""
+        return 0.0 if now - self.ewma_at > EWMA_FORGET_AFTER else self.ewma
+
     def record_latency(self, seconds: float, now: float) -> None:
         """An attempt's time to its response head (http), measured at monotonic `now`."""
-        ewma = self.ewma
-        if ewma == 0.0 or now - self.ewma_at > EWMA_FORGET_AFTER:
-            self.ewma = seconds
-        else:
-            self.ewma = ewma + EWMA_ALPHA * (seconds - ewma)
+        ewma = self.latency_at(now)
+        self.ewma = seconds if ewma == 0.0 else ewma + EWMA_ALPHA * (seconds - ewma)
         self.ewma_at = now
 
     def on_failure(self, status: int = 0) -> None:

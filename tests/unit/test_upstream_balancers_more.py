@@ -29,11 +29,11 @@ from proxy.upstream.balancers import BALANCERS, Balancer, make_balancer
 from proxy.upstream.balancers import hash as hash_mod
 from proxy.upstream.balancers.hash import ConsistentHash, Ring, key_hash
 from proxy.upstream.balancers.least_conn import LeastConnections
-from proxy.upstream.balancers.p2c import FORGET_AFTER, PowerOfTwoChoices, cost
+from proxy.upstream.balancers.p2c import PowerOfTwoChoices, cost
 from proxy.upstream.balancers.random_pick import WeightedRandom
 from proxy.upstream.balancers.round_robin import SmoothWeightedRoundRobin
 from proxy.upstream.breaker import HALF_OPEN, OPEN
-from proxy.upstream.host import Host
+from proxy.upstream.host import EWMA_FORGET_AFTER, Host
 from proxy.upstream.manager import UpstreamRuntime
 
 MINE = ("least_conn", "random", "p2c", "hash")
@@ -459,10 +459,10 @@ def test_p2c_tcp_mode_nothing_measured_is_least_loaded() -> None:
 def test_p2c_cost_forgets_an_old_measurement() -> None:
     host = host_with(ewma=0.5)
     measured = host.ewma_at
-    assert cost(host, T, now=measured + FORGET_AFTER / 2) == pytest.approx(0.5)
-    assert cost(host, T, now=measured + FORGET_AFTER + 1) == 0.0  # idle: probe it again
+    assert cost(host, T, now=measured + EWMA_FORGET_AFTER / 2) == pytest.approx(0.5)
+    assert cost(host, T, now=measured + EWMA_FORGET_AFTER + 1) == 0.0  # idle: probe it again
     host.active = 1
-    assert cost(host, T, now=measured + FORGET_AFTER + 1) == pytest.approx(2 * T)
+    assert cost(host, T, now=measured + EWMA_FORGET_AFTER + 1) == pytest.approx(2 * T)
 
 
 def test_p2c_takes_back_a_host_priced_out_by_one_slow_answer() -> None:
@@ -475,7 +475,7 @@ def test_p2c_takes_back_a_host_priced_out_by_one_slow_answer() -> None:
     share = simulate(PowerOfTwoChoices(random.Random(2)), hosts, latency, interval=0.02,
                      requests=10_000)  # 200 s of virtual time
     print(f"shares {share}")
-    assert share["paused"] > 0.25  # out for at most FORGET_AFTER of 200 s
+    assert share["paused"] > 0.25  # out for at most EWMA_FORGET_AFTER of 200 s
 
 
 def test_p2c_with_tried_compares_the_rest() -> None:

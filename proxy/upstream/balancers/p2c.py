@@ -46,11 +46,11 @@ Cost, the expected time a new request would take there:
   With nothing measured the typical latency is DEFAULT_LATENCY; it is only computed (one
   pass over the candidates) when a drawn candidate needs it and the other does not
   share the same unknown.
-- An EWMA not refreshed for FORGET_AFTER (10 s, the decay time of Finagle's and Linkerd's
+- An EWMA not refreshed for EWMA_FORGET_AFTER (10 s, the decay time of Finagle's and Linkerd's
   peak EWMA) is forgotten: the host is read as unmeasured, so it is tried again. Without
   this, one slow answer (a GC pause) would price a host out of every comparison, and a
   host that is never picked is never measured again: it would stay out for good. With
-  it, such a host gets one request per FORGET_AFTER, and that answer starts its EWMA
+  it, such a host gets one request per EWMA_FORGET_AFTER, and that answer starts its EWMA
   afresh (`Host.record_latency`): fast, it is back; slow, it is out for another round.
   Forgetting rather than fading (Finagle's exp(-age / 10 s)) keeps the weights: under
   light load a lighter host is measured less often, and a fading price would make it
@@ -70,18 +70,15 @@ from collections.abc import Callable, Collection, Sequence
 
 from proxy.upstream.balancers.random_pick import WeightedSampler
 from proxy.upstream.breaker import HALF_OPEN
-from proxy.upstream.host import EWMA_FORGET_AFTER, Host
+from proxy.upstream.host import Host
 
 FAILURE_PENALTY = 1.0  # each consecutive failure adds one typical latency
 DEFAULT_LATENCY = 0.05  # seconds; the typical latency while nothing is measured
-FORGET_AFTER = EWMA_FORGET_AFTER  # seconds after which an unrefreshed EWMA no longer counts
 
 
 def latency_now(host: Host, now: float | None) -> float:
-    """The host's EWMA as of `now`: 0 (unmeasured) once FORGET_AFTER old (None: as is)."""
-    if now is not None and now - host.ewma_at > FORGET_AFTER:
-        return 0.0
-    return host.ewma
+    """The host's EWMA as of `now` (`Host.latency_at`), or as last measured (None)."""
+    return host.ewma if now is None else host.latency_at(now)
 
 
 def typical_latency(hosts: Sequence[Host], now: float | None = None) -> float:
@@ -117,9 +114,8 @@ def cost(host: Host, typical: float, mean_weight: float = 1.0,
     return latency * (1.0 + active * mean_weight / (host.endpoint.weight or 1))
 
 
-def _uses_typical(host: Host, now: float) -> bool:
-    return bool(host.consecutive_failures) or (
-        host.active > 0 and latency_now(host, now) == 0.0)
+def _uses_typical(host: Host, ewma: float) -> bool:
+    return bool(host.consecutive_failures) or (ewma == 0.0 and host.active > 0)
 
 
 class PowerOfTwoChoices:
@@ -148,9 +144,11 @@ class PowerOfTwoChoices:
         a = candidates[first]
         b = candidates[second]
         now = self.clock()
-        if _uses_typical(a, now) or _uses_typical(b, now):
+        ewma_a = a.latency_at(now)
+        ewma_b = b.latency_at(now)
+        if _uses_typical(a, ewma_a) or _uses_typical(b, ewma_b):
             if (not a.consecutive_failures and not b.consecutive_failures
-                    and latency_now(a, now) == 0.0 and latency_now(b, now) == 0.0):
+                    and ewma_a == 0.0 and ewma_b == 0.0):
                 typical = 1.0  # both unmeasured: the common L cancels out
             else:
                 typical = typical_latency(hosts, now)
