@@ -16,7 +16,9 @@ It keeps relay.py's rules:
 - An error (reset, broken pipe) on either socket aborts both (RST, SO_LINGER 0).
 - idle_timeout: one lazily re-armed timer per relay, from the time of the last splice.
 - `on_done(splice)` is called exactly once, after every descriptor is closed.
-Socket readiness comes from the event loop (add_reader/add_writer, level-triggered).
+Socket readiness comes from the event loop (add_reader/add_writer, level-triggered),
+with one exception: uvloop drops a watch whose socket reports EPOLLERR after calling its
+callbacks once more, so a reader that keeps watching its source checks SO_ERROR itself.
 """
 
 from __future__ import annotations
@@ -167,17 +169,32 @@ class Splice:
         try:
             n = os.splice(d.src_fd, d.wpipe, PIPE_SIZE, flags=_FLAGS)
         except BlockingIOError:
-            return  # a spurious wake-up: nothing to read after all
+            n = -1  # a spurious wake-up: nothing to read after all
         except OSError:
             self._finish(abort=True)
             return
         if n == 0:
             d.eof = True
             self.loop.remove_reader(d.src)
-        else:
+        elif n > 0:
             d.in_pipe = n
             self.last_activity = self.loop.time()
         self._flush(d)
+        if not (d.writing or d.eof or self.closed):
+            # Still watching src. uvloop (libuv's uv_poll) treats EPOLLERR as fatal for a
+            # watch: it calls the reader once more and then drops the watch for good. A
+            # reset that arrived behind queued bytes would then wait, unread, for the idle
+            # timeout; so look for it now, while this is the reader being called.
+            self._abort_on_socket_error(d.src)
+
+    def _abort_on_socket_error(self, sock: socket.socket) -> None:
+        """Abort both sockets when `sock` holds a pending error (a reset, typically)."""
+        try:
+            failed = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        except OSError:
+            failed = True
+        if failed:
+            self._finish(abort=True)
 
     def _on_writable(self, d: _Direction) -> None:
         self._flush(d)

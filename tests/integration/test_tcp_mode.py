@@ -1,9 +1,10 @@
 """End to end, TCP mode: the real proxy process relaying to small TCP servers on loopback.
 
 No Consul here: the upstream uses `discovery = "static"`. The servers are an inline
-script (SERVER_SCRIPT, written to tmp_path and run with the venv's Python) in one of two
+script (SERVER_SCRIPT, written to tmp_path and run with the venv's Python) in one of three
 modes: `echo` sends back every byte (and closes after the client's EOF, once everything
-is echoed) and `source:N` sends N bytes then closes, both with backpressure of their own.
+is echoed), `source:N` sends N bytes then closes, both with backpressure of their own,
+and `reset:N:S` sends up to N bytes for up to S seconds, then resets (printing `reset=K`).
 The proxy is started with `python -m proxy run -c FILE`; the test waits (bounded) for its
 `event=listening upstream=NAME listen=HOST:PORT` line and stops it with SIGTERM. Tests
 that move bulk bytes run twice: with the default movers (on Linux a bulk connection is
@@ -50,7 +51,7 @@ MiB = 1 << 20
 WAIT = 10.0  # seconds: the bound of each single wait
 
 SERVER_SCRIPT = r'''
-"""A TCP test server: `echo` or `source:N`, on 127.0.0.1, printing `port=P` when ready."""
+"""A TCP test server: `echo`, `source:N` or `reset:N:S` on 127.0.0.1, printing `port=P`."""
 import asyncio, sys
 import uvloop
 
@@ -92,6 +93,37 @@ class Source(asyncio.Protocol):
     def connection_lost(self, exc):
         self.left = 0
 
+def serve_bursts_then_reset(total, seconds):
+    """`reset:N:S`: per connection, send up to N bytes for at most S seconds, then reset.
+
+    Blocking sockets, one thread per connection: the reset (SO_LINGER 0 close) lands
+    while the proxy still moves the body, and `reset=K` on stdout says when it was sent.
+    """
+    import itertools, socket, struct, threading, time
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+
+    def handle(conn, number):
+        deadline = time.monotonic() + seconds
+        sent = 0
+        try:
+            while sent < total and (left := deadline - time.monotonic()) > 0:
+                conn.settimeout(left)
+                conn.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass  # timed out: the client (or its buffers) stopped taking bytes
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        print(f"reset={number}", flush=True)
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    print(f"port={srv.getsockname()[1]}", flush=True)
+    for number in itertools.count(1):
+        conn, _ = srv.accept()
+        threading.Thread(target=handle, args=(conn, number), daemon=True).start()
+
 async def main(mode):
     loop = asyncio.get_running_loop()
     if mode == "echo":
@@ -103,7 +135,11 @@ async def main(mode):
     print(f"port={server.sockets[0].getsockname()[1]}", flush=True)
     await asyncio.Event().wait()
 
-uvloop.run(main(sys.argv[1]))
+if sys.argv[1].startswith("reset:"):
+    _, total, seconds = sys.argv[1].split(":")
+    serve_bursts_then_reset(int(total), float(seconds))
+else:
+    uvloop.run(main(sys.argv[1]))
 '''
 
 
@@ -159,22 +195,28 @@ class Proxy:
             time.sleep(0.02)
 
 
-def _read_port(proc: subprocess.Popen[bytes]) -> int:
+def _read_line(proc: subprocess.Popen[bytes], timeout: float = WAIT) -> str:
+    """The next line the server prints (bounded). Reads one byte at a time so that no
+    later line is swallowed: these lines are few and short."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
-    deadline = time.monotonic() + WAIT
-    buf = b""
-    while b"\n" not in buf:
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError("test server printed no port in time")
+            raise AssertionError(f"test server printed no line in {timeout}s (got {line!r})")
         ready, _, _ = select.select([fd], [], [], left)
         if ready:
-            chunk = os.read(fd, 256)
-            if not chunk:
+            byte = os.read(fd, 1)
+            if not byte:
                 raise AssertionError(f"test server exited with {proc.wait(WAIT)}")
-            buf += chunk
-    return int(buf.split(b"\n", 1)[0].decode().partition("port=")[2])
+            line += byte
+    return line.decode().rstrip("\n")
+
+
+def _read_port(proc: subprocess.Popen[bytes]) -> int:
+    return int(_read_line(proc).partition("port=")[2])
 
 
 @pytest.fixture
@@ -511,3 +553,89 @@ def test_sigterm_drains_open_connections_then_closes_them_and_exits_0(
 
     run(main)
     assert proxy.proc.wait(WAIT) == 0, proxy.stderr()
+
+
+# -- a backend reset during a bulk (spliced) transfer ----------------------------------
+RESET_TRIES = 20  # the lost reset was seen in 1-2 tries of 12
+RESET_AFTER = 0.3  # seconds the `reset:` server sends before its reset
+# The client must see the end this soon after the reset. The proxy's idle_timeout is far
+# longer, so a reset the proxy lost shows up as this bound being hit.
+PROMPT = 5.0
+RESET_IDLE_TIMEOUT = "60s"
+
+
+def _pipe_fds(pid: int) -> int:
+    """Pipes the process holds: splice.py keeps its (emptied) pipes for later connections,
+    so more of them after a bulk transfer than before means the splice path ran."""
+    count = 0
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(entry).startswith("pipe:")
+        except OSError:
+            pass  # closed while listed
+    return count
+
+
+def _read_to_end(sock: socket.socket, deadline: float) -> tuple[int, str]:
+    """Read until EOF or a reset: (bytes read, "eof" | "reset"); fail at `deadline`."""
+    got = 0
+    while True:
+        left = deadline - time.monotonic()
+        sock.settimeout(max(left, 0.001))
+        try:
+            data = sock.recv(1 * MiB)
+        except ConnectionResetError:
+            return got, "reset"
+        except TimeoutError:
+            raise AssertionError(f"neither EOF nor reset within {PROMPT}s of the backend's "
+                                 f"reset ({got} bytes read)") from None
+        if not data:
+            return got, "eof"
+        got += len(data)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="splice(2) is Linux-only")
+@pytest.mark.parametrize("client", ["reading", "not-reading"])
+def test_a_backend_reset_during_a_bulk_transfer_reaches_the_client_at_once(
+        start_server: Callable[[str], Server], start_proxy: Callable[..., Proxy],
+        client: str) -> None:
+    """SPEC TCP mode: an error (reset) on either side aborts both.
+
+    The instance sends bulk bytes (so the connection is handed over to splice) and then
+    resets. `reading`: the client reads all along, so the reset lands mid-stream.
+    `not-reading`: the client reads nothing until the instance has reset, so every buffer
+    on the way is full when the reset arrives, and the proxy meets it only after moving
+    megabytes still queued ahead of it.
+    """
+    # Reading, 32 MiB come and go in a few ms, then the reset chases them; not reading,
+    # the buffers on the way (up to ~40 MiB here) fill and the instance gives up.
+    body = 32 * MiB if client == "reading" else 256 * MiB
+    server = start_server(f"reset:{body}:{RESET_AFTER}")
+    proxy = start_proxy([server.endpoint], idle_timeout=RESET_IDLE_TIMEOUT)
+    pipes_before = _pipe_fds(proxy.proc.pid)
+    ends: dict[str, int] = {}
+    total = 0
+    for attempt in range(1, RESET_TRIES + 1):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            if client == "not-reading":
+                # A small window of its own (set before connect), so the instance's bytes
+                # pile up in the proxy rather than in this socket.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.settimeout(WAIT)
+            sock.connect(proxy.listen)
+            if client == "not-reading":
+                assert _read_line(server.proc) == f"reset={attempt}"
+                deadline = time.monotonic() + PROMPT
+            else:
+                deadline = time.monotonic() + RESET_AFTER + PROMPT
+            try:
+                got, end = _read_to_end(sock, deadline)
+            except AssertionError as e:
+                raise AssertionError(f"try {attempt} of {RESET_TRIES}: {e}") from None
+            if client == "reading":
+                assert _read_line(server.proc) == f"reset={attempt}"
+        ends[end] = ends.get(end, 0) + 1
+        total += got
+    print(f"[{client}] {RESET_TRIES} resets: client saw {ends}; {total // MiB} MiB read")
+    assert _pipe_fds(proxy.proc.pid) > pipes_before, "the splice path never ran"
+    proxy.wait_upstream(lambda u: u["connections"] == 0)

@@ -496,6 +496,52 @@ def test_splice_idle_timeout_closes_both_sides() -> None:
     run(main)
 
 
+@needs_splice
+@pytest.mark.parametrize("left", ["reading", "not-reading"])
+def test_splice_a_reset_queued_behind_bytes_still_aborts_the_other_side(left: str) -> None:
+    """`right` sends megabytes, then resets; the reset reaches the Splice behind bytes it
+    has not moved yet. `not-reading`: `left` reads nothing until after the reset, so the
+    source is paused (backpressure) when the reset arrives. Either way `left` must get a
+    reset, not wait for the idle timeout (uvloop stops watching a socket once it reports
+    EPOLLERR, after one last call of its reader)."""
+    async def main() -> None:
+        rig, mover = await spliced_rig()
+        spy = LoopSpy(asyncio.get_running_loop())
+        mover.loop = cast(asyncio.AbstractEventLoop, spy)
+        left_t = cast(asyncio.Transport, rig.left_w.transport)
+
+        async def read_until_reset() -> int:
+            got = 0
+            for _ in range(100_000):  # bounded; 8 MiB arrive in far fewer reads
+                data = await rig.left_r.read(1 * MiB)
+                assert data, "the reset was passed on as a clean EOF"
+                got += len(data)
+            return got
+
+        reading: asyncio.Task[int] | None = None
+        if left == "reading":
+            reading = asyncio.create_task(read_until_reset())
+        else:
+            left_t.pause_reading()
+        rig.right_w.write(os.urandom(8 * MiB))
+        if reading is None:
+            await asyncio.wait_for(spy.writer_added, WAIT)  # towards `left` is full
+            assert mover.ba.writing
+        else:
+            await asyncio.wait_for(rig.right_w.drain(), WAIT)
+        sock = rig.right_w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        rig.right_w.transport.abort()
+        if reading is None:
+            left_t.resume_reading()
+            reading = asyncio.create_task(read_until_reset())
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reading, WAIT)
+        await asyncio.wait_for(rig.done, WAIT)
+
+    run(main)
+
+
 def test_no_hand_over_while_bytes_are_buffered_or_a_side_ended() -> None:
     async def main() -> None:
         rig = await make_rig()
