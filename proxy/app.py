@@ -18,9 +18,11 @@ Signals (SPEC):
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from proxy import logs
 from proxy.config import Config, UpstreamConfig
 from proxy.discovery import Rereadable
 from proxy.discovery.registry import UnsupportedDiscovery, make_watcher
+from proxy.model import Address
 from proxy.protocols import Listener, make_listener
 from proxy.upstream.balancers import make_balancer
 from proxy.upstream.manager import UpstreamRuntime
@@ -111,7 +114,7 @@ class ProxyApp:
                                               backlog=1024)
         except OSError as e:
             listener.close_all()
-            raise StartupError(f"upstream {name}: cannot listen on {addr}: {e.strerror or e}")
+            raise cannot_listen(f"upstream {name}", addr, e) from None
         served.listener, served.server = listener, server
         log.info("event=listening upstream=%s listen=%s mode=%s discovery=%s", name, addr,
                  runtime.config.mode, runtime.config.discovery)
@@ -123,7 +126,7 @@ class ProxyApp:
         try:
             self.admin_runner = await start_admin(self, listen)
         except OSError as e:
-            raise StartupError(f"admin: cannot listen on {listen}: {e.strerror or e}")
+            raise cannot_listen("admin", listen, e) from None
         log.info("event=admin_listening listen=%s", listen)
 
     def _publish(self) -> None:
@@ -266,20 +269,75 @@ class ProxyApp:
         task.add_done_callback(self.retiring.discard)
 
 
+def cannot_listen(what: str, addr: Address, error: OSError) -> StartupError:
+    """The user's message for a listen address that cannot be bound."""
+    if error.errno == errno.EADDRINUSE:
+        return StartupError(f"{what}: address in use: {addr} is held by another process")
+    return StartupError(f"{what}: cannot listen on {addr}: {error.strerror or error}")
+
+
+def refuse_addresses_in_use(config: Config) -> None:
+    """Raise StartupError when another process already holds a listen address of `config`.
+
+    Workers share each listener with SO_REUSEPORT, and the kernel lets any process of the
+    same user join such a group: a second `sdproxy run --workers N` on the same port would
+    start silently and get part of the clients. So before anything of ours binds, every
+    address (each upstream's `listen`, then `admin.listen`) is bound once here without
+    SO_REUSEPORT, which fails while any socket listens there, and released at once.
+    SO_REUSEADDR as the real listeners have it: connections in TIME_WAIT hold nothing.
+    Not listened on, so it never accepts a connection.
+
+    What remains: between this probe and the workers' own binds (process start plus the
+    first-answer wait, at most FIRST_ANSWER_WAIT) a process binding with SO_REUSEPORT can
+    still join, and a listener opened by a SIGHUP reload is not probed.
+    """
+    wanted = [(f"upstream {up.name}", up.listen) for up in config.upstreams]
+    wanted.append(("admin", config.admin.listen))
+    for what, addr in wanted:
+        try:
+            # Every address the name stands for, as loop.create_server binds them.
+            infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except OSError:
+            continue  # the real bind reports an unresolvable host
+        for family, kind, proto, _name, sockaddr in infos:
+            probe = socket.socket(family, kind, proto)
+            try:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(sockaddr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise cannot_listen(what, addr, e) from None
+                # Any other problem (no such local address, a privileged port) is the
+                # real bind's to report, with the message it has always had.
+            finally:
+                probe.close()
+
+
+def _startup_failed(error: StartupError) -> int:
+    log.error('event=startup_failed error="%s"', error)
+    print(f"sdproxy: {error}", file=sys.stderr)
+    return 1
+
+
 def run_process(config: Config, *, reuse_port: bool, admin: bool) -> int:
     app = ProxyApp(config, reuse_port=reuse_port, admin=admin)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(app.serve())
     except StartupError as e:
-        log.error('event=startup_failed error="%s"', e)
-        print(f"sdproxy: {e}", file=sys.stderr)
-        return 1
+        return _startup_failed(e)
     return 0
 
 
 def main(config: Config, workers: int = 1) -> int:
     logs.setup()
+    try:
+        refuse_addresses_in_use(config)
+    except StartupError as e:
+        return _startup_failed(e)
     if workers == 1:
         return run_process(config, reuse_port=False, admin=True)
     return run_workers(config, workers)

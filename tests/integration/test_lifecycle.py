@@ -1,4 +1,5 @@
-"""Life cycle on real processes: SIGTERM drain, SIGHUP reload, instance drain, workers.
+"""Life cycle on real processes: SIGTERM drain, SIGHUP reload, instance drain, workers,
+and a second `sdproxy run` refused on an address the first holds.
 
 Static discovery keeps these tests about the proxy's own life cycle (the catalog side is
 tested elsewhere); one test drains an instance that leaves a real Consul catalog.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +20,13 @@ from typing import Any
 import pytest
 from support.consul import Registration, unique_service
 from support.http import ProtocolError, RawConnection, fetch
-from support.procs import Backend, ProxyProcess
+from support.procs import REPO_ROOT, Backend, ProxyProcess
+from support.tomlconf import build_config
 
 from proxy.devconsul import ConsulAgent
+
+# Bound of a run expected to exit at once (its start-up is a second or two on a busy box).
+RUN_TO_EXIT_TIMEOUT = 10.0
 
 
 def static(*backends: Backend, **keys: Any) -> dict[str, Any]:
@@ -162,16 +169,82 @@ async def test_workers_share_the_listener_and_all_stop_on_sigterm(
     proxy = start_proxy({"web": static(backend)}, workers=2)
     children = _children(proxy.pid)
     assert len(children) == 2
+    await _wait_event(proxy, "listening", 2)  # each worker listens on the shared address
     answers = await asyncio.gather(*(fetch(proxy.listen("web")) for _ in range(40)))
     assert all(r.status == 200 for r in answers)
+    # A reload that adds an upstream opens its listener in every worker.
+    added_port = _free_port()
+    config = Path(proxy.config_path)
+    config.write_text(config.read_text() + (
+        f'\n[[upstreams]]\nname = "added"\nlisten = "127.0.0.1:{added_port}"\n'
+        f'discovery = "static"\nendpoints = ["127.0.0.1:{backend.port}"]\n'))
     proxy.proc.send_signal(signal.SIGHUP)
     await _wait_event(proxy, "reloaded", 2)  # the signal reached every worker
+    assert [e["added"] for e in proxy.events("reloaded")] == ["added", "added"]
+    assert len([e for e in proxy.events("listening") if e["upstream"] == "added"]) == 2
+    answers = await asyncio.gather(*(fetch(("127.0.0.1", added_port)) for _ in range(10)))
+    assert all(r.status == 200 for r in answers)
     proxy.proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(wait_exit, proxy, 5) == 0
     assert all(not os.path.exists(f"/proc/{pid}") or _is_zombie(pid) for pid in children)
 
 
+@pytest.mark.parametrize("second_workers", [1, 2], ids=["second-single", "second-workers"])
+@pytest.mark.parametrize("held", ["upstream", "admin"])
+async def test_a_second_run_on_an_address_the_first_holds_exits_1_naming_it(
+        consul: ConsulAgent, start_backends: Callable[..., list[Backend]],
+        start_proxy: Callable[..., ProxyProcess], tmp_path: Path, held: str,
+        second_workers: int) -> None:
+    """SPEC: `sdproxy run` refuses a listen address another process holds, even with
+    SO_REUSEPORT (which both would use with `--workers`, and the kernel would then split
+    the clients between them): exit 1, "address in use". The first keeps its clients."""
+    first_backend, second_backend = start_backends("first", "second")
+    first = start_proxy({"web": static(first_backend)}, workers=2)
+    web = first.listen("web")
+    web_text = f"{web[0]}:{web[1]}"
+    admin_text = f"{first.admin_addr[0]}:{first.admin_addr[1]}"
+    await _wait_event(first, "listening", 2)  # both of its workers hold `web`
+    second_config = build_config(
+        {"web": static(second_backend,
+                       listen=web_text if held == "upstream" else f"127.0.0.1:{_free_port()}")},
+        admin_listen=admin_text if held == "admin" else f"127.0.0.1:{_free_port()}",
+        consul={"address": consul.http_addr})
+    code, stderr = await asyncio.to_thread(_run_to_exit, second_config, second_workers,
+                                           tmp_path)
+    assert code == 1, f"second sdproxy: exit {code}; stderr:\n{stderr[-2000:]}"
+    address = web_text if held == "upstream" else admin_text
+    assert f"address in use: {address}" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    # Every client still reaches the first proxy (and through it, its own backend).
+    answers = await asyncio.gather(*(fetch(web) for _ in range(20)))
+    assert {r.text for r in answers} == {"first"}
+    assert len(_children(first.pid)) == 2
+
+
 # -- helpers ------------------------------------------------------------------------------
+def _run_to_exit(config_text: str, workers: int, tmp_path: Path) -> tuple[int | None, str]:
+    """Run `sdproxy run` on `config_text` until it exits (bounded): (exit code or None
+    when it was still running, its stderr). Its whole process group is killed after."""
+    config = tmp_path / "second.toml"
+    config.write_text(config_text)
+    cmd = [sys.executable, "-m", "proxy", "run", "-c", str(config), "--workers", str(workers)]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        _out, err = proc.communicate(timeout=RUN_TO_EXIT_TIMEOUT)
+        return proc.returncode, err.decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        return None, "(still running)"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # workers it may have left behind
+        except ProcessLookupError:
+            pass
+        proc.communicate(timeout=5)
+
+
+
 def _free_port() -> int:
     from proxy.devconsul import free_port
 
