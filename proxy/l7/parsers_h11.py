@@ -63,7 +63,7 @@ _TARGET_PREFIX = {
 _PROTOCOL_PREFIX = re.compile(
     rb"(?:H(?:TT?)?|R(?:TS?)?|IC?)?\Z"
     rb"|(?P<p>HTTP|RTSP|ICE)(?P<slash>/(?P<v>[0-9](?:\.[0-9]?)?)?)?(?P<rest>[^ ]*)\Z")
-_REQUEST_WORDS = re.compile(rb"([^ \r\n]*)( +)([^ \r\n]*)", re.S)
+_REQUEST_WORDS = re.compile(rb"([^ \r\n]*)( +)([^ \r\n]*)", re.DOTALL)
 _STATUS_LINE = re.compile(rb"(HTTP|RTSP|ICE)/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\r\n]*))?\r\n")
 _STATUS_PREFIX = re.compile(
     rb"(?:H(?:T(?:TP?)?)?|R(?:T(?:SP?)?)?|I(?:CE?)?)?\Z"
@@ -81,8 +81,8 @@ _EXT_VALUE = rb"=[%s]*(?:%s)?" % (_TCHAR, _QUOTED)
 _EXTENSION = rb";(?:[%s]+(?:%s)?|%s|(?=;))" % (_TCHAR, _EXT_VALUE, _EXT_VALUE)
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:%s)*\r\n" % _EXTENSION)
 _CONTENT_LENGTH = re.compile(rb"[0-9]+[ \t]*")
-_CHUNKED_LAST = re.compile(rb"chunked *", re.I)
-_CONNECTION_WORD = re.compile(rb"(close|keep-alive|upgrade)[ \t]*", re.I)
+_CHUNKED_LAST = re.compile(rb"chunked *", re.IGNORECASE)
+_CONNECTION_WORD = re.compile(rb"(close|keep-alive|upgrade)[ \t]*", re.IGNORECASE)
 
 # llhttp's flags (what it acts on besides our shared rules)
 _F_KEEP_ALIVE, _F_CLOSE, _F_CONN_UPGRADE, _F_CHUNKED = 1, 2, 4, 8
@@ -409,13 +409,14 @@ class _Llhttp:
     def _after_request_head(self, head: MessageHead) -> None:
         flags = self._flags
         has_body = flags & _F_CHUNKED or self._content_length > 0
-        if (flags & _F_UPGRADE and flags & _F_CONN_UPGRADE) or head.method == b"CONNECT":
-            # httptools stops at the head of an upgrade offer; parsers.py serves one with a
-            # body as a plain request.
-            if head.method == b"CONNECT" or not has_body or head.upgrade:
-                self._sink.on_end()
-                self._state = _LEFT_HTTP
-                return
+        # httptools stops at the head of an upgrade offer (and of CONNECT); parsers.py serves
+        # an upgrade offer with a body as a plain request.
+        connect = head.method == b"CONNECT"
+        if connect or (flags & _F_UPGRADE and flags & _F_CONN_UPGRADE
+                       and (not has_body or head.upgrade)):
+            self._sink.on_end()
+            self._state = _LEFT_HTTP
+            return
         if flags & _F_CHUNKED:
             self._state = _CHUNK_SIZE
         elif flags & _F_TRANSFER_ENCODING:

@@ -29,12 +29,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from smuggling_corpus import REQUESTS, RESPONSES, CorpusCase
+from test_l7_parsers import MAX_HEAD, Outcome, Recorder, Step, _drive, cut
 
 from proxy.l7.headers import encode_request, encode_response
 from proxy.l7.message import MessageHead
 from proxy.l7.parsers import PARSERS
-from smuggling_corpus import REQUESTS, RESPONSES, CorpusCase
-from test_l7_parsers import MAX_HEAD, Outcome, Recorder, Step, _drive, cut
 
 EXAMPLES = int(os.environ.get("SDPROXY_FUZZ_EXAMPLES", "0")) or None
 FUZZ = settings(max_examples=EXAMPLES or 150, deadline=None, database=None,
@@ -309,7 +309,7 @@ def test_generated_responses_agree(sample: tuple[list[Step], list[int]]) -> None
 @given(request_stream(), st.sampled_from([64, 128, 256]))
 def test_small_head_limits_agree(sample: tuple[bytes, list[int]], max_head: int) -> None:
     """431 against 400 against accepted, with limits the generated heads cross."""
-    stream, points = sample
+    stream, _points = sample
     assert_same([stream], True, max_head)
 
 
