@@ -15,7 +15,9 @@ Invariants:
   (after what is buffered); the other direction goes on. When both directions ended the
   transports are closed.
 - A close of one side closes the other after flushing what was already accepted; an
-  error (reset) aborts the other, so the peer sees a failure rather than a clean end.
+  error (reset) aborts the other with a reset (SO_LINGER 0), so the peer sees a failure
+  rather than a clean end: a bare `transport.abort()` closes the descriptor, which sends
+  a FIN when nothing is left unread, and a cut stream would look whole.
 - idle_timeout: no byte in either direction for that long aborts both. One timer per
   relay, re-armed lazily from the time of the last chunk (never one timer per chunk).
 - `on_done(relay)` is called exactly once, when both transports are lost, unless the
@@ -31,6 +33,8 @@ no copies, no timers.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import Callable, Iterable
 from typing import cast
 
@@ -45,6 +49,18 @@ BULK_READ = 64 * 1024
 # Bytes a `Holding` protocol keeps (e.g. what a client sends while its instance is being
 # connected) before it stops reading its transport.
 HOLD_HIGH_WATER = 256 * 1024
+RESET_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+def abort_with_reset(transport: asyncio.Transport) -> None:
+    """Abort `transport` so that its peer gets a reset (RST), not a clean FIN."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
+        except OSError:
+            pass  # not a TCP socket, or already gone: a plain abort then
+    transport.abort()
 
 
 class Holding(asyncio.Protocol):
@@ -248,7 +264,7 @@ class Relay:
         for end in (self.a, self.b):
             if not end.lost:
                 if abort:
-                    end.transport.abort()
+                    abort_with_reset(end.transport)
                 else:
                     end.transport.close()
 

@@ -27,11 +27,10 @@ import asyncio
 import fcntl
 import os
 import socket
-import struct
 import sys
 from collections.abc import Callable
 
-from proxy.protocols.relay import Relay
+from proxy.protocols.relay import RESET_LINGER, Relay
 
 # splice(2) is Linux-only; os.splice exists from Python 3.10.
 AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
@@ -41,7 +40,6 @@ AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
 PIPE_SIZE = 256 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 # Empty pipes kept for the next connections: making one costs pipe2, fcntl and two
 # closes, a good part of a short connection's cost. Only a pipe known empty returns.
 PIPE_POOL_SIZE = 64
@@ -249,7 +247,7 @@ class Splice:
         for sock in (self.a, self.b):
             if abort:
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
                 except OSError:
                     pass
             sock.close()

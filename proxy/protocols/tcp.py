@@ -38,7 +38,7 @@ from typing import Protocol
 from proxy.config import UpstreamConfig
 from proxy.l7.exchange import CONNECT_FAILURE, may_retry
 from proxy.protocols import splice
-from proxy.protocols.relay import Holding, Relay
+from proxy.protocols.relay import Holding, Relay, abort_with_reset
 from proxy.upstream.host import Host
 from proxy.upstream.manager import UpstreamRuntime
 
@@ -250,7 +250,7 @@ class TcpClient(Holding):
                 client.writelines(upstream.held)
                 client.close()
             else:
-                client.abort()
+                abort_with_reset(client)
             rt.release(host)
             return
         self.host = host
