@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-SCENARIOS = ("throughput", "failover", "hang", "churn", "dns-vs-proxy", "catalog", "soak")
+SCENARIOS = ("throughput", "failover", "hang", "churn", "dns-vs-proxy", "catalog", "soak", "abuse")
 
 
 def main(argv: list[str] | None = None) -> int:
