@@ -25,9 +25,8 @@ def parse_content_length(values: list[bytes]) -> int:
     return int(text)
 
 
-def is_chunked(transfer_encodings: list[bytes]) -> bool:
-    codings = [c.strip().lower() for value in transfer_encodings for c in value.split(b",")]
-    return bool(codings) and codings[-1] == b"chunked"
+def _codings(transfer_encodings: list[bytes]) -> list[bytes]:
+    return [c.strip().lower() for value in transfer_encodings for c in value.split(b",")]
 
 
 def request_framing(content_lengths: list[bytes],
@@ -36,8 +35,7 @@ def request_framing(content_lengths: list[bytes],
     if transfer_encodings:
         if content_lengths:
             raise ParseError("both Content-Length and Transfer-Encoding")
-        codings = [c.strip().lower() for v in transfer_encodings for c in v.split(b",")]
-        if codings != [b"chunked"]:
+        if _codings(transfer_encodings) != [b"chunked"]:
             # Other codings would be lost when we re-chunk the body: refuse, as h11 does.
             raise ParseError("Transfer-Encoding other than chunked")
         return CHUNKED, None
@@ -52,7 +50,11 @@ def response_framing(status: int, request_method: bytes, content_lengths: list[b
     """(framing, content_length) of a response to `request_method` (RFC 9112 6.3)."""
     if request_method == b"HEAD" or status < 200 or status in (204, 304):
         return NO_BODY, None
-    if transfer_encodings and is_chunked(transfer_encodings):
+    if transfer_encodings:
+        # Any coding but a final chunked would reach the client undone, or be dropped with
+        # the hop-by-hop field when we re-chunk: neither is the response the instance sent.
+        if _codings(transfer_encodings) != [b"chunked"]:
+            raise ParseError("Transfer-Encoding other than chunked")
         return CHUNKED, None
     if content_lengths and not transfer_encodings:
         length = parse_content_length(content_lengths)

@@ -14,6 +14,7 @@ fields never join the head already delivered (the proxy re-chunks without them).
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator, Mapping
 from typing import Protocol
 
@@ -26,6 +27,7 @@ from proxy.l7.framing import (
     wants_keep_alive,
 )
 from proxy.l7.message import (
+    CHUNKED,
     CONNECTION,
     CONTENT_LENGTH,
     FORWARDED_FOR,
@@ -61,7 +63,7 @@ _KIND_OF_NAME = {
     b"transfer-encoding": TRANSFER_ENCODING | HOP_BY_HOP,
     b"connection": CONNECTION | HOP_BY_HOP,
     b"keep-alive": HOP_BY_HOP,
-    b"proxy-connection": HOP_BY_HOP,
+    b"proxy-connection": CONNECTION | HOP_BY_HOP,  # llhttp honours its `close`
     b"te": HOP_BY_HOP,
     b"trailer": HOP_BY_HOP,
     b"upgrade": UPGRADE | HOP_BY_HOP,
@@ -107,7 +109,8 @@ class _HeadCollector:
         size = self.head_size = self.head_size + len(name) + len(value) + 4
         if size > self.max_head:
             raise HeadTooLarge(f"{self.what} head larger than {self.max_head} bytes")
-        if value and value[-1] in _OWS:  # llhttp keeps trailing OWS; h11 does not
+        trailing_ows = bool(value) and value[-1] in _OWS
+        if trailing_ows:  # llhttp keeps trailing OWS; h11 does not
             value = value.rstrip(b" \t")
         headers = self.headers
         kind = _KINDS.get(name)
@@ -131,6 +134,8 @@ class _HeadCollector:
         elif kind == CONTENT_LENGTH:
             self.content_lengths = _appended(self.content_lengths, value)
         elif kind & TRANSFER_ENCODING:
+            if trailing_ows:  # llhttp does not read `chunked<TAB>` as chunked: no agreement
+                raise ParseError("Transfer-Encoding with trailing whitespace")
             self.transfer_encodings = _appended(self.transfer_encodings, value)
         elif kind & CONNECTION:
             self.connection = _appended(self.connection, value)
@@ -161,11 +166,42 @@ def _tokens(values: list[bytes] | None) -> frozenset[bytes]:
     return connection_tokens(values)
 
 
+def _check_target(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    """RFC 9112 section 3.2: origin-form, absolute-form naming the Host, or `*` (OPTIONS).
+    A fragment is never sent (RFC 9110 section 4.2.5); a target that names another host
+    than Host would route one way here and another way behind us."""
+    if b"#" in target:
+        raise ParseError("request target with a fragment (#)")
+    if target[:1] == b"/":
+        return
+    if target == b"*" and method == b"OPTIONS":
+        return
+    scheme, sep, rest = target.partition(b"://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _DEFAULT_PORTS:
+        raise ParseError("request target not in origin or absolute form")
+    authority = rest.split(b"/", 1)[0].split(b"?", 1)[0]
+    host = next((v for n, v in headers if len(n) == 4 and n.lower() == b"host"), None)
+    if host is None or _authority(authority, scheme) != _authority(host, scheme):
+        raise ParseError("absolute request target naming another host than Host")
+
+
+_DEFAULT_PORTS = {b"http": b"80", b"https": b"443"}
+
+
+def _authority(authority: bytes, scheme: bytes) -> bytes:
+    host = authority.strip().lower()
+    default = b":" + _DEFAULT_PORTS[scheme]
+    return host[:-len(default)] if host.endswith(default) else host
+
+
 def _request_head(method: bytes, target: bytes, version: bytes, c: _HeadCollector) -> MessageHead:
     if version != b"1.1" and version != b"1.0":
         raise ParseError(f"unsupported HTTP version {version.decode(errors='replace')}")
     if c.hosts > 1 or (not c.hosts and version == b"1.1"):
         raise ParseError("more than one Host" if c.hosts else "missing Host")
+    if target[:1] != b"/" or b"#" in target:
+        _check_target(method, target, c.headers)
     if not (c.content_lengths or c.transfer_encodings or c.connection):
         # The common request (no body, no Connection field): nothing to decide.
         return MessageHead(method=method, target=target, version=version, headers=c.headers,
@@ -174,14 +210,32 @@ def _request_head(method: bytes, target: bytes, version: bytes, c: _HeadCollecto
     framing, length = request_framing(c.content_lengths or _NO_VALUES,
                                       c.transfer_encodings or _NO_VALUES)
     tokens = _tokens(c.connection)
+    # RFC 9112 section 6.1: HTTP/1.0 with Transfer-Encoding is served, then the connection
+    # closes (its framing cannot be trusted by whoever reads after it).
+    keep_alive = wants_keep_alive(version, tokens) and not (
+        c.transfer_encodings and version == b"1.0")
+    # An upgrade offered with a body is not passed on: the switch would come after a body
+    # the instance reads as HTTP, and llhttp stops at the head of such a request. The
+    # request is served as a plain one (Upgrade is hop-by-hop, so it is dropped).
     return MessageHead(method=method, target=target, version=version, headers=c.headers,
-                       keep_alive=wants_keep_alive(version, tokens), framing=framing,
-                       content_length=length, upgrade=b"upgrade" in tokens, connection=tokens,
+                       keep_alive=keep_alive, framing=framing, content_length=length,
+                       upgrade=b"upgrade" in tokens and framing == NO_BODY, connection=tokens,
                        kinds=c.kinds, drop_at=c.drop_at)
+
+
+_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
 
 
 def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
                    c: _HeadCollector) -> MessageHead:
+    if version != b"1.1" and version != b"1.0":
+        raise ParseError(f"unsupported HTTP version {version.decode(errors='replace')}")
+    if status < 100:
+        raise ParseError(f"invalid status {status}")
+    if status < 200 and (c.content_lengths or c.transfer_encodings):
+        raise ParseError("a 1xx response with a body")  # llhttp would read one; we would not
+    if _BAD_REASON(reason):
+        raise ParseError("control character in the reason phrase")
     lengths = c.content_lengths
     if (lengths is not None and c.transfer_encodings is None and len(lengths) == 1
             and status >= 200 and status != 204 and status != 304 and method != b"HEAD"
@@ -205,7 +259,7 @@ def _http_version(parser: httptools.HttpRequestParser | httptools.HttpResponsePa
                   known_11: bool) -> bytes:
     """The message's version. httptools formats it as text on every call (a tenth of the
     parsing cost of a small request), so a message that starts a read and shows
-    HTTP/1.1 in its first line, which llhttp has just accepted, skips the call."""
+    ` HTTP/1.1` ending its first line, which llhttp has just accepted, skips the call."""
     if known_11:
         return b"1.1"
     text = parser.get_http_version()
@@ -226,36 +280,80 @@ def _feed_httptools(parser: httptools.HttpRequestParser | httptools.HttpResponse
     return None
 
 
+class _HeadBound:
+    """Bounds a head that spans several reads by `max_head`: llhttp calls back only once a
+    field is complete, and httptools buffers a field without limit until then (quadratic
+    work and unbounded memory for a head that never ends)."""
+
+    __slots__ = ("began_here", "fed", "in_head")
+
+    def __init__(self) -> None:
+        self.in_head = False  # a message began and its head is not complete yet
+        self.began_here = False  # ... and it began within the current feed
+        self.fed = 0  # bytes of the incomplete head so far
+
+    def begin(self) -> None:
+        self.in_head = True
+        self.began_here = True
+        self.fed = 0
+
+    def check(self, carried: bool, data: bytes, held: int, c: _HeadCollector) -> None:
+        """After a feed of `data` (`carried`: a head was incomplete before it)."""
+        if carried and not self.began_here:
+            self.fed += len(data)
+        else:  # llhttp gives no offsets: what we hold plus the unfinished last line
+            self.fed = held + len(data) - data.rfind(b"\n") - 1
+        if self.fed > c.max_head:
+            raise HeadTooLarge(f"{c.what} head larger than {c.max_head} bytes")
+
+
+# What llhttp is fed after it stopped at the head of a request that offered an upgrade
+# and has a body: a head of the same framing, not delivered, so that it parses the body
+# (and the requests after it) as it would any other.
+_BODY_RESUME = {CHUNKED: b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"}
+
+
 class HttptoolsRequestParser(_HeadCollector):
-    __slots__ = ("_began_here", "_fed_in_head", "_idle", "_in_head", "_parser", "_sink", "_url",
-                 "_v11")
+    __slots__ = ("_bound", "_idle", "_parser", "_resume", "_resuming", "_sink", "_url", "_v11")
 
     def __init__(self, sink: MessageSink, max_head: int) -> None:
         super().__init__(max_head, "request")
         self._sink = sink
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
-        self._in_head = False  # a message began and its head is not complete yet
-        self._began_here = False  # ... and it began within the current feed
-        self._fed_in_head = 0  # bytes of the incomplete head so far (bounds buffering)
+        self._bound = _HeadBound()
         self._idle = True  # between messages: the next byte starts one
         self._v11 = False  # the message starting this read has "HTTP/1.1" ending its line
+        self._resume: bytes | None = None  # llhttp stopped before this request's body
+        self._resuming = False  # the head fed now is _BODY_RESUME's, not the client's
 
     def feed(self, data: bytes) -> int | None:
-        carried = self._in_head
-        self._began_here = False
+        bound = self._bound
+        carried = bound.in_head
+        bound.began_here = False
         if self._idle:
             eol = data.find(b"\n")
-            self._v11 = eol >= 9 and data[eol - 9:eol] == b"HTTP/1.1\r"
+            self._v11 = eol >= 10 and data[eol - 10:eol] == b" HTTP/1.1\r"
         offset = _feed_httptools(self._parser, data)
-        if self._in_head:
-            if carried and not self._began_here:
-                self._fed_in_head += len(data)
-            else:  # llhttp gives no offsets: what we hold plus the unfinished last line
-                self._fed_in_head = self.head_size + len(data) - data.rfind(b"\n") - 1
-            if self._fed_in_head > self.max_head:
-                raise HeadTooLarge(f"request head larger than {self.max_head} bytes")
+        if offset is not None and self._resume is not None:
+            return self._resume_body(data, offset)
+        if bound.in_head:
+            bound.check(carried, data, self.head_size, self)
         return offset
+
+    def _resume_body(self, data: bytes, offset: int) -> int | None:
+        resume, self._resume = self._resume, None
+        assert resume is not None
+        self._parser = httptools.HttpRequestParser(self)
+        self._resuming = True
+        _feed_httptools(self._parser, resume)
+        self._resuming = False
+        self._idle = False
+        rest = data[offset:]
+        if not rest:
+            return None
+        more = self.feed(rest)
+        return None if more is None else offset + more
 
     # httptools callbacks
     on_header = _HeadCollector.add
@@ -265,9 +363,7 @@ class HttptoolsRequestParser(_HeadCollector):
         if self.headers:  # trailers of the previous message (the head reset the rest)
             self.reset()
         self._idle = False
-        self._in_head = True
-        self._began_here = True
-        self._fed_in_head = 0
+        self._bound.begin()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -276,10 +372,18 @@ class HttptoolsRequestParser(_HeadCollector):
             raise HeadTooLarge(f"request target larger than {self.max_head} bytes")
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._bound.in_head = False
+        if self._resuming:
+            self.reset()
+            return
         p = self._parser
         head = _request_head(p.get_method(), self._url, _http_version(p, self._v11), self)
         self.reset()  # trailers must not join the head
+        if (not head.upgrade and head.framing != NO_BODY and p.should_upgrade()):
+            # llhttp takes the body of an upgrade offer for the new protocol's bytes.
+            self._resume = (_BODY_RESUME.get(head.framing)
+                            or b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                            % (head.content_length or 0))
         self._sink.on_head(head)
 
     def on_body(self, body: bytes) -> None:
@@ -288,17 +392,20 @@ class HttptoolsRequestParser(_HeadCollector):
     def on_message_complete(self) -> None:
         self._idle = True
         self._v11 = False  # a further message in this read does not start it
-        self._sink.on_end()
+        if self._resume is None:
+            self._sink.on_end()
 
 
 class HttptoolsResponseParser(_HeadCollector):
-    __slots__ = ("_done_early", "_idle", "_method", "_parser", "_reason", "_sink", "_v11")
+    __slots__ = ("_bound", "_done_early", "_idle", "_method", "_parser", "_reason", "_sink",
+                 "_v11")
 
     def __init__(self, sink: MessageSink, max_head: int) -> None:
         super().__init__(max_head, "response")
         self._sink = sink
         self._parser = httptools.HttpResponseParser(self)
         self._reason = b""
+        self._bound = _HeadBound()
         self._method = b"GET"
         self._done_early = False
         self._idle = True  # between messages: the next byte starts one
@@ -315,9 +422,15 @@ class HttptoolsResponseParser(_HeadCollector):
     def feed(self, data: bytes) -> int | None:
         if self._done_early:
             raise ParseError("data after a response without body")
+        bound = self._bound
+        carried = bound.in_head
+        bound.began_here = False
         if self._idle:
             self._v11 = data.startswith(b"HTTP/1.1 ")
-        return _feed_httptools(self._parser, data)
+        offset = _feed_httptools(self._parser, data)
+        if bound.in_head:
+            bound.check(carried, data, self.head_size + len(self._reason), self)
+        return offset
 
     on_header = _HeadCollector.add
 
@@ -326,11 +439,13 @@ class HttptoolsResponseParser(_HeadCollector):
         if self.headers:  # trailers of the previous message (the head reset the rest)
             self.reset()
         self._idle = False
+        self._bound.begin()
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_headers_complete(self) -> None:
+        self._bound.in_head = False
         p = self._parser
         head = _response_head(p.get_status_code(), self._reason, _http_version(p, self._v11),
                               self._method, self)
@@ -341,6 +456,8 @@ class HttptoolsResponseParser(_HeadCollector):
             self._sink.on_end()
 
     def on_body(self, body: bytes) -> None:
+        if self._done_early:  # llhttp reads a HEAD response's Content-Length as a body
+            raise ParseError("data after a response without body")
         self._sink.on_body(body)
 
     def on_message_complete(self) -> None:
