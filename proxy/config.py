@@ -90,6 +90,7 @@ class UpstreamConfig:
     idle_timeout: float = 60.0
     header_timeout: float = 10.0
     max_header_size: int = 65536
+    max_header_count: int = 100
     http_parser: str = "httptools"
     max_connections: int = 10000
     retries: int = 2
@@ -371,6 +372,7 @@ _INHERITED: Schema = {
     "idle_timeout": _duration(positive=True),
     "header_timeout": _duration(positive=True),
     "max_header_size": _integer(1024),
+    "max_header_count": _integer(1),
     "http_parser": _choice(HTTP_PARSERS),
     "max_connections": _integer(1),
     "retries": _integer(0),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any, cast
 
 from proxy.config import UpstreamConfig
@@ -31,6 +32,11 @@ _PAUSE_PIPELINE = 1  # a further request waits for the current response
 _PAUSE_BODY = 2  # request body buffered past the high-water mark while connecting
 _PAUSE_UPSTREAM = 4  # the instance's socket buffer is full
 _PAUSE_UPGRADE = 8  # bytes after an Upgrade request wait for the instance's answer
+
+# Kinds of queued parser events (pipelined requests).
+_HEAD = 0
+_BODY = 1
+_END = 2
 
 # Deadlines (header_timeout, request_timeout, idle_timeout) are checked by one sweep per
 # listener instead of a timer per request: arming and cancelling a timer costs about 3 µs,
@@ -79,8 +85,9 @@ class HttpListener:
 
     def _sweep(self) -> None:
         """Fire the deadlines that passed: a head not complete within header_timeout (408),
-        a response head not arrived within request_timeout, an exchange where no byte moved
-        for idle_timeout (a stalled body, or a client that stopped reading)."""
+        a response head not arrived within request_timeout (counted from the end of the
+        request), a connection where no byte moved either way for idle_timeout (a stalled
+        body, a client that stopped reading, a response stuck in our write buffer)."""
         now = self.loop.time()
         idle_limit = self.cfg.idle_timeout
         for conn in list(self.open):
@@ -88,12 +95,16 @@ class HttpListener:
             if exchange is None:
                 if conn.head_deadline <= now:
                     conn.on_header_timeout()
+                    continue
             elif exchange.deadline <= now:
                 exchange.on_request_timeout()
-            elif now - conn.last_activity > idle_limit:
+                continue
+            elif exchange.deadline != INFINITY:
+                continue  # waiting for the instance: request_timeout's business
+            if now - conn.last_activity > idle_limit and not conn.wrote_since_last_sweep():
                 log.info("event=idle_timeout upstream=%s idle_timeout=%g", self.runtime.name,
                          idle_limit)
-                conn.abort()
+                conn.on_idle_timeout()
         if now >= self._next_pool_sweep:
             self._next_pool_sweep = now + POOL_SWEEP_INTERVAL
             before = now - idle_limit
@@ -127,7 +138,9 @@ class HttpDownstream(asyncio.Protocol):
         self.final = False  # a request without keep-alive ended: later bytes are ignored
         self.held: list[bytes] | None = None  # bytes after an Upgrade request, for the tunnel
         self.tunnel: Relay | None = None
-        self.queue: list[tuple[str, Any]] = []
+        # Events of pipelined requests that wait for the current response: the first is
+        # always a request head (everything before it belongs to the current exchange).
+        self.queue: deque[tuple[int, Any]] = deque()
         self.head_deadline = INFINITY  # when a head not complete by then gets 408
         self.head_bytes = 0  # bytes received since the last response ended
         self.requests_done = 0
@@ -135,6 +148,7 @@ class HttpDownstream(asyncio.Protocol):
         self.write_paused = False
         self.closed = False
         self.last_activity = self.loop.time()  # last byte from the client or the instance
+        self.unsent = 0  # bytes in our write buffer for the client, as the last sweep saw
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -200,6 +214,7 @@ class HttpDownstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.last_activity = self.loop.time()  # the client reads again
         if self.exchange is not None:
             self.exchange.on_client_paused(False)
 
@@ -207,30 +222,57 @@ class HttpDownstream(asyncio.Protocol):
     def on_head(self, head: MessageHead) -> None:
         if head.method == b"CONNECT":
             raise ParseError("CONNECT is not supported")  # no tunnels to arbitrary hosts
+        if len(head.headers) > self.cfg.max_header_count:
+            raise HeadTooLarge(f"request head with more than {self.cfg.max_header_count} "
+                               f"fields")
         if self.exchange is not None or self.queue:
-            self.queue.append(("head", head))
+            self.queue.append((_HEAD, head))
             self._set_paused(_PAUSE_PIPELINE, True)
             return
-        self.head_deadline = INFINITY
-        self.exchange = self.starting = Exchange(self, head)
-        self.in_request = True
+        self._begin(head)
 
     def on_body(self, data: bytes) -> None:
         if self.in_request and not self.queue:
             self.exchange.on_client_body(data)  # type: ignore[union-attr]
         else:
-            self.queue.append(("body", data))
+            self.queue.append((_BODY, data))
 
     def on_end(self) -> None:
         if self.in_request and not self.queue:
-            self.in_request = False
-            exchange = self.exchange
-            assert exchange is not None
-            exchange.on_client_end()
-            if not exchange.head.keep_alive:
-                self.final = True  # the connection closes after this response
+            self._end_request()
         else:
-            self.queue.append(("end", None))
+            self.queue.append((_END, None))
+
+    def _begin(self, head: MessageHead) -> None:
+        self.head_deadline = INFINITY
+        self.exchange = self.starting = Exchange(self, head)
+        self.in_request = True
+
+    def _end_request(self) -> None:
+        self.in_request = False
+        exchange = self.exchange
+        assert exchange is not None
+        exchange.on_client_end()
+        if not exchange.head.keep_alive:
+            self.final = True  # the connection closes after this response
+
+    def _next_from_queue(self) -> None:
+        """Start the first queued request and hand it the body and end queued with it;
+        later requests stay queued (each turn takes only its own events: linear time)."""
+        queue = self.queue
+        while queue:
+            kind, value = queue[0]
+            if kind == _HEAD:
+                if self.exchange is not None:
+                    return
+                queue.popleft()
+                self._begin(value)
+            elif kind == _BODY:
+                queue.popleft()
+                self.exchange.on_client_body(value)  # type: ignore[union-attr]
+            else:
+                queue.popleft()
+                self._end_request()
 
     # -- called by the exchange ---------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -279,14 +321,7 @@ class HttpDownstream(asyncio.Protocol):
                 self.transport.close()
             return
         self.head_bytes = 0
-        queue, self.queue = self.queue, []
-        for kind, value in queue:
-            if kind == "head":
-                self.on_head(value)
-            elif kind == "body":
-                self.on_body(value)
-            else:
-                self.on_end()
+        self._next_from_queue()
         pipelined = self.starting
         if pipelined is not None:
             # Its turn comes on the next loop turn, so that a run of requests answered at
@@ -318,6 +353,30 @@ class HttpDownstream(asyncio.Protocol):
 
     def _clear_header_deadline(self) -> None:
         self.head_deadline = INFINITY
+
+    def wrote_since_last_sweep(self) -> bool:
+        """Whether the client took bytes from our write buffer since the last look: a slow
+        reader below the buffer's high-water mark makes progress without any callback."""
+        transport = self.transport
+        unsent = transport.get_write_buffer_size() if transport is not None else 0
+        if unsent == self.unsent:
+            return False
+        self.unsent = unsent
+        self.last_activity = self.loop.time()
+        return True
+
+    def on_idle_timeout(self) -> None:
+        """No byte moved either way for idle_timeout."""
+        exchange = self.exchange
+        if exchange is not None and not exchange.response_started:
+            exchange.on_client_stalled()  # 408 for a request body that stopped coming
+        elif exchange is None and not self.closed and not self.unsent:
+            self.closed = True  # an idle keep-alive connection: close quietly
+            self._clear_header_deadline()
+            if self.transport is not None:
+                self.transport.close()
+        else:  # a client that stopped reading: what we hold for it is dropped
+            self.abort()
 
     def on_header_timeout(self) -> None:
         self.head_deadline = INFINITY

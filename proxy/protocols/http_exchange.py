@@ -187,7 +187,7 @@ class Exchange:
         cfg = self.cfg
         # Only a new connection needs a task; a pooled one is used from this callback.
         task = self.loop.create_task(connect(host, cfg.http_parser, cfg.max_header_size,
-                                             cfg.connect_timeout))
+                                             cfg.max_header_count, cfg.connect_timeout))
         self.connecting = task
         task.add_done_callback(self._on_connected)
 
@@ -230,6 +230,12 @@ class Exchange:
             self.pending = []
             self.pending_bytes = 0
             self.down.pause_for_body(False)
+        if self.body_done:
+            self._request_sent()
+
+    def _request_sent(self) -> None:
+        """The whole request reached the instance: from now on, its answer is late after
+        request_timeout (SPEC: a client still sending is never the instance's fault)."""
         self.attempt_started = now = self.loop.time()
         self.deadline = now + self.cfg.request_timeout  # the listener's sweep watches it
 
@@ -295,6 +301,19 @@ class Exchange:
         if self.chunked_request:
             self._add_body(LAST_CHUNK)
         self.body_done = True
+        if self.conn is not None and self.attempt_open and self.response_head is None:
+            self._request_sent()
+
+    def on_client_stalled(self) -> None:
+        """The client sent no byte of its request for idle_timeout: 408, and the instance
+        is not charged for it."""
+        self.client_keep = False
+        self._respond_error(408, f"request not complete: nothing received for "
+                                 f"{self.cfg.idle_timeout:g}s")
+        if self.connecting is None and not self.attempt_open:
+            self._finish(False)
+        else:
+            self.on_client_lost()
 
     def _add_body(self, framed: bytes) -> None:
         log_ = self.body_log
@@ -375,6 +394,7 @@ class Exchange:
         if self.chunk_response:
             self.out.append(LAST_CHUNK)
         self.conn = None
+        conn.exchange = None  # what the instance sends after this is owed to nobody
         head = self.response_head
         if not (head.keep_alive and self.body_done and head.framing != UNTIL_CLOSE
                 and conn.park()):

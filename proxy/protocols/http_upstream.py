@@ -25,14 +25,16 @@ class UpstreamConnection(asyncio.Protocol):
         "host",
         "idle_since",
         "loop",
+        "max_fields",
         "parser",
         "reused",
         "transport",
     )
 
-    def __init__(self, host: Host, parser_name: str, max_head: int,
+    def __init__(self, host: Host, parser_name: str, max_head: int, max_fields: int,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.host = host
+        self.max_fields = max_fields
         self.transport: asyncio.Transport | None = None
         self.parser = PARSERS[parser_name][1](self, max_head)
         self.exchange: Exchange | None = None
@@ -115,6 +117,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- parser sink: forwarded to the owning exchange ----------------------------------
     def on_head(self, head: MessageHead) -> None:
+        if len(head.headers) > self.max_fields:
+            raise ParseError(f"response head with more than {self.max_fields} fields")
         if self.exchange is not None:
             self.exchange.on_response_head(self, head)
         else:  # a response nobody asked for (after the one that ended): out of step
@@ -123,18 +127,22 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         if self.exchange is not None:
             self.exchange.on_response_body(data)
+        else:  # bytes after the response ended (SPEC: never forwarded): out of step
+            self._drop()
 
     def on_end(self) -> None:
         if self.exchange is not None:
             self.exchange.on_response_end(self)
+        else:
+            self._drop()
 
 
-async def connect(host: Host, parser_name: str, max_head: int,
+async def connect(host: Host, parser_name: str, max_head: int, max_fields: int,
                   timeout: float) -> UpstreamConnection:
     """Open a new connection to `host` within `timeout` (OSError or TimeoutError)."""
     loop = asyncio.get_running_loop()
     ep = host.endpoint
-    factory: Any = lambda: UpstreamConnection(host, parser_name, max_head, loop)
+    factory: Any = lambda: UpstreamConnection(host, parser_name, max_head, max_fields, loop)
     async with asyncio.timeout(timeout):
         _transport, conn = await loop.create_connection(factory, ep.address, ep.port)
     return conn  # type: ignore[no-any-return]

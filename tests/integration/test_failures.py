@@ -32,7 +32,7 @@ import aiohttp
 import pytest
 from support.consul import Registration
 from support.http import RawConnection, Response, Sample, fetch, paced_requests
-from support.procs import Backend, ProxyProcess
+from support.procs import Backend, ProxyProcess, raw_instance
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,27 +102,6 @@ async def wait_state(proxy: ProxyProcess, upstream: str, endpoint_id: str, state
                         return time.monotonic()
             await asyncio.sleep(0.02)
     return None
-
-
-# The listening half of the raw instances below (run as `python -c`): each accepted
-# connection goes to `handle(conn, number)` in a thread, numbered from 1.
-_SERVE = r"""
-import itertools, socket, threading
-
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 0))
-srv.listen(128)
-print(f"event=backend_listening name=NAME port={srv.getsockname()[1]}", flush=True)
-for number in itertools.count(1):
-    conn, _ = srv.accept()
-    threading.Thread(target=handle, args=(conn, number), daemon=True).start()
-"""
-
-
-def raw_instance(name: str, handler: str) -> str:
-    """A script for `spawn`: `handler` defines handle(conn, number)."""
-    return handler + _SERVE.replace("NAME", name)
 
 
 # A test-owned instance that reads each whole request (head and Content-Length body), then

@@ -427,3 +427,24 @@ def proxy_config_from(upstreams: Mapping[str, Mapping[str, Any]] | str, **kw: An
     from support.tomlconf import build_config
 
     return build_config(upstreams, **kw)
+
+
+# The listening half of raw test instances (run as `python -c`): each accepted
+# connection goes to `handle(conn, number)` in a thread, numbered from 1.
+_SERVE = r"""
+import itertools, socket, threading
+
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 0))
+srv.listen(128)
+print(f"event=backend_listening name=NAME port={srv.getsockname()[1]}", flush=True)
+for number in itertools.count(1):
+    conn, _ = srv.accept()
+    threading.Thread(target=handle, args=(conn, number), daemon=True).start()
+"""
+
+
+def raw_instance(name: str, handler: str) -> str:
+    """A script for `spawn`: `handler` defines handle(conn, number)."""
+    return handler + _SERVE.replace("NAME", name)

@@ -85,6 +85,7 @@ def test_spec_example_loads_with_spec_values() -> None:
         idle_timeout=60.0,
         header_timeout=10.0,
         max_header_size=65536,
+        max_header_count=100,
         http_parser="httptools",
         max_connections=10000,
         retries=2,
@@ -399,6 +400,7 @@ def test_load_never_reads_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyP
         ("[defaults]\nretries = -1\n", "defaults.retries: must be at least 0, got -1"),
         (UPSTREAM + "max_connections = 0\n", "upstreams[0].max_connections: must be at least 1"),
         (UPSTREAM + "max_header_size = 1023\n", "upstreams[0].max_header_size: must be at least"),
+        (UPSTREAM + "max_header_count = 0\n", "upstreams[0].max_header_count: must be at least"),
         (UPSTREAM + "port = 65536\n", "upstreams[0].port: must be 0..65535, got 65536"),
         (
             UPSTREAM + "[upstreams.breaker]\nfailures = 0\n",
