@@ -3,8 +3,7 @@
 The cases of issue 9 (what the h11 fallback once accepted and llhttp refuses) and published
 request-smuggling variants: CL.TE, TE.CL, TE.TE obfuscations, Content-Length spellings,
 chunk-size tricks, line-end and control-character tricks. Each case states the status class
-both parsers must give (None: only that they agree). `pending` names a change not made yet;
-such a case is a strict xfail, so that it shows up when the change lands.
+both parsers must give (None: only that they agree).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ class CorpusCase:
     expect: int | None = None  # OK, BAD or TOO_LARGE
     method: bytes = b"GET"  # the request a response answers
     max_head: int = 8192
-    pending: str = ""
 
     def expect_error(self) -> type[ParseError] | None:
         return {OK: None, BAD: ParseError, TOO_LARGE: HeadTooLarge}[self.expect or OK]

@@ -22,12 +22,11 @@ request-smuggling variants).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from smuggling_corpus import REQUESTS, RESPONSES, CorpusCase
 from test_l7_parsers import MAX_HEAD, Outcome, Recorder, Step, _drive, cut
@@ -68,21 +67,8 @@ def both(steps: Sequence[Step], request: bool, max_head: int = MAX_HEAD
     return {name: run(name, steps, request, max_head) for name in PARSERS}
 
 
-# Differences that wait for a change in parsers.py (each has a strict xfail in the corpus):
-# a stream that shows one of these may differ; the property holds for every other stream.
-PENDING: dict[str, re.Pattern[bytes]] = {}
-
-
-def pending(steps: Sequence[Step]) -> str | None:
-    data = b"".join(s for s in steps if isinstance(s, bytes))
-    return next((name for name, pattern in PENDING.items() if pattern.search(data)), None)
-
-
 def assert_same(steps: Sequence[Step], request: bool, max_head: int = MAX_HEAD) -> None:
     outs = both(steps, request, max_head)
-    if outs["h11"] != outs["httptools"] and pending(steps):
-        event(f"differs, pending: {pending(steps)}")
-        return
     assert outs["h11"] == outs["httptools"], steps
 
 
@@ -98,16 +84,13 @@ def assert_split_independent(steps: Sequence[Step], request: bool, points: Seque
     for name in PARSERS:
         whole = run(name, steps, request, max_head)
         split = run(name, cuts_of(steps, points), request, max_head)
-        if split != whole and pending(steps):
-            continue
         assert split == whole, (name, points)
 
 
 # -- the fixed corpus -----------------------------------------------------------------------
 
 def _param(case: CorpusCase) -> Any:
-    marks = [pytest.mark.xfail(strict=True, reason=case.pending)] if case.pending else []
-    return pytest.param(case, id=case.name, marks=marks)
+    return pytest.param(case, id=case.name)
 
 
 @pytest.mark.parametrize("case", [_param(c) for c in REQUESTS])
