@@ -192,7 +192,7 @@ _DEFAULT_PORTS = {b"http": b"80", b"https": b"443"}
 def _authority(authority: bytes, scheme: bytes) -> bytes:
     host = authority.strip().lower()
     default = b":" + _DEFAULT_PORTS[scheme]
-    return host[:-len(default)] if host.endswith(default) else host
+    return host.removesuffix(default)
 
 
 def _request_head(method: bytes, target: bytes, version: bytes, c: _HeadCollector) -> MessageHead:

@@ -29,8 +29,6 @@ import pytest
 from support.http import RawConnection, fetch
 from support.procs import Backend, ProxyProcess, raw_instance
 
-
-
 pytestmark = pytest.mark.timeout(60)
 
 PARSERS = pytest.mark.parametrize("http_parser", ["httptools", "h11"])
