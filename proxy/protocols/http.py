@@ -229,7 +229,10 @@ class HttpDownstream(asyncio.Protocol):
             self.queue.append((_HEAD, head))
             self._set_paused(_PAUSE_PIPELINE, True)
             return
-        self._begin(head)
+        # _begin(head), written out: this runs once per request
+        self.head_deadline = INFINITY
+        self.exchange = self.starting = Exchange(self, head)
+        self.in_request = True
 
     def on_body(self, data: bytes) -> None:
         if self.in_request and not self.queue:
@@ -239,7 +242,13 @@ class HttpDownstream(asyncio.Protocol):
 
     def on_end(self) -> None:
         if self.in_request and not self.queue:
-            self._end_request()
+            # _end_request(), written out: this runs once per request
+            self.in_request = False
+            exchange = self.exchange
+            assert exchange is not None
+            exchange.on_client_end()
+            if not exchange.head.keep_alive:
+                self.final = True  # the connection closes after this response
         else:
             self.queue.append((_END, None))
 
@@ -321,7 +330,8 @@ class HttpDownstream(asyncio.Protocol):
                 self.transport.close()
             return
         self.head_bytes = 0
-        self._next_from_queue()
+        if self.queue:
+            self._next_from_queue()
         pipelined = self.starting
         if pipelined is not None:
             # Its turn comes on the next loop turn, so that a run of requests answered at

@@ -230,8 +230,9 @@ class Exchange:
             self.pending = []
             self.pending_bytes = 0
             self.down.pause_for_body(False)
-        if self.body_done:
-            self._request_sent()
+        if self.body_done:  # _request_sent(), written out: this runs once per request
+            self.attempt_started = now = self.loop.time()
+            self.deadline = now + self.cfg.request_timeout
 
     def _request_sent(self) -> None:
         """The whole request reached the instance: from now on, its answer is late after
