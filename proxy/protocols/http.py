@@ -10,7 +10,10 @@ and which reasons currently pause reading from the client.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import struct
+import termios
 from collections import deque
 from typing import Any, cast
 
@@ -20,7 +23,7 @@ from proxy.l7.headers import REASONS, encode_error
 from proxy.l7.message import HeadTooLarge, MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
 from proxy.protocols.http_exchange import Exchange
-from proxy.protocols.relay import Relay
+from proxy.protocols.relay import Relay, abort_with_reset
 from proxy.upstream.manager import UpstreamRuntime
 
 log = logging.getLogger("sdproxy.http")
@@ -69,7 +72,9 @@ class HttpListener:
         self._next_pool_sweep = loop.time() + POOL_SWEEP_INTERVAL
         self._sweeper: asyncio.TimerHandle | None = loop.call_later(self.tick, self._sweep)
 
-    def protocol_factory(self) -> HttpDownstream:
+    def protocol_factory(self) -> asyncio.Protocol:
+        if self.connections >= self.cfg.max_connections:
+            return _Refusal(self)  # no parser or state for a connection refused at once
         return HttpDownstream(self)
 
     def reconfigure(self, cfg: UpstreamConfig) -> None:
@@ -123,6 +128,22 @@ class HttpListener:
                 conn.transport.close()
 
 
+class _Refusal(asyncio.Protocol):
+    """A connection beyond max_connections: 503 and closed, at the least cost per
+    connection (a flood of them must not slow the clients being served)."""
+
+    def __init__(self, listener: HttpListener) -> None:
+        self.listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        listener = self.listener
+        listener.rejected_connections += 1
+        transport = cast(asyncio.Transport, transport)
+        transport.write(encode_error(503, REASONS[503], listener.runtime.name,
+                                     "too many connections", False))
+        transport.close()
+
+
 class HttpDownstream(asyncio.Protocol):
     def __init__(self, listener: HttpListener) -> None:
         self.listener = listener
@@ -159,13 +180,6 @@ class HttpDownstream(asyncio.Protocol):
         if peer:
             self.client_ip = str(peer[0]).encode()
         listener = self.listener
-        if listener.connections >= self.cfg.max_connections:
-            listener.rejected_connections += 1
-            self.closed = True
-            transport.write(encode_error(503, REASONS[503], self.runtime.name,
-                                         "too many connections", False))
-            transport.close()
-            return
         listener.connections += 1
         listener.open.add(self)
         self._arm_header_deadline()
@@ -289,8 +303,11 @@ class HttpDownstream(asyncio.Protocol):
             self.transport.write(data)
 
     def abort(self) -> None:
+        """Cut the connection with a reset: what the kernel still holds for the client is
+        dropped with it (a plain close would leave it queued, behind a FIN, for a client
+        that may never read it)."""
         if self.transport is not None:
-            self.transport.abort()
+            abort_with_reset(self.transport)
 
     def pause_for_body(self, on: bool) -> None:
         self._set_paused(_PAUSE_BODY, on)
@@ -364,11 +381,25 @@ class HttpDownstream(asyncio.Protocol):
     def _clear_header_deadline(self) -> None:
         self.head_deadline = INFINITY
 
-    def wrote_since_last_sweep(self) -> bool:
-        """Whether the client took bytes from our write buffer since the last look: a slow
-        reader below the buffer's high-water mark makes progress without any callback."""
+    def unsent_bytes(self) -> int:
+        """Bytes written for the client that it has not taken yet: ours and the kernel's."""
         transport = self.transport
-        unsent = transport.get_write_buffer_size() if transport is not None else 0
+        if transport is None:
+            return 0
+        unsent = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                         b"\0\0\0\0"))[0]
+            except OSError:
+                pass
+        return unsent
+
+    def wrote_since_last_sweep(self) -> bool:
+        """Whether the client took bytes since the last look: a slow reader makes progress
+        without any callback while our buffer stays below its high-water mark."""
+        unsent = self.unsent_bytes()
         if unsent == self.unsent:
             return False
         self.unsent = unsent
@@ -394,6 +425,8 @@ class HttpDownstream(asyncio.Protocol):
             return
         if self.head_bytes or not self.requests_done:
             self._reject(408, f"request head not complete within {self.cfg.header_timeout:g}s")
+        elif self.unsent_bytes():  # still reading the last response, or stopped reading:
+            self._arm_header_deadline()  # idle_timeout decides, and a new head gets its due
         else:  # an idle keep-alive connection: close quietly, as HAProxy does
             self.closed = True
             if self.transport is not None:

@@ -258,11 +258,29 @@ async def test_a_client_that_stops_reading_is_cut_after_idle_timeout(
             if held[-1] == 0:
                 break
             await asyncio.sleep(0.5)
+        # What the kernel still held for them was dropped with a reset, not left queued
+        # behind a FIN for a client that never reads.
+        readable = []
+        for s in socks:
+            s.setblocking(False)
+            total = 0
+            try:
+                while total <= sizes[-1]:
+                    data = s.recv(1 << 20)
+                    if not data:
+                        break
+                    total += len(data)
+            except (ConnectionError, BlockingIOError):
+                pass
+            readable.append(total)
     finally:
         for s in socks:
             s.close()
-    print(f"parser={http_parser}: client connections the proxy held, every 0.5 s: {held}")
+    print(f"parser={http_parser}: client connections the proxy held, every 0.5 s: {held}; "
+          f"bytes each client could still read: {readable}")
     assert held[-1] == 0, "a stalled client's connection was kept open past idle_timeout"
+    assert all(got < size for got, size in zip(readable, sizes, strict=True)), \
+        "a stalled client's response stayed queued in the kernel"
 
 
 # -- Upgrade offered on a request with a body -------------------------------------------------
