@@ -146,6 +146,20 @@ def verdict(phases: Mapping[str, c.Summary], max_ratio: float = P99_RATIO_TARGET
     return failures
 
 
+def sdproxy_share(r: Any) -> str:
+    """The good client's p99 rise beside the control's, which no proxy stood in front of:
+    on a shared machine the attackers slow everything, and only the difference is
+    sdproxy's."""
+    through = p99_ratio(r.summaries["baseline"], r.summaries["abuse"])
+    if "baseline" not in r.direct_summaries or "abuse" not in r.direct_summaries:
+        return ""
+    direct = p99_ratio(r.direct_summaries["baseline"], r.direct_summaries["abuse"])
+    if math.isnan(through) or math.isnan(direct) or direct <= 0:
+        return ""
+    return (f"x{through:.2f} through sdproxy, x{direct:.2f} for the control straight to "
+            f"{BACKENDS[0]}: sdproxy's own share x{through / direct:.2f}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Resources:
     """sdproxy's peak RSS (bytes) and open fds, and its CPU share, over some samples."""
@@ -457,6 +471,9 @@ def report(args: argparse.Namespace, r: Results, client: c.HttpClient) -> None:
     for what, figure in r.sdproxy:
         c.say(f"  {what:<27} {figure}")
     c.say()
+    own_share = sdproxy_share(r)
+    if own_share:
+        c.say(f"p99 under abuse over the baseline's: {own_share}")
     if r.failures:
         c.say("verdict: FAIL")
         for failure in r.failures:
