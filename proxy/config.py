@@ -545,27 +545,25 @@ def _check_consul_tls(p: _Problems, consul: ConsulConfig, env_var: dict[str, str
         source = f"from ${env_var[key]}: " if key in env_var else ""
         p.add(f"consul.{key}", source + message)
 
-    readable = True
+    unreadable = set()
     for key in ("ca_file", "cert_file", "key_file"):
         path = getattr(consul, key)
-        if path and f"consul.{key}" not in p.failed:
+        if path:
             try:
                 with open(path, "rb"):
                     pass
             except OSError as e:
                 problem(key, f'cannot read "{path}": {_reason(e)}')
-                readable = False
-    if not readable:
-        return
+                unreadable.add(key)
     if consul.key_file and not consul.cert_file:
         problem("key_file", "needs cert_file (the client certificate the key belongs to)")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if consul.ca_file:
+    if consul.ca_file and "ca_file" not in unreadable:
         try:
             context.load_verify_locations(cafile=consul.ca_file)
         except ssl.SSLError as e:
             problem("ca_file", f'"{consul.ca_file}" holds no PEM certificate: {_reason(e)}')
-    if consul.cert_file:
+    if consul.cert_file and not unreadable & {"cert_file", "key_file"}:
         try:
             context.load_cert_chain(consul.cert_file, consul.key_file or None)
         except ssl.SSLError as e:
@@ -575,8 +573,8 @@ def _check_consul_tls(p: _Problems, consul: ConsulConfig, env_var: dict[str, str
 
 
 def _reason(e: Exception) -> str:
-    if isinstance(e, ssl.SSLError):
-        return str(e.reason or e)  # "KEY_VALUES_MISMATCH", not the OpenSSL source line
+    if isinstance(e, ssl.SSLError):  # "KEY_VALUES_MISMATCH", not the OpenSSL source line
+        return e.reason or re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(e.args[-1]))
     if isinstance(e, OSError):
         return e.strerror or str(e)
     return str(e)
