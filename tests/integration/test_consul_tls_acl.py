@@ -13,7 +13,8 @@ the instances. No mocks: real Consul, real backends, the real proxy process.
   (Consul answers it with an empty list, not 403); the right token again clears it.
 - sdproxy configured by Consul's environment variables only (the file spells out
   `address = ""` and `token = ""`, which must not shadow them) routes too.
-- The watcher in-process against the same agent: what each TLS or ACL mistake reads like.
+- The watcher in-process against the same agent: what each TLS or ACL mistake reads like,
+  and `reread` (SIGHUP) loading renewed certificate files.
 """
 
 from __future__ import annotations
@@ -285,5 +286,30 @@ async def test_watcher_tls_and_acl_outcomes(secured: SecuredConsul, changes: dic
                 assert got.startswith(f"consul {secured.agent.http_addr}: ")
                 assert error in got
                 assert sink.answers.empty()  # an error is never an (empty) answer
+    finally:
+        secured.agent.deregister(reg.service_id)
+
+
+async def test_sighup_reread_loads_renewed_certificate_files(
+        secured: SecuredConsul, tmp_path: Path) -> None:
+    """`reread` (what SIGHUP calls when the config is unchanged) loads the files again:
+    here the client certificate is replaced by one from a CA the agent does not trust,
+    so the requests after `reread` are refused."""
+    service = unique_service("tlsrot")
+    reg = register_backend(secured.agent, service, free_port())
+    cert, key = tmp_path / "client.pem", tmp_path / "client-key.pem"
+    cert.write_bytes(secured.pem.client_cert.read_bytes())
+    key.write_bytes(secured.pem.client_key.read_bytes())
+    sink = QueueSink(step=5.0)
+    watcher = watcher_for(secured, service, sink, cert_file=str(cert), key_file=str(key))
+    try:
+        async with running(watcher):
+            assert ids(await sink.answer_where(lambda a: True)) == {reg.service_id}
+            stranger = make_certificates(tmp_path / "stranger")
+            cert.write_bytes(stranger.client_cert.read_bytes())
+            key.write_bytes(stranger.client_key.read_bytes())
+            watcher.reread()
+            error = await sink.error()
+            assert "TLS: the agent refused our client certificate" in error
     finally:
         secured.agent.deregister(reg.service_id)
