@@ -1,7 +1,10 @@
 """Configuration: TOML file -> frozen dataclasses, every default in one place.
 
-`load(path, environ)` is pure apart from reading the file: it never reads `os.environ`
-itself, so tests pass whatever environment they need. Every problem found is collected
+`load(path, environ)` is pure apart from reading files (the config, and for `[consul]`
+the token file and TLS files it names, to check them): it never reads `os.environ` itself,
+so tests pass whatever environment they need. `[consul]` keys that Consul's own clients
+take from the environment resolve here, once: a key in the file, else the variable, else
+the default; a key written as "" is unset (SPEC "TLS"). Every problem found is collected
 and reported at once as `FILE: key.path: message` (array entries by index:
 `upstreams[0].breaker.failures`). Unknown keys are errors: a typo must not be ignored.
 Components receive only their own section.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,11 +39,23 @@ class AdminConfig:
 
 @dataclass(frozen=True)
 class ConsulConfig:
-    address: str = "http://127.0.0.1:8500"  # $CONSUL_HTTP_ADDR overrides the default
-    token: str = ""  # $CONSUL_HTTP_TOKEN overrides the default
+    """Resolved values: the file's key, else Consul's environment variable, else this."""
+
+    address: str = "http://127.0.0.1:8500"  # $CONSUL_HTTP_ADDR; https:// means TLS
+    token: str = field(default="", repr=False)  # or read from token_file; $CONSUL_HTTP_TOKEN
     datacenter: str = ""
     wait: float = 55.0
     stale: bool = True
+    token_file: str = ""  # the file `token` was read from; $CONSUL_HTTP_TOKEN_FILE
+    ca_file: str = ""  # $CONSUL_CACERT; "" = the system's CAs
+    cert_file: str = ""  # $CONSUL_CLIENT_CERT: a client certificate (verify_incoming)
+    key_file: str = ""  # $CONSUL_CLIENT_KEY
+    server_name: str = ""  # $CONSUL_TLS_SERVER_NAME: the name the agent's cert must carry
+    verify: bool = True  # $CONSUL_HTTP_SSL_VERIFY
+
+    @property
+    def tls(self) -> bool:
+        return self.address.startswith("https://")
 
 
 @dataclass(frozen=True)
@@ -131,16 +147,11 @@ def load(path: str, environ: Mapping[str, str]) -> Config:
     p = _Problems(path)
     upstream_tables = doc.pop("upstreams", [])
     top = _read(p, "", doc, _TOP)
-    consul = top.get("consul", {})
-    if "address" not in consul and environ.get("CONSUL_HTTP_ADDR"):
-        consul["address"] = _with_scheme(environ["CONSUL_HTTP_ADDR"])
-    if "token" not in consul and "CONSUL_HTTP_TOKEN" in environ:
-        consul["token"] = environ["CONSUL_HTTP_TOKEN"]
     admin = AdminConfig(**top.get("admin", {}))
     cfg = Config(
         path=path,
         admin=admin,
-        consul=ConsulConfig(**consul),
+        consul=_resolve_consul(p, top.get("consul", {}), environ),
         dns=DnsConfig(**top.get("dns", {})),
         upstreams=_read_upstreams(p, upstream_tables, top.get("defaults", {}), admin.listen),
     )
@@ -339,11 +350,26 @@ def _is_ip(address: Address) -> bool:
 # A nameserver given by name would need the (blocking) system resolver to find it.
 _ip_address = _where(_address, _is_ip, "a nameserver must be an IP address, got {0}")
 
+# "host:port" stays without a scheme here: $CONSUL_HTTP_SSL picks it in _resolve_consul.
 _consul_address = _where(
-    lambda v: _with_scheme(_nonempty_string(v)),
-    _is_http_url,
-    'expected "http(s)://host:port", got "{0}"',
+    _string,
+    lambda text: _is_http_url(_with_scheme(text)),
+    'expected "http(s)://host:port" or "host:port", got "{0}"',
 )
+
+
+class _Unset:
+    """A `[consul]` key written as "": as if absent, so the environment still applies."""
+
+
+_UNSET = _Unset()
+
+
+def _or_unset(convert: Convert) -> Convert:
+    def convert_or_unset(value: object) -> Any:
+        return _UNSET if value == "" else convert(value)
+
+    return convert_or_unset
 
 
 def _upstream_only(value: object) -> NoReturn:
@@ -392,11 +418,17 @@ _DEFAULTS: Schema = {**{k: _upstream_only for k in _UPSTREAM_ONLY}, **_INHERITED
 _TOP: Schema = {
     "admin": {"listen": _address},
     "consul": {
-        "address": _consul_address,
-        "token": _string,
+        "address": _or_unset(_consul_address),
+        "token": _or_unset(_string),
         "datacenter": _string,
         "wait": _duration(),
         "stale": _boolean,
+        "token_file": _or_unset(_string),
+        "ca_file": _or_unset(_string),
+        "cert_file": _or_unset(_string),
+        "key_file": _or_unset(_string),
+        "server_name": _or_unset(_string),
+        "verify": _or_unset(_boolean),
     },
     "dns": {
         "nameservers": _list_of(_ip_address),
@@ -405,6 +437,147 @@ _TOP: Schema = {
     },
     "defaults": _DEFAULTS,
 }
+
+
+# --- [consul]: the file, then Consul's environment variables, then the default -----------
+#
+# The variables are the ones Consul's own CLI and API client read, with their meaning:
+# an empty variable is unset; CONSUL_HTTP_ADDR may be "host:port" (the scheme then comes
+# from CONSUL_HTTP_SSL) or a URL; CONSUL_HTTP_TOKEN_FILE wins over CONSUL_HTTP_TOKEN.
+
+_CONSUL_ENV = {  # key -> the variable that sets it when the file does not
+    "address": "CONSUL_HTTP_ADDR",
+    "ca_file": "CONSUL_CACERT",
+    "cert_file": "CONSUL_CLIENT_CERT",
+    "key_file": "CONSUL_CLIENT_KEY",
+    "server_name": "CONSUL_TLS_SERVER_NAME",
+    "verify": "CONSUL_HTTP_SSL_VERIFY",
+}
+_CONSUL_DEFAULT_ADDRESS = "127.0.0.1:8500"  # the scheme: $CONSUL_HTTP_SSL, else http
+_TLS_FILE_KEYS = ("ca_file", "cert_file", "key_file", "server_name")
+# Go's strconv.ParseBool, which Consul uses for CONSUL_HTTP_SSL and CONSUL_HTTP_SSL_VERIFY.
+_GO_BOOLS = {**dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+             **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False)}
+
+
+def _go_bool(text: str) -> bool:
+    if text not in _GO_BOOLS:
+        _fail(f'expected true or false, got "{text}"')
+    return _GO_BOOLS[text]
+
+
+_CONSUL_ENV_CONVERT: dict[str, Convert] = {
+    "address": _consul_address,
+    "verify": _go_bool,
+}
+
+
+def _resolve_consul(p: _Problems, own: dict[str, Any],
+                    environ: Mapping[str, str]) -> ConsulConfig:
+    """ConsulConfig from the file's `[consul]` keys (already converted) and the environment."""
+    values = {key: value for key, value in own.items() if value is not _UNSET}
+    in_file = set(values)
+    env_var: dict[str, str] = {}  # key -> the variable its value came from, for messages
+
+    def from_env(key: str, var: str, convert: Convert = _string) -> None:
+        text = environ.get(var, "")
+        if key in values or not text:
+            return
+        env_var[key] = var
+        try:
+            values[key] = convert(text)
+        except _Invalid as e:
+            p.failed.add(f"consul.{key}")
+            p.add(f"consul.{key}", f"from ${var}: {e.errors[0][1]}")
+
+    for key, var in _CONSUL_ENV.items():
+        from_env(key, var, _CONSUL_ENV_CONVERT.get(key, _string))
+    use_ssl = False
+    if environ.get("CONSUL_HTTP_SSL"):
+        try:
+            use_ssl = _go_bool(environ["CONSUL_HTTP_SSL"])
+        except _Invalid as e:
+            p.add("consul.address", f"from $CONSUL_HTTP_SSL: {e.errors[0][1]}")
+    address = str(values.get("address", _CONSUL_DEFAULT_ADDRESS)).rstrip("/")
+    if "://" not in address:
+        address = f"{'https' if use_ssl else 'http'}://{address}"
+    elif use_ssl and "address" in env_var and address.startswith("http://"):
+        address = "https://" + address.removeprefix("http://")  # as Consul: never back to http
+    values["address"] = address
+
+    # One token, from one place: the file's token or token_file, else the variables.
+    if "token" in in_file and "token_file" in in_file:
+        p.add("consul.token_file", "set token or token_file, not both")
+    elif "token" not in in_file:
+        from_env("token_file", "CONSUL_HTTP_TOKEN_FILE")
+        if "token_file" not in values:
+            from_env("token", "CONSUL_HTTP_TOKEN")
+        if "token_file" in values:
+            values["token"] = _read_token(p, values["token_file"], env_var.get("token_file"))
+
+    consul = ConsulConfig(**values)
+    if consul.tls:
+        _check_consul_tls(p, consul, env_var)
+    else:
+        for key in _TLS_FILE_KEYS:  # a variable meant for another Consul is no mistake here
+            if key in in_file:
+                p.add(f"consul.{key}", f'is for https only, but consul.address is "{address}"')
+    return consul
+
+
+def _read_token(p: _Problems, path: str, var: str | None) -> str:
+    source = f"from ${var}: " if var else ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()  # as Consul: surrounding whitespace is not the token
+    except (OSError, ValueError) as e:
+        p.add("consul.token_file", f'{source}cannot read "{path}": {_reason(e)}')
+        return ""
+    if not token:
+        p.add("consul.token_file", f'{source}"{path}" is empty')
+    return token
+
+
+def _check_consul_tls(p: _Problems, consul: ConsulConfig, env_var: dict[str, str]) -> None:
+    """The TLS files load as the watcher will load them; each problem names its key."""
+
+    def problem(key: str, message: str) -> None:
+        source = f"from ${env_var[key]}: " if key in env_var else ""
+        p.add(f"consul.{key}", source + message)
+
+    unreadable = set()
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(consul, key)
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                problem(key, f'cannot read "{path}": {_reason(e)}')
+                unreadable.add(key)
+    if consul.key_file and not consul.cert_file:
+        problem("key_file", "needs cert_file (the client certificate the key belongs to)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if consul.ca_file and "ca_file" not in unreadable:
+        try:
+            context.load_verify_locations(cafile=consul.ca_file)
+        except ssl.SSLError as e:
+            problem("ca_file", f'"{consul.ca_file}" holds no PEM certificate: {_reason(e)}')
+    if consul.cert_file and not unreadable & {"cert_file", "key_file"}:
+        try:
+            context.load_cert_chain(consul.cert_file, consul.key_file or None)
+        except ssl.SSLError as e:
+            key = f'key_file "{consul.key_file}"' if consul.key_file else "no key_file"
+            problem("cert_file", f'"{consul.cert_file}" with {key}: not a PEM certificate '
+                                 f"and its private key: {_reason(e)}")
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, ssl.SSLError):  # "KEY_VALUES_MISMATCH", not the OpenSSL source line
+        return e.reason or re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(e.args[-1]))
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e)
 
 
 # --- reading tables ---------------------------------------------------------------------

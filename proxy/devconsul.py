@@ -1,7 +1,8 @@
 """A real Consul binary for the demo and the tests, and agents started on free ports.
 
 - `ConsulAgent`: a `consul agent -dev` (optionally pinned `ports`, a `datacenter` and
-  `join_wan` to federate two dev agents as two datacenters);
+  `join_wan` to federate two dev agents as two datacenters; `tls` for an HTTPS-only API
+  with `verify_incoming`, `acl_master_token` for ACLs in default-deny);
 - `ConsulServer` / `ConsulCluster`: non-dev servers forming a real multi-server cluster
   on loopback (data dirs of their own, removed at cleanup), with leader lookup.
 
@@ -17,17 +18,20 @@ uses blocking subprocess and urllib calls on purpose.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,22 +180,46 @@ class ConsulPorts:
         return cls(http, dns, serf_lan, serf_wan, server)
 
 
+@dataclass(frozen=True)
+class AgentTLS:
+    """An agent's API over HTTPS only (`ports { https = N, http = -1 }`).
+
+    `ca_file`, `cert_file`, `key_file`: the agent's CA and its own certificate; with
+    `verify_incoming` every client must show a certificate signed by that CA, so
+    `client_cert`/`client_key` are what this module's own requests show.
+    """
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+    client_cert: str = ""
+    client_key: str = ""
+    verify_incoming: bool = True
+
+
 class ConsulAgent:
     """A `consul agent -dev` on loopback and free ports; a context manager that ends it.
 
     `ports` pins the ports (default: free ones); `join_wan` lists `host:port` Serf WAN
     addresses of servers in other datacenters to join (dev agents are servers, so two dev
     agents with different `datacenter`s form a two-datacenter federation on loopback).
+    `tls` serves the API over HTTPS only, on the `http` port; `acl_master_token` turns ACLs
+    on in default-deny with that token as the master (and the agent's own) token, and this
+    class's requests send it.
     """
 
     def __init__(self, binary: Path | None = None, *, node: str = "sdproxy-dev",
                  datacenter: str = "dc1", extra_args: tuple[str, ...] = (),
-                 ports: ConsulPorts | None = None, join_wan: Sequence[str] = ()) -> None:
+                 ports: ConsulPorts | None = None, join_wan: Sequence[str] = (),
+                 tls: AgentTLS | None = None, acl_master_token: str = "") -> None:
         self.binary = binary or install()
         self.node = node
         self.datacenter = datacenter
         self.extra_args = extra_args
         self.join_wan = tuple(join_wan)
+        self.tls = tls
+        self.token = acl_master_token
+        self._client_context: ssl.SSLContext | None = None
         ports = ports or ConsulPorts.free()
         self.http_port = ports.http
         self.dns_port = ports.dns
@@ -203,7 +231,7 @@ class ConsulAgent:
 
     @property
     def http_addr(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
 
     @property
     def ports(self) -> ConsulPorts:
@@ -232,12 +260,30 @@ class ConsulAgent:
         return [
             str(self.binary), "agent", *self.mode_args(), "-bind", "127.0.0.1",
             "-client", "127.0.0.1", "-node", self.node, "-datacenter", self.datacenter,
-            "-http-port", str(self.http_port), "-dns-port", str(self.dns_port),
+            *self.api_args(), "-dns-port", str(self.dns_port),
             "-serf-lan-port", str(self.serf_lan_port), "-serf-wan-port", str(self.serf_wan_port),
             "-server-port", str(self.server_port), "-grpc-port", "-1",
             *(arg for addr in self.join_wan for arg in ("-join-wan", addr)),
             *self.extra_args,
         ]
+
+    def api_args(self) -> list[str]:
+        """The HTTP(S) API's port, TLS and ACL settings (Consul 1.8's agent config keys)."""
+        if self.tls is None:
+            args = ["-http-port", str(self.http_port)]
+        else:
+            t = self.tls
+            args = ["-hcl", f"ports {{ http = -1, https = {self.http_port} }}",
+                    "-hcl", f"ca_file = {json.dumps(t.ca_file)}",
+                    "-hcl", f"cert_file = {json.dumps(t.cert_file)}",
+                    "-hcl", f"key_file = {json.dumps(t.key_file)}",
+                    "-hcl", f"verify_incoming = {json.dumps(t.verify_incoming)}"]
+        if self.token:
+            token = json.dumps(self.token)
+            acl = ('acl { enabled = true, default_policy = "deny", '
+                   f"tokens {{ master = {token}, agent = {token} }} }}")
+            args += ["-hcl", acl]
+        return args
 
     def spawn(self) -> ConsulAgent:
         """Start the process without waiting for it (see `wait_ready`); a no-op while it
@@ -330,10 +376,31 @@ class ConsulAgent:
             time.sleep(0.05)
 
     # -- small blocking HTTP API client for tests and the demo --------------------------
-    def request(self, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
+    def open_api(self, method: str, path: str, body: Any = None,
+                 timeout: float = 5.0) -> http.client.HTTPResponse:
+        """Send one API request (over TLS with the client certificate, with the token,
+        when the agent has them); the caller reads and closes the response."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.http_addr + path, data=data, method=method)
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        headers = {"X-Consul-Token": self.token} if self.token else {}
+        req = urllib.request.Request(self.http_addr + path, data=data, method=method,
+                                     headers=headers)
+        response: http.client.HTTPResponse = urllib.request.urlopen(
+            req, timeout=timeout, context=self.client_context())
+        return response
+
+    def client_context(self) -> ssl.SSLContext | None:
+        """What this class's requests use with `tls`: the agent's CA, the client cert."""
+        if self.tls is None:
+            return None
+        if self._client_context is None:
+            context = ssl.create_default_context(cafile=self.tls.ca_file)
+            if self.tls.client_cert:
+                context.load_cert_chain(self.tls.client_cert, self.tls.client_key or None)
+            self._client_context = context
+        return self._client_context
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
+        with self.open_api(method, path, body, timeout) as resp:
             raw = resp.read()
         if not raw:
             return None
@@ -362,6 +429,15 @@ class ConsulAgent:
 
     def check_warn(self, check_id: str, note: str = "") -> None:
         self.put(f"/v1/agent/check/warn/{check_id}?note={note}")
+
+    def create_token(self, rules: str, description: str = "") -> str:
+        """A new ACL policy with `rules` (HCL) and a new token holding only it; returns the
+        token's SecretID (what X-Consul-Token carries). Needs `acl_master_token`."""
+        policy = self.put("/v1/acl/policy", {"Name": f"policy-{uuid.uuid4().hex[:12]}",
+                                             "Rules": rules})
+        token = self.put("/v1/acl/token", {"Description": description,
+                                           "Policies": [{"ID": policy["ID"]}]})
+        return str(token["SecretID"])
 
 
 class ConsulServer(ConsulAgent):

@@ -16,6 +16,17 @@ with `select_datacenter` (the first datacenter in list order with a usable insta
 emitted when it differs from the last one emitted. With `datacenters` empty there is one
 query, for `consul.datacenter` ("" = the agent's own).
 
+TLS and ACLs (SPEC "TLS"): with an `https://` address every request uses one
+`ssl.SSLContext` built from the config (`consul_tls_context`: the CA or the system's, the
+client certificate, no verification when `verify = false`), built at the first request
+and again after SIGHUP (`reread`), so renewed certificate files are picked up; the token
+(already read from `token_file` by the config) goes in `X-Consul-Token`. Consul refuses an
+unknown token with 403 and silently filters what a token may not read, so an answer
+emptied by ACLs looks like "no instances": both are errors here (`ConsulACLError`), which
+keep the last pool. An empty answer is checked once with Consul's own ACL question
+(`/v1/internal/acl/authorize`, service:read on this service); a Consul that cannot answer
+it (ACLs off: 401; a version without it) leaves the empty answer as it is.
+
 Invariants:
 - `run()` never raises except `CancelledError`: every failure (connection refused,
   timeout, non-200, bad JSON, even a bug in decode or in the sink) is logged, reported
@@ -38,6 +49,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,11 +82,37 @@ BACKOFF_CAP = 5.0
 PACE_BURST = 3
 PACE_INTERVAL = 1.0
 ERROR_BODY_CHARS = 200  # of a non-200 body quoted in the error
+ACL_LACKS = "ACL: token lacks service:read/node:read"  # how every ACL error starts
+AUTHORIZE_PATH = "/v1/internal/acl/authorize"
+AUTHORIZE_TIMEOUT = CONNECT_TIMEOUT + TIMEOUT_MARGIN
 
 
 class ConsulHTTPError(Exception):
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"HTTP {status}: {body}" if body else f"HTTP {status}")
+
+
+class ConsulACLError(Exception):
+    """Consul refused the token (403), or ACLs filtered the service out of the answer."""
+
+
+class ConsulTLSSetupError(Exception):
+    """The CA, certificate or key files could not be loaded (they changed since `check`)."""
+
+
+def consul_tls_context(consul: ConsulConfig) -> ssl.SSLContext | None:
+    """The client side of TLS to Consul, or None for an `http://` address.
+
+    Raises OSError or ssl.SSLError when a file cannot be loaded."""
+    if not consul.tls:
+        return None
+    context = ssl.create_default_context(cafile=consul.ca_file or None)
+    if consul.cert_file:
+        context.load_cert_chain(consul.cert_file, consul.key_file or None)
+    if not consul.verify:  # $CONSUL_HTTP_SSL_VERIFY=false: neither chain nor name
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def format_wait(seconds: float) -> str:
@@ -133,6 +171,8 @@ class ConsulWatcher:
         self.datacenter = self.datacenters[0]
         self.timeout = consul.wait + consul.wait / 16 + TIMEOUT_MARGIN
         self._headers = {"X-Consul-Token": consul.token} if consul.token else {}
+        self._tls: ssl.SSLContext | None = None  # built by _tls_context at first use
+        self._server_name = consul.server_name or None  # else the address's host
         self.watches: dict[str, DatacenterWatch] = {
             dc: DatacenterWatch(dc, TokenBucket(PACE_BURST, PACE_INTERVAL))
             for dc in self.datacenters}
@@ -180,6 +220,22 @@ class ConsulWatcher:
         if delay > 0:
             await asyncio.sleep(delay)
 
+    def reread(self) -> None:
+        """SIGHUP: load the TLS files again at the next request (renewed certificates)."""
+        self._tls = None
+
+    def _tls_context(self) -> ssl.SSLContext | bool:
+        """The context for an https address; True (aiohttp's default) for http."""
+        if not self.consul.tls:
+            return True
+        if self._tls is None:
+            try:
+                self._tls = consul_tls_context(self.consul)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ConsulTLSSetupError(_ssl_reason(exc)) from exc
+        assert self._tls is not None
+        return self._tls
+
     async def poll_once(self, session: aiohttp.ClientSession,
                         datacenter: str | None = None) -> float:
         """One blocking query of `datacenter` (default: the first) and its report;
@@ -212,15 +268,50 @@ class ConsulWatcher:
         timeout = aiohttp.ClientTimeout(total=self.timeout, sock_connect=CONNECT_TIMEOUT)
         # No `passing=1`: decode decides, so that warning instances can be included.
         async with session.get(self.url, params=self._params(watch), headers=self._headers,
-                               timeout=timeout) as resp:
+                               timeout=timeout, ssl=self._tls_context(),
+                               server_hostname=self._server_name) as resp:
             text = await resp.text()
             if resp.status != 200:
-                raise ConsulHTTPError(resp.status, " ".join(text.split())[:ERROR_BODY_CHARS])
+                detail = " ".join(text.split())[:ERROR_BODY_CHARS]
+                if resp.status == 403:
+                    raise ConsulACLError(f"{ACL_LACKS} (HTTP 403: {detail}{self._token_hint()})")
+                raise ConsulHTTPError(resp.status, detail)
             try:
                 body = json.loads(text)
             except ValueError as exc:
                 raise DecodeError(f"invalid JSON: {exc}") from exc
-            return body, resp.headers.get("X-Consul-Index")
+            index = resp.headers.get("X-Consul-Index")
+        # Empty: no instance, or ACLs filtered them all out. Asked once per turn to empty.
+        if body == [] and watch.answer != () and await self._service_read_denied(session,
+                                                                                 watch):
+            raise ConsulACLError(f'{ACL_LACKS} (service:read on "{self.upstream.name}" is '
+                                 f"denied, so Consul answered an empty list"
+                                 f"{self._token_hint()})")
+        return body, index
+
+    async def _service_read_denied(self, session: aiohttp.ClientSession,
+                                   watch: DatacenterWatch) -> bool:
+        """Whether Consul says this token may not read the service; False when it cannot
+        say (ACLs off, or a Consul without the endpoint)."""
+        question = [{"Resource": "service", "Segment": self.upstream.name, "Access": "read"}]
+        params = {"dc": watch.name} if watch.name else {}
+        timeout = aiohttp.ClientTimeout(total=AUTHORIZE_TIMEOUT, sock_connect=CONNECT_TIMEOUT)
+        async with session.post(self.address + AUTHORIZE_PATH, json=question, params=params,
+                                headers=self._headers, timeout=timeout,
+                                ssl=self._tls_context(),
+                                server_hostname=self._server_name) as resp:
+            if resp.status != 200:
+                return False
+            try:
+                answers = json.loads(await resp.text())
+                return any(a.get("Allow") is False for a in answers)
+            except (ValueError, TypeError, AttributeError):
+                return False
+
+    def _token_hint(self) -> str:
+        if self.consul.token_file:
+            return f"; token read from {self.consul.token_file}"
+        return "" if self.consul.token else "; no token set"
 
     # -- outcomes ---------------------------------------------------------------------
     def _on_answer(self, watch: DatacenterWatch, endpoints: tuple[Endpoint, ...],
@@ -297,7 +388,7 @@ class ConsulWatcher:
         first_failure = watch.failures == 0
         watch.failures += 1
         if not isinstance(exc, (aiohttp.ClientError, TimeoutError, ConsulHTTPError,
-                                DecodeError)):
+                                DecodeError, ConsulACLError, ConsulTLSSetupError)):
             # Not the network, not Consul: a bug (in decode or the sink). Keep the trace.
             self._log.error("event=catalog_bug upstream=%s", self.upstream.name,
                             exc_info=exc)
@@ -317,6 +408,13 @@ class ConsulWatcher:
         return delay
 
     def _describe(self, exc: Exception) -> str:
+        if isinstance(exc, ConsulACLError):
+            return str(exc)
+        if isinstance(exc, ConsulTLSSetupError):
+            return f"TLS: cannot load the CA, certificate or key file: {exc}"
+        tls_failure = _ssl_error_in(exc) if isinstance(exc, aiohttp.ClientError) else None
+        if tls_failure is not None:
+            return _describe_tls(tls_failure)
         if isinstance(exc, aiohttp.ClientConnectorError):
             if isinstance(exc.os_error, ConnectionRefusedError):
                 return "connection refused"
@@ -334,3 +432,44 @@ class ConsulWatcher:
         if isinstance(exc, aiohttp.ClientError):
             return f"{type(exc).__name__}: {exc}"
         return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _ssl_error_in(exc: BaseException) -> ssl.SSLError | None:
+    """The ssl.SSLError behind an aiohttp error, if any (aiohttp keeps it in different
+    places: `certificate_error`, `os_error`, or the exception's cause)."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # a short chain; never loop on a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, aiohttp.ClientConnectorError):
+            # Some of aiohttp's own errors are ssl.SSLError subclasses too: ask them first.
+            inner = getattr(seen, "certificate_error", None) or seen.os_error
+            if isinstance(inner, ssl.SSLError):
+                return inner
+        elif isinstance(seen, ssl.SSLError) and not isinstance(seen, aiohttp.ClientError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _describe_tls(error: ssl.SSLError) -> str:
+    reason = _ssl_reason(error)
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (f"TLS: the agent's certificate did not verify: {reason} (check ca_file or "
+                f"$CONSUL_CACERT, and server_name or $CONSUL_TLS_SERVER_NAME)")
+    if "ALERT" in reason and "CERTIFICATE" in reason:
+        return (f"TLS: the agent refused our client certificate: {reason} (verify_incoming "
+                f"needs cert_file/key_file or $CONSUL_CLIENT_CERT/$CONSUL_CLIENT_KEY)")
+    if "WRONG_VERSION_NUMBER" in reason:
+        return f"TLS: {reason} (does the agent serve https on this port?)"
+    return f"TLS: {reason}"
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{exc.reason}: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+    return str(exc)

@@ -7,12 +7,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from support.consul import CertificateFiles, make_certificates
 
 from proxy.config import (
     RETRY_ON,
     BreakerConfig,
     Config,
     ConfigError,
+    ConsulConfig,
     HealthConfig,
     UpstreamConfig,
     load,
@@ -336,10 +338,10 @@ def test_defaults_health_applies_to_every_upstream(tmp_path: Path) -> None:
             "from-file",
         ),
         (
-            '[consul]\ntoken = ""\n',
+            '[consul]\ntoken = ""\n',  # "" = unset (SPEC "TLS"): the environment applies
             {"CONSUL_HTTP_ADDR": "env:8500", "CONSUL_HTTP_TOKEN": "from-env"},
             "http://env:8500",
-            "",
+            "from-env",
         ),
         ('[consul]\naddress = "127.0.0.1:8500"\n', {}, "http://127.0.0.1:8500", ""),
     ],
@@ -389,7 +391,6 @@ def test_load_never_reads_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyP
         ("[consul]\ntoken = 1\n", "consul.token: expected a string, got integer"),
         ("[consul]\ndatacenter = false\n", "consul.datacenter: expected a string"),
         ('[consul]\naddress = "ftp://c:21"\n', 'consul.address: expected "http(s)://host:port"'),
-        ('[consul]\naddress = ""\n', "consul.address: must not be empty"),
         ('[dns]\nnameservers = "127.0.0.1:53"\n', "dns.nameservers: expected an array"),
         ('[dns]\ndomain = ""\n', "dns.domain: must not be empty"),
         ("admin = 1\n", "admin: expected a table, got integer"),
@@ -587,3 +588,208 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     with pytest.raises(AttributeError):
         cfg.upstreams[0].retries = 3  # type: ignore[misc]
     assert isinstance(cfg.upstreams[0].tags, tuple)
+
+
+# --- [consul] TLS and ACL keys: the file, then Consul's variables, then the default -------
+
+
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
+    return make_certificates(tmp_path_factory.mktemp("pem"))
+
+
+def consul_of(tmp_path: Path, text: str, environ: Mapping[str, str]) -> ConsulConfig:
+    return load_text(tmp_path, text, environ).consul
+
+
+def env_problems(tmp_path: Path, text: str, environ: Mapping[str, str]) -> list[str]:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path, environ)
+    return [p.removeprefix(f"{path}: ") for p in info.value.problems]
+
+
+def test_example_config_spells_out_defaults_without_shadowing_the_environment() -> None:
+    # issue 11: config/example.toml wrote address/token out and ignored the variables.
+    environ = {"CONSUL_HTTP_ADDR": "10.0.0.7:8500", "CONSUL_HTTP_TOKEN": "from-env"}
+    consul = load(str(REPO / "config" / "example.toml"), environ).consul
+    assert (consul.address, consul.token) == ("http://10.0.0.7:8500", "from-env")
+    assert (consul.ca_file, consul.verify) == ("", True)
+
+
+@pytest.mark.parametrize(
+    ("key", "var"),
+    [
+        ("ca_file", "CONSUL_CACERT"),
+        ("cert_file", "CONSUL_CLIENT_CERT"),
+        ("key_file", "CONSUL_CLIENT_KEY"),
+    ],
+)
+def test_tls_file_keys_file_then_environment(
+    tmp_path: Path, pem: CertificateFiles, key: str, var: str
+) -> None:
+    # The client cert and key come as a pair; the other one is always in the file.
+    pair = {"cert_file": f'key_file = "{pem.client_key}"\n',
+            "key_file": f'cert_file = "{pem.client_cert}"\n', "ca_file": ""}[key]
+    mine = {"ca_file": pem.ca_file, "cert_file": pem.client_cert,
+            "key_file": pem.client_key}[key]
+    https = '[consul]\naddress = "https://c:8501"\n' + pair
+    assert getattr(consul_of(tmp_path, https, {var: str(mine)}), key) == str(mine)
+    written = https + f'{key} = "{mine}"\n'
+    assert getattr(consul_of(tmp_path, written, {var: "/elsewhere"}), key) == str(mine)
+    unset = https + f'{key} = ""\n'  # "" = unset: the variable applies
+    assert getattr(consul_of(tmp_path, unset, {var: str(mine)}), key) == str(mine)
+    if key == "ca_file":
+        assert consul_of(tmp_path, https, {var: ""}).ca_file == ""  # empty variable = unset
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "address"),
+    [
+        ("", {"CONSUL_HTTP_SSL": "true"}, "https://127.0.0.1:8500"),
+        ("", {"CONSUL_HTTP_ADDR": "c:8501", "CONSUL_HTTP_SSL": "1"}, "https://c:8501"),
+        # As Consul's client: with CONSUL_HTTP_SSL=true an http:// variable never means http.
+        ("", {"CONSUL_HTTP_ADDR": "http://c:8501", "CONSUL_HTTP_SSL": "true"}, "https://c:8501"),
+        ("", {"CONSUL_HTTP_ADDR": "https://c:8501", "CONSUL_HTTP_SSL": "false"},
+         "https://c:8501"),
+        ("", {"CONSUL_HTTP_ADDR": "https://c:8501/"}, "https://c:8501"),
+        ('[consul]\naddress = "c:8501"\n', {"CONSUL_HTTP_SSL": "true"}, "https://c:8501"),
+        # A scheme written in the file is a key in the file: it wins.
+        ('[consul]\naddress = "http://c:8500"\n', {"CONSUL_HTTP_SSL": "true"},
+         "http://c:8500"),
+        ('[consul]\naddress = ""\n', {"CONSUL_HTTP_ADDR": "https://env:8501"},
+         "https://env:8501"),
+        ('[consul]\naddress = ""\n', {}, "http://127.0.0.1:8500"),
+    ],
+)
+def test_consul_address_and_scheme(
+    tmp_path: Path, text: str, environ: dict[str, str], address: str
+) -> None:
+    consul = consul_of(tmp_path, text, environ)
+    assert consul.address == address
+    assert consul.tls == address.startswith("https://")
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "verify", "server_name"),
+    [
+        ("", {}, True, ""),
+        ("", {"CONSUL_HTTP_SSL_VERIFY": "false", "CONSUL_TLS_SERVER_NAME": "s.dc1"}, False,
+         "s.dc1"),
+        ("verify = true\nserver_name = \"f\"\n",
+         {"CONSUL_HTTP_SSL_VERIFY": "false", "CONSUL_TLS_SERVER_NAME": "s.dc1"}, True, "f"),
+        ('verify = ""\nserver_name = ""\n',
+         {"CONSUL_HTTP_SSL_VERIFY": "0", "CONSUL_TLS_SERVER_NAME": "s.dc1"}, False, "s.dc1"),
+        ("verify = false\n", {"CONSUL_HTTP_SSL_VERIFY": "true"}, False, ""),
+    ],
+)
+def test_verify_and_server_name(
+    tmp_path: Path, text: str, environ: dict[str, str], verify: bool, server_name: str
+) -> None:
+    consul = consul_of(tmp_path, '[consul]\naddress = "https://c:8501"\n' + text, environ)
+    assert (consul.verify, consul.server_name) == (verify, server_name)
+
+
+def test_token_sources_and_their_precedence(tmp_path: Path) -> None:
+    file_token = tmp_path / "file-token"
+    file_token.write_text("  from-token-file\n")  # surrounding whitespace is not the token
+    env_token = tmp_path / "env-token"
+    env_token.write_text("from-env-file\n")
+    both = {"CONSUL_HTTP_TOKEN": "from-env", "CONSUL_HTTP_TOKEN_FILE": str(env_token)}
+
+    def token(text: str, environ: dict[str, str]) -> tuple[str, str]:
+        consul = consul_of(tmp_path, "[consul]\n" + text, environ)
+        return consul.token, consul.token_file
+
+    assert token("", {"CONSUL_HTTP_TOKEN": "from-env"}) == ("from-env", "")
+    # As Consul's client: the token file wins over CONSUL_HTTP_TOKEN.
+    assert token("", both) == ("from-env-file", str(env_token))
+    # Either key in the file beats both variables.
+    assert token('token = "from-file"\n', both) == ("from-file", "")
+    assert token(f'token_file = "{file_token}"\n', both) == ("from-token-file", str(file_token))
+    assert token('token = ""\ntoken_file = ""\n', both) == ("from-env-file", str(env_token))
+    assert token('token = ""\n', {"CONSUL_HTTP_TOKEN": "from-env"}) == ("from-env", "")
+    assert token("", {"CONSUL_HTTP_TOKEN": "", "CONSUL_HTTP_TOKEN_FILE": ""}) == ("", "")
+
+
+def test_token_is_not_in_the_repr(tmp_path: Path) -> None:
+    consul = consul_of(tmp_path, '[consul]\ntoken = "s3cr3t-token"\n', {})
+    assert "s3cr3t-token" not in repr(consul)
+
+
+def test_token_file_problems_name_the_key_and_the_variable(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    empty = tmp_path / "empty"
+    empty.write_text(" \n")
+    assert env_problems(tmp_path, f'[consul]\ntoken_file = "{missing}"\n', {}) == [
+        f'consul.token_file: cannot read "{missing}": No such file or directory']
+    assert env_problems(tmp_path, "", {"CONSUL_HTTP_TOKEN_FILE": str(missing)}) == [
+        (f'consul.token_file: from $CONSUL_HTTP_TOKEN_FILE: cannot read "{missing}": '
+        "No such file or directory")]
+    assert env_problems(tmp_path, f'[consul]\ntoken_file = "{empty}"\n', {}) == [
+        f'consul.token_file: "{empty}" is empty']
+    assert env_problems(tmp_path, f'[consul]\ntoken = "t"\ntoken_file = "{empty}"\n', {}) == [
+        "consul.token_file: set token or token_file, not both"]
+
+
+def test_tls_files_are_checked_and_problems_name_the_key(
+    tmp_path: Path, pem: CertificateFiles
+) -> None:
+    https = '[consul]\naddress = "https://c:8501"\n'
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    missing = tmp_path / "missing.pem"
+    cases = [
+        (f'ca_file = "{missing}"\n', {},
+         [f'consul.ca_file: cannot read "{missing}": No such file or directory']),
+        ("", {"CONSUL_CACERT": str(missing)},
+         [(f'consul.ca_file: from $CONSUL_CACERT: cannot read "{missing}": '
+          "No such file or directory")]),
+        (f'ca_file = "{garbage}"\n', {}, [f'consul.ca_file: "{garbage}" holds no PEM']),
+        # The client key does not belong to the server certificate.
+        (f'cert_file = "{pem.server_cert}"\nkey_file = "{pem.client_key}"\n', {},
+         [(f'consul.cert_file: "{pem.server_cert}" with key_file "{pem.client_key}": '
+          "not a PEM certificate and its private key: KEY_VALUES_MISMATCH")]),
+        (f'key_file = "{pem.client_key}"\n', {}, ["consul.key_file: needs cert_file"]),
+        ("verify = \"no\"\n", {}, ["consul.verify: expected a boolean, got string"]),
+        ("", {"CONSUL_HTTP_SSL_VERIFY": "nope"},
+         ['consul.verify: from $CONSUL_HTTP_SSL_VERIFY: expected true or false, got "nope"']),
+    ]
+    for text, environ, want in cases:
+        found = env_problems(tmp_path, https + text, environ)
+        assert len(found) == len(want), (text, found)
+        for got, expected in zip(found, want, strict=True):
+            assert got.startswith(expected), (got, expected)
+
+
+def test_consul_environment_problems_name_the_variable(tmp_path: Path) -> None:
+    assert env_problems(tmp_path, "", {"CONSUL_HTTP_ADDR": "unix:///run/consul.sock"}) == [
+        ('consul.address: from $CONSUL_HTTP_ADDR: expected "http(s)://host:port" or '
+        '"host:port", got "unix:///run/consul.sock"')]
+    assert env_problems(tmp_path, "", {"CONSUL_HTTP_SSL": "yes"}) == [
+        'consul.address: from $CONSUL_HTTP_SSL: expected true or false, got "yes"']
+
+
+def test_tls_keys_in_the_file_need_an_https_address(tmp_path: Path, pem: CertificateFiles
+                                                    ) -> None:
+    text = f'[consul]\naddress = "http://c:8500"\nca_file = "{pem.ca_file}"\n'
+    assert env_problems(tmp_path, text, {}) == [
+        'consul.ca_file: is for https only, but consul.address is "http://c:8500"']
+    # The same from the environment is no mistake: the variables may be meant for another
+    # Consul, and Consul's own client ignores them with http too.
+    consul = consul_of(tmp_path, "", {"CONSUL_CACERT": "/nowhere", "CONSUL_CLIENT_CERT": "/x"})
+    assert (consul.tls, consul.ca_file) == (False, "/nowhere")
+
+
+def test_https_with_every_tls_key_loads(tmp_path: Path, pem: CertificateFiles) -> None:
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    consul = consul_of(tmp_path, (
+        '[consul]\naddress = "https://127.0.0.1:8501"\n'
+        f'ca_file = "{pem.ca_file}"\ncert_file = "{pem.client_cert}"\n'
+        f'key_file = "{pem.client_key}"\nserver_name = "server.dc1.consul"\n'
+        f'token_file = "{token}"\n'), {})
+    assert consul == ConsulConfig(
+        address="https://127.0.0.1:8501", token="t0ken", token_file=str(token),
+        ca_file=str(pem.ca_file), cert_file=str(pem.client_cert),
+        key_file=str(pem.client_key), server_name="server.dc1.consul", verify=True)
