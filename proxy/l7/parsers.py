@@ -109,9 +109,11 @@ class _HeadCollector:
         size = self.head_size = self.head_size + len(name) + len(value) + 4
         if size > self.max_head:
             raise HeadTooLarge(f"{self.what} head larger than {self.max_head} bytes")
-        trailing_ows = bool(value) and value[-1] in _OWS
-        if trailing_ows:  # llhttp keeps trailing OWS; h11 does not
+        if value and value[-1] in _OWS:  # llhttp keeps trailing OWS; h11 does not
             value = value.rstrip(b" \t")
+            trailing_ows = True
+        else:
+            trailing_ows = False
         headers = self.headers
         kind = _KINDS.get(name)
         if kind is None:
@@ -224,6 +226,9 @@ def _request_head(method: bytes, target: bytes, version: bytes, c: _HeadCollecto
 
 
 _BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
+_COMMON_REASONS = frozenset((b"OK", b"Created", b"No Content", b"Not Modified", b"Found",
+                             b"Not Found", b"Moved Permanently", b"Bad Request",
+                             b"Internal Server Error", b"Service Unavailable"))
 
 
 def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
@@ -234,7 +239,7 @@ def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
         raise ParseError(f"invalid status {status}")
     if status < 200 and (c.content_lengths or c.transfer_encodings):
         raise ParseError("a 1xx response with a body")  # llhttp would read one; we would not
-    if _BAD_REASON(reason):
+    if reason not in _COMMON_REASONS and _BAD_REASON(reason):
         raise ParseError("control character in the reason phrase")
     lengths = c.content_lengths
     if (lengths is not None and c.transfer_encodings is None and len(lengths) == 1
@@ -280,31 +285,29 @@ def _feed_httptools(parser: httptools.HttpRequestParser | httptools.HttpResponse
     return None
 
 
-class _HeadBound:
-    """Bounds a head that spans several reads by `max_head`: llhttp calls back only once a
-    field is complete, and httptools buffers a field without limit until then (quadratic
-    work and unbounded memory for a head that never ends)."""
+class _HttptoolsParser(_HeadCollector):
+    """What both httptools parsers share: a head that spans several reads is bounded by
+    `max_head`. llhttp calls back only once a field is complete, and httptools buffers a
+    field without limit until then (quadratic work and unbounded memory for a head that
+    never ends)."""
 
-    __slots__ = ("began_here", "fed", "in_head")
+    __slots__ = ("_began_here", "_fed_in_head", "_in_head")
 
-    def __init__(self) -> None:
-        self.in_head = False  # a message began and its head is not complete yet
-        self.began_here = False  # ... and it began within the current feed
-        self.fed = 0  # bytes of the incomplete head so far
+    def __init__(self, max_head: int, what: str) -> None:
+        super().__init__(max_head, what)
+        self._in_head = False  # a message began and its head is not complete yet
+        self._began_here = False  # ... and it began within the current feed
+        self._fed_in_head = 0  # bytes of the incomplete head so far
 
-    def begin(self) -> None:
-        self.in_head = True
-        self.began_here = True
-        self.fed = 0
-
-    def check(self, carried: bool, data: bytes, held: int, c: _HeadCollector) -> None:
-        """After a feed of `data` (`carried`: a head was incomplete before it)."""
-        if carried and not self.began_here:
-            self.fed += len(data)
+    def _check_head_bound(self, carried: bool, data: bytes, held: int) -> None:
+        """After a feed of `data` that left a head incomplete (`carried`: one was
+        incomplete before it too; `held`: what the collector holds of it)."""
+        if carried and not self._began_here:
+            self._fed_in_head += len(data)
         else:  # llhttp gives no offsets: what we hold plus the unfinished last line
-            self.fed = held + len(data) - data.rfind(b"\n") - 1
-        if self.fed > c.max_head:
-            raise HeadTooLarge(f"{c.what} head larger than {c.max_head} bytes")
+            self._fed_in_head = held + len(data) - data.rfind(b"\n") - 1
+        if self._fed_in_head > self.max_head:
+            raise HeadTooLarge(f"{self.what} head larger than {self.max_head} bytes")
 
 
 # What llhttp is fed after it stopped at the head of a request that offered an upgrade
@@ -313,32 +316,30 @@ class _HeadBound:
 _BODY_RESUME = {CHUNKED: b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"}
 
 
-class HttptoolsRequestParser(_HeadCollector):
-    __slots__ = ("_bound", "_idle", "_parser", "_resume", "_resuming", "_sink", "_url", "_v11")
+class HttptoolsRequestParser(_HttptoolsParser):
+    __slots__ = ("_idle", "_parser", "_resume", "_resuming", "_sink", "_url", "_v11")
 
     def __init__(self, sink: MessageSink, max_head: int) -> None:
         super().__init__(max_head, "request")
         self._sink = sink
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
-        self._bound = _HeadBound()
         self._idle = True  # between messages: the next byte starts one
         self._v11 = False  # the message starting this read has "HTTP/1.1" ending its line
         self._resume: bytes | None = None  # llhttp stopped before this request's body
         self._resuming = False  # the head fed now is _BODY_RESUME's, not the client's
 
     def feed(self, data: bytes) -> int | None:
-        bound = self._bound
-        carried = bound.in_head
-        bound.began_here = False
+        carried = self._in_head
+        self._began_here = False
         if self._idle:
             eol = data.find(b"\n")
             self._v11 = eol >= 10 and data[eol - 10:eol] == b" HTTP/1.1\r"
         offset = _feed_httptools(self._parser, data)
         if offset is not None and self._resume is not None:
             return self._resume_body(data, offset)
-        if bound.in_head:
-            bound.check(carried, data, self.head_size, self)
+        if self._in_head:
+            self._check_head_bound(carried, data, self.head_size)
         return offset
 
     def _resume_body(self, data: bytes, offset: int) -> int | None:
@@ -363,7 +364,9 @@ class HttptoolsRequestParser(_HeadCollector):
         if self.headers:  # trailers of the previous message (the head reset the rest)
             self.reset()
         self._idle = False
-        self._bound.begin()
+        self._in_head = True
+        self._began_here = True
+        self._fed_in_head = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -372,7 +375,7 @@ class HttptoolsRequestParser(_HeadCollector):
             raise HeadTooLarge(f"request target larger than {self.max_head} bytes")
 
     def on_headers_complete(self) -> None:
-        self._bound.in_head = False
+        self._in_head = False
         if self._resuming:
             self.reset()
             return
@@ -396,16 +399,14 @@ class HttptoolsRequestParser(_HeadCollector):
             self._sink.on_end()
 
 
-class HttptoolsResponseParser(_HeadCollector):
-    __slots__ = ("_bound", "_done_early", "_idle", "_method", "_parser", "_reason", "_sink",
-                 "_v11")
+class HttptoolsResponseParser(_HttptoolsParser):
+    __slots__ = ("_done_early", "_idle", "_method", "_parser", "_reason", "_sink", "_v11")
 
     def __init__(self, sink: MessageSink, max_head: int) -> None:
         super().__init__(max_head, "response")
         self._sink = sink
         self._parser = httptools.HttpResponseParser(self)
         self._reason = b""
-        self._bound = _HeadBound()
         self._method = b"GET"
         self._done_early = False
         self._idle = True  # between messages: the next byte starts one
@@ -422,14 +423,13 @@ class HttptoolsResponseParser(_HeadCollector):
     def feed(self, data: bytes) -> int | None:
         if self._done_early:
             raise ParseError("data after a response without body")
-        bound = self._bound
-        carried = bound.in_head
-        bound.began_here = False
+        carried = self._in_head
+        self._began_here = False
         if self._idle:
             self._v11 = data.startswith(b"HTTP/1.1 ")
         offset = _feed_httptools(self._parser, data)
-        if bound.in_head:
-            bound.check(carried, data, self.head_size + len(self._reason), self)
+        if self._in_head:
+            self._check_head_bound(carried, data, self.head_size + len(self._reason))
         return offset
 
     on_header = _HeadCollector.add
@@ -439,13 +439,15 @@ class HttptoolsResponseParser(_HeadCollector):
         if self.headers:  # trailers of the previous message (the head reset the rest)
             self.reset()
         self._idle = False
-        self._bound.begin()
+        self._in_head = True
+        self._began_here = True
+        self._fed_in_head = 0
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_headers_complete(self) -> None:
-        self._bound.in_head = False
+        self._in_head = False
         p = self._parser
         head = _response_head(p.get_status_code(), self._reason, _http_version(p, self._v11),
                               self._method, self)
