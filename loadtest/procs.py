@@ -57,8 +57,7 @@ class LogLine(NamedTuple):
 
 def child_env() -> dict[str, str]:
     """Our environment minus what would point a child at another Consul."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -37,8 +37,7 @@ POLL_INTERVAL = 0.02  # seconds between looks at a log file or an admin endpoint
 
 def _child_env() -> dict[str, str]:
     """The test's environment minus what would point a child at another Consul."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CONSUL_HTTP_ADDR", "CONSUL_HTTP_TOKEN")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
