@@ -3,8 +3,10 @@
 Feeds bytes to the configured request parser and hands each request to an `Exchange`
 (http_exchange.py). Requests are served one at a time; a pipelined request's events are
 queued until the previous response ends. Owns the per-connection limits: the header
-deadline (408), the head size (431), malformed requests (400), `max_connections` (503),
-and which reasons currently pause reading from the client.
+deadline (408), the head size and field count (431), malformed requests (400),
+`max_connections` (503), `idle_timeout` for a connection where nothing moves either way
+(408 for a stalled request body, else a reset), and which reasons currently pause
+reading from the client.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ class HttpDownstream(asyncio.Protocol):
         self.write_paused = False
         self.closed = False
         self.last_activity = self.loop.time()  # last byte from the client or the instance
-        self.unsent = 0  # bytes in our write buffer for the client, as the last sweep saw
+        self.unsent = 0  # bytes the client has not taken (ours and the kernel's), last seen
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
