@@ -151,6 +151,7 @@ class Exchange:
 
     def _failed(self) -> None:
         log.exception("event=exchange_error upstream=%s", self.runtime.name)
+        self.client_keep = False  # the connection closes after this
         if not self.response_started:
             self._respond_error(502, "internal error")
         self._finish(False)
@@ -208,6 +209,12 @@ class Exchange:
         if self.down.closed or self.finished:
             conn.close()
             self._attempt_over(ABORTED)
+            return
+        if not conn.is_usable():
+            # The instance closed the connection as soon as it accepted it: nothing was
+            # sent, so this is a failed connect, retried for any method.
+            conn.host.on_failure()
+            self._attempt_over(CONNECT_FAILURE)
             return
         self._guarded(self._send, conn)
 

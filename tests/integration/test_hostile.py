@@ -409,3 +409,25 @@ async def test_a_response_coded_other_than_chunked_is_502(
     resp = await fetch(proxy.listen("coded"), timeout=5)
     assert resp.status == 502, resp.text
     assert "coded" in resp.text
+
+
+# -- an instance that closes each connection as soon as it accepts it ------------------------
+CLOSES_AT_ONCE = raw_instance("closer", r"""
+def handle(conn, _number):
+    conn.close()
+""")
+
+
+@PARSERS
+async def test_an_instance_that_closes_at_accept_is_failed_over(
+        http_parser: str, spawn: Spawn, start_backend: StartBackend,
+        start_proxy: StartProxy) -> None:
+    closer = spawn(CLOSES_AT_ONCE, "closer")
+    good = start_backend("good")
+    proxy = start_proxy({"closer": static(closer, good, http_parser=http_parser,
+                                          breaker={"failures": 100})})
+    async with await RawConnection.open(proxy.listen("closer")) as conn:
+        responses = [await conn.request("GET", f"/?i={i}", timeout=5) for i in range(8)]
+    print(f"parser={http_parser}: {[(r.status, r.text) for r in responses]}")
+    assert [r.status for r in responses] == [200] * 8
+    assert all(r.text == "good" for r in responses)
