@@ -6,11 +6,9 @@
 - `ConsulServer` / `ConsulCluster`: non-dev servers forming a real multi-server cluster
   on loopback (data dirs of their own, removed at cleanup), with leader lookup.
 
-The binary is Debian bullseye's `consul` package (1.8.7). It is fetched into a cache
-folder without touching the machine's apt setup: a temporary sources list is built from
-the mirror the machine already uses, `apt-get download` runs against private list and
-cache folders, and `dpkg -x` unpacks the package. No host name is written here: the
-mirror is read from the machine's own apt configuration.
+The binary is Debian bullseye's `consul` package (1.8.7), fetched into a cache folder
+by `proxy.devinstall` without touching the machine's apt setup (the mirror is read from
+the machine's own apt configuration).
 
 This module runs outside the data path (demo, tests, `python -m proxy.devconsul`), so it
 uses blocking subprocess and urllib calls on purpose.
@@ -21,7 +19,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -32,55 +29,19 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from proxy.devinstall import InstallError, cache_dir, fetch_package
+
 CONSUL_SUITE = "bullseye"
 CONSUL_VERSION_PREFIX = "1.8."
-APT_SOURCE_FILES = ("/etc/apt/sources.list",)
-APT_SOURCE_DIR = "/etc/apt/sources.list.d"
-KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
-class ConsulInstallError(RuntimeError):
+class ConsulInstallError(InstallError):
     pass
-
-
-def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if environ is None else environ
-    base = env.get("SDPROXY_CACHE") or os.path.join(
-        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "sdproxy")
-    return Path(base)
-
-
-def debian_mirror() -> str:
-    """The Debian archive URI the machine's apt already uses (never the security one)."""
-    candidates: list[str] = []
-    for f in APT_SOURCE_FILES:
-        if os.path.exists(f):
-            for line in Path(f).read_text().splitlines():
-                m = re.match(r"\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+", line)
-                if m:
-                    candidates.append(m.group(1))
-    if os.path.isdir(APT_SOURCE_DIR):
-        for name in sorted(os.listdir(APT_SOURCE_DIR)):
-            path = os.path.join(APT_SOURCE_DIR, name)
-            if name.endswith(".sources"):
-                for m in re.finditer(r"^URIs:\s*(.+)$", Path(path).read_text(), re.MULTILINE):
-                    candidates.extend(m.group(1).split())
-            elif name.endswith(".list"):
-                for line in Path(path).read_text().splitlines():
-                    m = re.match(r"\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+", line)
-                    if m:
-                        candidates.append(m.group(1))
-    for uri in candidates:
-        if "/debian" in uri and "security" not in uri:
-            return uri.rstrip("/")
-    raise ConsulInstallError(
-        "no Debian archive found in the machine's apt sources "
-        f"({', '.join(APT_SOURCE_FILES)}, {APT_SOURCE_DIR}); set SDPROXY_CONSUL_BIN instead")
 
 
 def installed_binary(environ: dict[str, str] | None = None) -> Path | None:
@@ -98,48 +59,9 @@ def install(environ: dict[str, str] | None = None, log: Any = None) -> Path:
     found = installed_binary(env)
     if found:
         return found
-    say = log or (lambda msg: print(msg, file=sys.stderr))
-    target = cache_dir(env) / "consul"
-    mirror = debian_mirror()
-    say(f"event=consul_install suite={CONSUL_SUITE} mirror={mirror} into={target}")
-    with tempfile.TemporaryDirectory(prefix="sdproxy-apt-") as tmp:
-        work = Path(tmp)
-        (work / "lists" / "partial").mkdir(parents=True)
-        (work / "cache" / "archives" / "partial").mkdir(parents=True)
-        signed = f"signed-by={KEYRING}" if os.path.exists(KEYRING) else "trusted=yes"
-        sources = work / "sources.list"
-        sources.write_text(f"deb [{signed}] {mirror} {CONSUL_SUITE} main\n")
-        apt_opts = [
-            "-o", f"Dir::Etc::SourceList={sources}",
-            "-o", "Dir::Etc::SourceParts=/dev/null",
-            "-o", f"Dir::State::Lists={work / 'lists'}",
-            "-o", f"Dir::Cache={work / 'cache'}",
-            "-o", "APT::Sandbox::User=root",
-            "-o", "Debug::NoLocking=1",
-            "-q",
-        ]
-        for cmd in (["apt-get", "update", *apt_opts], ["apt-get", "download", "consul", *apt_opts]):
-            done = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise ConsulInstallError(f"{' '.join(cmd[:3])} failed: {done.stderr.strip()[-800:]}")
-        debs = sorted(work.glob("consul_*.deb"))
-        if not debs:
-            raise ConsulInstallError("apt-get download consul produced no package")
-        staging = Path(tempfile.mkdtemp(prefix="consul-", dir=target.parent if target.parent.exists()
-                                        else None))
-        done = subprocess.run(["dpkg", "-x", str(debs[0]), str(staging)], capture_output=True,
-                              text=True, check=False)
-        if done.returncode != 0:
-            raise ConsulInstallError(f"dpkg -x failed: {done.stderr.strip()}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.move(str(staging), str(target))
-    binary = target / "usr" / "bin" / "consul"
-    if not binary.exists():
-        raise ConsulInstallError(f"package unpacked but {binary} is missing")
-    say(f"event=consul_installed binary={binary}")
-    return binary
+    return fetch_package("consul", CONSUL_SUITE, cache_dir(env) / "consul", "usr/bin/consul",
+                         error=ConsulInstallError, hint="set SDPROXY_CONSUL_BIN instead",
+                         log=log)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,0 +1,296 @@
+"""A real etcd for the demo, the tests and the load tests: a single member on free ports.
+
+- `install()`: Debian bookworm's `etcd-server` package (etcd 3.4), fetched into
+  `~/.cache/sdproxy/etcd` by `proxy.devinstall` without touching the machine's apt setup
+  (`SDPROXY_ETCD_BIN` names a binary you already have instead).
+- `EtcdServer`: one member listening on 127.0.0.1 only (client and peer URLs), with a data
+  dir of its own that survives `kill()`/`stop()`, so `start()` again is the same server
+  coming back (same ports, same keys, same revision); `cleanup()` removes it. Election
+  timing is shortened (loopback), which also lowers etcd's minimum lease TTL to 0.75 s.
+- A small blocking client of the v3 JSON gateway (`put`, `delete`, `grant`, `keepalive`,
+  `range_prefix`, `compact`), and `Registration`, which keeps one `<prefix>/<service>/<id>`
+  key alive on a lease the way Registrator's etcd backend keeps its TTL key fresh.
+
+This module runs outside the data path, so it uses blocking subprocess and urllib calls on
+purpose.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Self
+
+from proxy.devconsul import free_ports
+from proxy.devinstall import InstallError, cache_dir, fetch_package
+
+ETCD_SUITE = "bookworm"  # etcd-server 3.4: the /v3 gateway (bullseye's 3.3 has /v3beta)
+HEARTBEAT_MS = 50
+ELECTION_MS = 500
+REQUEST_TIMEOUT = 5.0
+
+
+class EtcdInstallError(InstallError):
+    pass
+
+
+def installed_binary(environ: Mapping[str, str] | None = None) -> Path | None:
+    env = os.environ if environ is None else environ
+    override = env.get("SDPROXY_ETCD_BIN")
+    if override:
+        return Path(override)
+    path = cache_dir(env) / "etcd" / "usr" / "bin" / "etcd"
+    return path if path.exists() else None
+
+
+def install(environ: Mapping[str, str] | None = None, log: Any = None) -> Path:
+    """Return the etcd binary, fetching and unpacking it first when missing."""
+    env = dict(os.environ if environ is None else environ)
+    found = installed_binary(env)
+    if found:
+        return found
+    return fetch_package("etcd-server", ETCD_SUITE, cache_dir(env) / "etcd", "usr/bin/etcd",
+                         error=EtcdInstallError, hint="set SDPROXY_ETCD_BIN instead", log=log)
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def unb64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+class EtcdServer:
+    """A single-member etcd on 127.0.0.1; a context manager that ends it and removes its
+    data dir. `client_port`/`peer_port` default to free ones and stay the same across
+    `kill()` and `start()`."""
+
+    def __init__(self, binary: Path | None = None, *, name: str = "sdproxy-etcd",
+                 client_port: int = 0, peer_port: int = 0) -> None:
+        self.binary = binary or install()
+        self.name = name
+        if not client_port or not peer_port:
+            client_port, peer_port = free_ports(2)
+        self.client_port = client_port
+        self.peer_port = peer_port
+        self.data_dir = Path(tempfile.mkdtemp(prefix="etcd-data-"))
+        self.log_path = Path(tempfile.mkstemp(prefix="etcd-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The client URL, as `[etcd] endpoints` lists it."""
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def command(self) -> list[str]:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            str(self.binary), "--name", self.name, "--data-dir", str(self.data_dir / "member"),
+            "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}",
+            "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
+        ]
+
+    def spawn(self) -> Self:
+        if self.alive():
+            return self
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> Self:
+        """Wait until `/health` says true (a leader, reads served)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(f"etcd exited {code}: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1.0) as resp:
+                    if json.load(resp).get("health") == "true":
+                        return self
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"etcd not healthy within {timeout}s: {self.log_tail()}")
+
+    def start(self, timeout: float = 20.0) -> Self:
+        return self.spawn().wait_ready(timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL (a crash) and reap; the data dir stays for `start()`."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._signal(signal.SIGKILL)
+            self.proc.wait(5)
+        self.proc = None
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 5 s; the data dir stays."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.proc.wait(5)
+        self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the process keeps its sockets open but answers nothing (a hang)."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def cleanup(self) -> None:
+        """Stop (resuming a paused process first) and remove the data dir and log."""
+        self.resume()
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        try:
+            self.log_path.unlink()
+        except OSError:
+            pass
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    # -- the v3 JSON gateway, blocking -------------------------------------------------
+    def call(self, path: str, body: Mapping[str, Any], timeout: float = REQUEST_TIMEOUT) -> Any:
+        """POST one gateway request (`/v3/kv/put`, ...) and return its decoded answer."""
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            answer = json.load(resp)
+        if isinstance(answer, dict) and "result" in answer:  # a one-message stream
+            answer = answer["result"]
+        return answer
+
+    def put(self, key: str, value: str, lease: int = 0) -> int:
+        """Write `key`; returns the revision it was written at."""
+        body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        return int(self.call("/v3/kv/put", body)["header"]["revision"])
+
+    def delete(self, key: str) -> int:
+        """Delete `key`; returns how many keys went."""
+        return int(self.call("/v3/kv/deleterange", {"key": b64(key)}).get("deleted", 0))
+
+    def grant(self, ttl: float) -> int:
+        """A new lease of `ttl` seconds (etcd rounds up to whole seconds); its id."""
+        return int(self.call("/v3/lease/grant", {"TTL": max(1, round(ttl + 0.499))})["ID"])
+
+    def keepalive(self, lease: int) -> int:
+        """Refresh `lease`; the TTL it has again (0: it had expired)."""
+        return int(self.call("/v3/lease/keepalive", {"ID": str(lease)}).get("TTL", 0))
+
+    def revoke(self, lease: int) -> None:
+        self.call("/v3/lease/revoke", {"ID": str(lease)})
+
+    def range_prefix(self, prefix: str) -> dict[str, str]:
+        """Every key under `prefix` and its value."""
+        answer = self.call("/v3/kv/range", {"key": b64(prefix),
+                                            "range_end": b64(prefix_end(prefix))})
+        return {unb64(kv["key"]): unb64(kv.get("value", "")) for kv in answer.get("kvs", [])}
+
+    def revision(self) -> int:
+        return int(self.call("/v3/kv/range", {"key": b64("\0"), "count_only": True})
+                   ["header"]["revision"])
+
+    def compact(self, revision: int) -> None:
+        self.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+
+def prefix_end(prefix: str) -> str:
+    """The range end that covers every key starting with `prefix` (ASCII prefixes)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+class Registration:
+    """One instance's key `<prefix>/<service>/<id>` = `host:port`, kept on a lease of
+    `ttl` seconds refreshed every ttl/3 by a thread, as Registrator does with
+    `-ttl`/`-ttl-refresh`. `stop_refreshing()` lets the key lapse (the registrar died);
+    `deregister()` deletes it at once (a clean stop)."""
+
+    def __init__(self, server: EtcdServer, key: str, value: str, ttl: float = 2.0) -> None:
+        self.server = server
+        self.key = key
+        self.value = value
+        self.ttl = ttl
+        self.lease = server.grant(ttl)
+        server.put(key, value, self.lease)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, name=f"lease-{key}",
+                                         daemon=True)
+        self._thread.start()
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self.server.keepalive(self.lease)
+            except OSError:
+                pass  # the server is down; try again next turn, as a registrar would
+
+    def stop_refreshing(self) -> None:
+        self._stop.set()
+        self._thread.join(REQUEST_TIMEOUT + 1)
+
+    def deregister(self) -> None:
+        self.stop_refreshing()
+        try:
+            self.server.revoke(self.lease)  # takes the key with it
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] in ([], ["install"]):
+        try:
+            print(install())
+        except EtcdInstallError as e:
+            print(f"sdproxy: etcd install: {e}", file=sys.stderr)
+            return 1
+        return 0
+    print("usage: python -m proxy.devetcd [install]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
