@@ -153,7 +153,8 @@ class ProxyApp:
             return
         old, self.config = self.config, new
         wanted = {up.name: up for up in new.upstreams}
-        shared_changed = {"consul": old.consul != new.consul, "dns": old.dns != new.dns}
+        shared_changed = {"consul": old.consul != new.consul, "dns": old.dns != new.dns,
+                          "etcd": old.etcd != new.etcd}
         added, removed, changed = [], [], []
         for name in [n for n in self.served if n not in wanted]:
             self._retire(name)

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from proxy.model import Address
 
 MODES = ("http", "tcp")
-DISCOVERY_KINDS = ("consul", "dns", "file", "static")
+DISCOVERY_KINDS = ("consul", "dns", "file", "static", "etcd")
 BALANCERS = ("round_robin", "least_conn", "random", "p2c", "hash")
 HTTP_PARSERS = ("httptools", "h11")
 DNS_TYPES = ("SRV", "A")
@@ -52,6 +52,8 @@ class ConsulConfig:
     key_file: str = ""  # $CONSUL_CLIENT_KEY
     server_name: str = ""  # $CONSUL_TLS_SERVER_NAME: the name the agent's cert must carry
     verify: bool = True  # $CONSUL_HTTP_SSL_VERIFY
+    register: bool = False  # register sdproxy itself (service "sdproxy", check on /ready)
+    register_check_interval: float = 10.0
 
     @property
     def tls(self) -> bool:
@@ -63,6 +65,14 @@ class DnsConfig:
     nameservers: tuple[Address, ...] = (Address("127.0.0.1", 8600),)
     domain: str = "service.consul"
     interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """Where `discovery = "etcd"` reads Registrator's keys `<prefix>/<service>/<id>`."""
+
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)  # tried in order
+    prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     consul: ConsulConfig = field(default_factory=ConsulConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
 
 
@@ -153,10 +164,13 @@ def load(path: str, environ: Mapping[str, str]) -> Config:
         admin=admin,
         consul=_resolve_consul(p, top.get("consul", {}), environ),
         dns=DnsConfig(**top.get("dns", {})),
+        etcd=EtcdConfig(**top.get("etcd", {})),
         upstreams=_read_upstreams(p, upstream_tables, top.get("defaults", {}), admin.listen),
     )
     if not cfg.dns.nameservers and any(u.discovery == "dns" for u in cfg.upstreams):
         p.add("dns.nameservers", 'must not be empty when an upstream uses discovery = "dns"')
+    if not cfg.etcd.endpoints and any(u.discovery == "etcd" for u in cfg.upstreams):
+        p.add("etcd.endpoints", 'must not be empty when an upstream uses discovery = "etcd"')
     if p.items:
         raise ConfigError(p.items)
     return cfg
@@ -358,6 +372,21 @@ _consul_address = _where(
 )
 
 
+# An etcd client URL as etcdctl's --endpoints takes it; https is not supported (yet).
+_etcd_endpoint = _where(
+    _string,
+    lambda text: urlsplit(text).scheme == "http" and bool(urlsplit(text).netloc)
+    and urlsplit(text).path in ("", "/"),
+    'expected "http://host:port", got "{0}"',
+)
+# Registrator's -prefix: "" or a key path such as "/services", without a trailing "/".
+_etcd_prefix = _where(
+    _string,
+    lambda text: not text.endswith("/"),
+    'must not end with "/" (keys are <prefix>/<service>/<id>), got "{0}"',
+)
+
+
 class _Unset:
     """A `[consul]` key written as "": as if absent, so the environment still applies."""
 
@@ -429,11 +458,17 @@ _TOP: Schema = {
         "key_file": _or_unset(_string),
         "server_name": _or_unset(_string),
         "verify": _or_unset(_boolean),
+        "register": _boolean,
+        "register_check_interval": _duration(positive=True),
     },
     "dns": {
         "nameservers": _list_of(_ip_address),
         "domain": _nonempty_string,
         "interval": _duration(positive=True),
+    },
+    "etcd": {
+        "endpoints": _list_of(_etcd_endpoint),
+        "prefix": _etcd_prefix,
     },
     "defaults": _DEFAULTS,
 }

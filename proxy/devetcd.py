@@ -7,9 +7,11 @@
   dir of its own that survives `kill()`/`stop()`, so `start()` again is the same server
   coming back (same ports, same keys, same revision); `cleanup()` removes it. Election
   timing is shortened (loopback), which also lowers etcd's minimum lease TTL to 0.75 s.
-- A small blocking client of the v3 JSON gateway (`put`, `delete`, `grant`, `keepalive`,
-  `range_prefix`, `compact`), and `Registration`, which keeps one `<prefix>/<service>/<id>`
-  key alive on a lease the way Registrator's etcd backend keeps its TTL key fresh.
+- `EtcdClient`: a small blocking client of the v3 JSON gateway (`put`, `delete`, `grant`,
+  `keepalive`, `range_prefix`, `compact`); an `EtcdServer` is one.
+- `Registration`: keeps one `<prefix>/<service>/<id>` key alive on a lease the way
+  Registrator's etcd backend keeps its TTL key fresh; `python -m proxy.devetcd keep URL
+  KEY VALUE TTL` is one as a process (a registrar that a test can `kill -9`).
 
 This module runs outside the data path, so it uses blocking subprocess and urllib calls on
 purpose.
@@ -28,7 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -39,6 +41,7 @@ ETCD_SUITE = "bookworm"  # etcd-server 3.4: the /v3 gateway (bullseye's 3.3 has 
 HEARTBEAT_MS = 50
 ELECTION_MS = 500
 REQUEST_TIMEOUT = 5.0
+ALIVE_POLL = 0.1  # how often a Registration looks whether its instance still lives
 
 
 class EtcdInstallError(InstallError):
@@ -72,10 +75,64 @@ def unb64(text: str) -> str:
     return base64.b64decode(text).decode()
 
 
-class EtcdServer:
+class EtcdClient:
+    """A small blocking client of one etcd's v3 JSON gateway (`url`: its client URL)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def call(self, path: str, body: Mapping[str, Any], timeout: float = REQUEST_TIMEOUT) -> Any:
+        """POST one gateway request (`/v3/kv/put`, ...) and return its decoded answer."""
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            answer = json.load(resp)
+        if isinstance(answer, dict) and "result" in answer:  # a one-message stream
+            answer = answer["result"]
+        return answer
+
+    def put(self, key: str, value: str, lease: int = 0) -> int:
+        """Write `key`; returns the revision it was written at."""
+        body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        return int(self.call("/v3/kv/put", body)["header"]["revision"])
+
+    def delete(self, key: str) -> int:
+        """Delete `key`; returns how many keys went."""
+        return int(self.call("/v3/kv/deleterange", {"key": b64(key)}).get("deleted", 0))
+
+    def grant(self, ttl: float) -> int:
+        """A new lease of `ttl` seconds (etcd rounds up to whole seconds); its id."""
+        return int(self.call("/v3/lease/grant", {"TTL": max(1, round(ttl + 0.499))})["ID"])
+
+    def keepalive(self, lease: int) -> int:
+        """Refresh `lease`; the TTL it has again (0: it had expired)."""
+        return int(self.call("/v3/lease/keepalive", {"ID": str(lease)}).get("TTL", 0))
+
+    def revoke(self, lease: int) -> None:
+        self.call("/v3/lease/revoke", {"ID": str(lease)})
+
+    def range_prefix(self, prefix: str) -> dict[str, str]:
+        """Every key under `prefix` and its value."""
+        answer = self.call("/v3/kv/range", {"key": b64(prefix),
+                                            "range_end": b64(prefix_end(prefix))})
+        return {unb64(kv["key"]): unb64(kv.get("value", "")) for kv in answer.get("kvs", [])}
+
+    def revision(self) -> int:
+        return int(self.call("/v3/kv/range", {"key": b64("\0"), "count_only": True})
+                   ["header"]["revision"])
+
+    def compact(self, revision: int) -> None:
+        self.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+
+
+class EtcdServer(EtcdClient):
     """A single-member etcd on 127.0.0.1; a context manager that ends it and removes its
     data dir. `client_port`/`peer_port` default to free ones and stay the same across
-    `kill()` and `start()`."""
+    `kill()` and `start()`; `url` is the client URL, as `[etcd] endpoints` lists it."""
 
     def __init__(self, binary: Path | None = None, *, name: str = "sdproxy-etcd",
                  client_port: int = 0, peer_port: int = 0) -> None:
@@ -85,14 +142,10 @@ class EtcdServer:
             client_port, peer_port = free_ports(2)
         self.client_port = client_port
         self.peer_port = peer_port
+        super().__init__(f"http://127.0.0.1:{client_port}")
         self.data_dir = Path(tempfile.mkdtemp(prefix="etcd-data-"))
         self.log_path = Path(tempfile.mkstemp(prefix="etcd-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        """The client URL, as `[etcd] endpoints` lists it."""
-        return f"http://127.0.0.1:{self.client_port}"
 
     def command(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -189,54 +242,6 @@ class EtcdServer:
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
 
-    # -- the v3 JSON gateway, blocking -------------------------------------------------
-    def call(self, path: str, body: Mapping[str, Any], timeout: float = REQUEST_TIMEOUT) -> Any:
-        """POST one gateway request (`/v3/kv/put`, ...) and return its decoded answer."""
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     method="POST",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            answer = json.load(resp)
-        if isinstance(answer, dict) and "result" in answer:  # a one-message stream
-            answer = answer["result"]
-        return answer
-
-    def put(self, key: str, value: str, lease: int = 0) -> int:
-        """Write `key`; returns the revision it was written at."""
-        body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
-        if lease:
-            body["lease"] = str(lease)
-        return int(self.call("/v3/kv/put", body)["header"]["revision"])
-
-    def delete(self, key: str) -> int:
-        """Delete `key`; returns how many keys went."""
-        return int(self.call("/v3/kv/deleterange", {"key": b64(key)}).get("deleted", 0))
-
-    def grant(self, ttl: float) -> int:
-        """A new lease of `ttl` seconds (etcd rounds up to whole seconds); its id."""
-        return int(self.call("/v3/lease/grant", {"TTL": max(1, round(ttl + 0.499))})["ID"])
-
-    def keepalive(self, lease: int) -> int:
-        """Refresh `lease`; the TTL it has again (0: it had expired)."""
-        return int(self.call("/v3/lease/keepalive", {"ID": str(lease)}).get("TTL", 0))
-
-    def revoke(self, lease: int) -> None:
-        self.call("/v3/lease/revoke", {"ID": str(lease)})
-
-    def range_prefix(self, prefix: str) -> dict[str, str]:
-        """Every key under `prefix` and its value."""
-        answer = self.call("/v3/kv/range", {"key": b64(prefix),
-                                            "range_end": b64(prefix_end(prefix))})
-        return {unb64(kv["key"]): unb64(kv.get("value", "")) for kv in answer.get("kvs", [])}
-
-    def revision(self) -> int:
-        return int(self.call("/v3/kv/range", {"key": b64("\0"), "count_only": True})
-                   ["header"]["revision"])
-
-    def compact(self, revision: int) -> None:
-        self.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
-
-
 def prefix_end(prefix: str) -> str:
     """The range end that covers every key starting with `prefix` (ASCII prefixes)."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
@@ -245,27 +250,40 @@ def prefix_end(prefix: str) -> str:
 class Registration:
     """One instance's key `<prefix>/<service>/<id>` = `host:port`, kept on a lease of
     `ttl` seconds refreshed every ttl/3 by a thread, as Registrator does with
-    `-ttl`/`-ttl-refresh`. `stop_refreshing()` lets the key lapse (the registrar died);
-    `deregister()` deletes it at once (a clean stop)."""
+    `-ttl`/`-ttl-refresh`. The refreshing stops for good when `alive()` turns false (the
+    instance died: its key lapses a TTL later) or on `stop_refreshing()` (the registrar
+    died); `deregister()` deletes the key at once (a clean stop)."""
 
-    def __init__(self, server: EtcdServer, key: str, value: str, ttl: float = 2.0) -> None:
+    def __init__(self, server: EtcdClient, key: str, value: str, ttl: float = 2.0, *,
+                 alive: Callable[[], bool] | None = None) -> None:
         self.server = server
         self.key = key
         self.value = value
         self.ttl = ttl
+        self._alive = alive or (lambda: True)
         self.lease = server.grant(ttl)
         server.put(key, value, self.lease)
+        self.lapsing_since: float | None = None  # monotonic time the refreshing stopped
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresh, name=f"lease-{key}",
                                          daemon=True)
         self._thread.start()
 
     def _refresh(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
+        # alive() is looked at more often than the lease is refreshed, so that the key
+        # starts lapsing soon after the instance died.
+        refreshed = time.monotonic()
+        while not self._stop.wait(min(self.ttl / 3, ALIVE_POLL)):
+            if not self._alive():
+                break
+            if time.monotonic() - refreshed < self.ttl / 3:
+                continue
+            refreshed = time.monotonic()
             try:
                 self.server.keepalive(self.lease)
             except OSError:
                 pass  # the server is down; try again next turn, as a registrar would
+        self.lapsing_since = time.monotonic()
 
     def stop_refreshing(self) -> None:
         self._stop.set()
@@ -279,6 +297,21 @@ class Registration:
             pass
 
 
+def keep(endpoint: str, key: str, value: str, ttl: float) -> int:
+    """Keep `key` = `value` on a lease until SIGTERM/SIGINT (then revoke it, exit 0); a
+    `kill -9` leaves the key to lapse a TTL later, as a crashed registrar does."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    registration = Registration(EtcdClient(endpoint), key, value, ttl)
+    print(f"event=etcd_registered key={key} value={value} lease={registration.lease} "
+          f"ttl={ttl:g} pid={os.getpid()}", flush=True)
+    stop.wait()
+    registration.deregister()
+    print(f"event=etcd_deregistered key={key}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] in ([], ["install"]):
@@ -288,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sdproxy: etcd install: {e}", file=sys.stderr)
             return 1
         return 0
-    print("usage: python -m proxy.devetcd [install]", file=sys.stderr)
+    if args[:1] == ["keep"] and len(args) == 5:
+        _, endpoint, key, value, ttl = args
+        return keep(endpoint, key, value, float(ttl))
+    print("usage: python -m proxy.devetcd [install]\n"
+          "       python -m proxy.devetcd keep http://127.0.0.1:PORT KEY VALUE TTL",
+          file=sys.stderr)
     return 2
 
 

@@ -33,11 +33,18 @@ def _static(config: Config, upstream: UpstreamConfig, sink: CatalogSink, **kw: A
     return StaticWatcher(upstream, sink)
 
 
+def _etcd(config: Config, upstream: UpstreamConfig, sink: CatalogSink, **kw: Any) -> Watcher:
+    from proxy.discovery.etcd import EtcdWatcher
+
+    return EtcdWatcher(config.etcd, upstream, sink)
+
+
 WATCHERS: dict[str, Callable[..., Watcher]] = {
     "consul": _consul,
     "dns": _dns,
     "file": _file,
     "static": _static,
+    "etcd": _etcd,
 }
 
 
