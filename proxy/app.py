@@ -33,6 +33,7 @@ from proxy import config as config_mod
 from proxy import logs
 from proxy.config import Config, UpstreamConfig
 from proxy.discovery import Rereadable
+from proxy.discovery.consul_register import SelfRegistration, start_self_registration
 from proxy.discovery.registry import UnsupportedDiscovery, make_watcher
 from proxy.model import Address
 from proxy.protocols import Listener, make_listener
@@ -78,6 +79,7 @@ class ProxyApp:
         self.started_at = time.time()
         self.stop_requested = asyncio.Event()
         self.retiring: set[asyncio.Task[None]] = set()
+        self.self_registration: SelfRegistration | None = None  # [consul] register = true
 
     # -- start --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -90,6 +92,8 @@ class ProxyApp:
         self._publish()
         if self.with_admin:
             await self._start_admin()
+            self.self_registration = start_self_registration(self.config.consul,
+                                                             self.config.admin.listen)
 
     def _watch(self, up: UpstreamConfig, runtime: UpstreamRuntime) -> Served:
         try:
@@ -187,6 +191,10 @@ class ProxyApp:
         self._publish()
         if self.with_admin and old.admin.listen != new.admin.listen:
             await self._restart_admin()
+        if self.with_admin and (old.consul, old.admin) != (new.consul, new.admin):
+            if self.self_registration is not None:
+                await self.self_registration.stop()
+            self.self_registration = start_self_registration(new.consul, new.admin.listen)
         log.info("event=reloaded config=%s added=%s removed=%s changed=%s failed=%s",
                  new.path, ",".join(added) or "-", ",".join(removed) or "-",
                  ",".join(changed) or "-", ",".join(failed) or "-")
@@ -243,6 +251,9 @@ class ProxyApp:
         """Close listeners at once, let in-flight work finish within drain_timeout."""
         for name in list(self.served):
             self._retire(name)
+        if self.self_registration is not None:  # while the listeners drain
+            await self.self_registration.stop()
+            self.self_registration = None
         await asyncio.gather(*list(self.retiring), return_exceptions=True)
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()  # type: ignore[attr-defined]
