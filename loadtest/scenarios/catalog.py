@@ -1,15 +1,18 @@
-"""catalog: the delay from a Consul change to sdproxy's pool swap, over --changes changes.
+"""catalog: the delay from a catalog change to sdproxy's pool swap, over --changes changes.
 
-A real Consul dev agent and sdproxy (discovery consul) in front of one service with a
-base instance. Then --changes times: an instance is registered or deregistered
-(`--kind register`, the default) or its TTL check turns critical or passing
-(`--kind health`), through the agent API. The change time is taken just before the API
-call; the swap time is the `ts` sdproxy writes on its `event=pool_change` line for that
-instance (its own clock, 1 ms resolution, truncated), so no polling error is added.
-Beside it, our own blocking query on /v1/health/service/SERVICE?passing records when
-Consul itself let a watcher see the change: the difference is what sdproxy adds.
-Changes are spaced by 10-30 ms (random, seeded) after the previous one was seen, so
-they do not pile up into one catalog answer. Target: p99 <= 50 ms.
+A real registry (`--discovery consul`, the default, or `etcd`) and sdproxy in front of
+one service with a base instance. Then --changes times an instance comes or goes:
+- consul: registered or deregistered through the agent API (`--kind register`, the
+  default), or its TTL check turns critical or passing (`--kind health`);
+- etcd: its Registrator key `<prefix>/<service>/<id>` = `ip:port` is put or deleted
+  (`--kind register` only: a TTL lapse is a DELETE that etcd's lease timer times).
+The change time is taken just before the API call; the swap time is the `ts` sdproxy
+writes on its `event=pool_change` line for that instance (its own clock, 1 ms resolution,
+truncated), so no polling error is added. Beside it, our own watcher (a Consul blocking
+query on /v1/health/service/SERVICE?passing, or an etcd watch on the service's keys)
+records when the registry itself let a watcher see the change: the difference is what
+sdproxy adds. Changes are spaced by 10-30 ms (random, seeded) after the previous one was
+seen, so they do not pile up into one catalog answer. Target: p99 <= 50 ms.
 """
 
 from __future__ import annotations
@@ -23,20 +26,31 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import Protocol
 
 from loadtest import common as c
+from loadtest.etcdprocs import EtcdEventWatcher, start_etcd, start_sdproxy_etcd
 
-DESCRIPTION = "delay from a Consul change to sdproxy's pool swap (p50/p90/p99/max)"
+DESCRIPTION = "delay from a catalog change (Consul or etcd) to sdproxy's pool swap (p50/p99)"
 SERVICE = "catalog-probe"
 TARGET_P99 = 0.050
 SEEN_TIMEOUT = 2.0  # seconds for sdproxy to show one change
+ETCD_PREFIX = "/services"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--changes", type=int, default=100, help="changes to make (default 100)")
+    parser.add_argument("--discovery", choices=tuple(REGISTRIES), default="consul",
+                        help="the registry sdproxy watches (default consul)")
     parser.add_argument("--kind", choices=("register", "health"), default="register",
-                        help="register/deregister an instance (default) or flip its TTL check")
+                        help="register/deregister an instance (default) or flip its TTL "
+                             "check (consul only)")
     parser.add_argument("--seed", type=int, default=1, help="seeds the gaps between changes")
+
+
+class OwnWatcher(Protocol):
+    def first(self, after: float, holds: Callable[[frozenset[str]], bool],
+              timeout: float = 1.0) -> float | None: ...
 
 
 class PassingWatcher(threading.Thread):
@@ -79,6 +93,88 @@ class PassingWatcher(threading.Thread):
             time.sleep(0.001)
 
 
+# -- one driver per registry: start it and sdproxy, make one change ---------------------------
+class Registry(Protocol):
+    name: str  # as the report names the registry
+    change_text: str  # what one change is
+    own_watcher: str  # what our own watcher is
+    proxy: c.Sdproxy
+    watcher: OwnWatcher
+
+    def change(self, k: int, iid: str, present: bool) -> None: ...
+
+
+class ConsulRegistry:
+    name = "Consul"
+    own_watcher = "our own blocking query's answer"
+
+    def __init__(self, stack: contextlib.ExitStack, kind: str) -> None:
+        self.kind = kind
+        self.change_text = ("register/deregister an instance" if kind == "register"
+                            else "TTL check critical/passing")
+        self.agent = agent = c.start_consul(stack)
+        self.ttl = {"TTL": "1h", "Status": "passing"}
+        agent.register({"Name": SERVICE, "ID": "base", "Address": "127.0.0.1", "Port": 1,
+                        "Check": self.ttl})
+        if kind == "health":
+            agent.register({"Name": SERVICE, "ID": "probe", "Address": "127.0.0.1", "Port": 2,
+                            "Check": {**self.ttl, "CheckID": "probe-ttl"}})
+        base_ids = {"base"} | ({"probe"} if kind == "health" else set())
+        c.wait_passing(agent, SERVICE, base_ids)
+        self.proxy = c.start_sdproxy(stack, agent.http_addr, SERVICE, expect=base_ids)
+        watcher = PassingWatcher(agent.http_addr, SERVICE)
+        watcher.start()
+        stack.callback(watcher.join, 3)
+        stack.callback(watcher.stop.set)
+        self.watcher = watcher
+
+    def change(self, k: int, iid: str, present: bool) -> None:
+        if self.kind == "health":
+            (self.agent.check_pass if present else self.agent.check_fail)("probe-ttl")
+        elif present:
+            self.agent.register({"Name": SERVICE, "ID": iid, "Address": "127.0.0.1",
+                                 "Port": 1000 + k // 2, "Check": self.ttl})
+        else:
+            self.agent.deregister(iid)
+
+
+class EtcdRegistry:
+    name = "etcd"
+    change_text = "put/delete an instance's key"
+    own_watcher = "our own etcd watch's event"
+
+    def __init__(self, stack: contextlib.ExitStack, kind: str) -> None:
+        if kind != "register":
+            raise c.ScenarioError("--discovery etcd takes --kind register only (an etcd key "
+                                  "has no health check)")
+        self.server = server = start_etcd(stack)
+        server.put(self.key("base"), "127.0.0.1:1")
+        self.proxy = start_sdproxy_etcd(stack, server.url, ETCD_PREFIX, SERVICE, {"base"})
+        watcher = EtcdEventWatcher(server, f"{ETCD_PREFIX}/{SERVICE}/".encode())
+        watcher.start()
+        stack.callback(watcher.join, 3)
+        stack.callback(watcher.stop)
+        if not watcher.ready.wait(c.START_TIMEOUT):
+            raise c.ScenarioError("our own etcd watch did not start")
+        self.watcher = watcher
+
+    @staticmethod
+    def key(iid: str) -> str:
+        return f"{ETCD_PREFIX}/{SERVICE}/{iid}"
+
+    def change(self, k: int, iid: str, present: bool) -> None:
+        if present:
+            self.server.put(self.key(iid), f"127.0.0.1:{1000 + k // 2}")
+        else:
+            self.server.delete(self.key(iid))
+
+
+REGISTRIES: dict[str, Callable[[contextlib.ExitStack, str], Registry]] = {
+    "consul": ConsulRegistry,
+    "etcd": EtcdRegistry,
+}
+
+
 def run(args: argparse.Namespace) -> int:
     return c.run_scenario("catalog", lambda stack: _run(stack, args))
 
@@ -95,22 +191,10 @@ def _shows(iid: str, present: bool, ids: frozenset[str]) -> bool:
 
 
 def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
-    c.say(f"catalog: Consul and sdproxy; {args.changes} changes ({args.kind}), delay from "
-          "each change to sdproxy's pool swap")
-    agent = c.start_consul(stack)
-    ttl = {"TTL": "1h", "Status": "passing"}
-    agent.register({"Name": SERVICE, "ID": "base", "Address": "127.0.0.1", "Port": 1,
-                    "Check": ttl})
-    if args.kind == "health":
-        agent.register({"Name": SERVICE, "ID": "probe", "Address": "127.0.0.1", "Port": 2,
-                        "Check": {**ttl, "CheckID": "probe-ttl"}})
-    base_ids = {"base"} | ({"probe"} if args.kind == "health" else set())
-    c.wait_passing(agent, SERVICE, base_ids)
-    proxy = c.start_sdproxy(stack, agent.http_addr, SERVICE, expect=base_ids)
-    watcher = PassingWatcher(agent.http_addr, SERVICE)
-    watcher.start()
-    stack.callback(watcher.join, 3)
-    stack.callback(watcher.stop.set)
+    c.say(f"catalog: {args.discovery} and sdproxy; {args.changes} changes ({args.kind}), "
+          "delay from each change to sdproxy's pool swap")
+    registry = REGISTRIES[args.discovery](stack, args.kind)
+    proxy, watcher = registry.proxy, registry.watcher
     rng = random.Random(args.seed)
     t0 = time.time()
 
@@ -122,13 +206,7 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
         iid = "probe" if args.kind == "health" else f"probe-{k // 2}"
         start_line = len(proxy.child.lines)
         started = time.time()
-        if args.kind == "health":
-            (agent.check_pass if present else agent.check_fail)("probe-ttl")
-        elif present:
-            agent.register({"Name": SERVICE, "ID": iid, "Address": "127.0.0.1",
-                            "Port": 1000 + k // 2, "Check": ttl})
-        else:
-            agent.deregister(iid)
+        registry.change(k, iid, present)
         called = time.time() - started
         key = "added" if present else "removed"
         try:
@@ -157,18 +235,17 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
                 c.ms(sum(values) / len(values) if values else None)]
 
     c.say()
-    c.say(f"catalog: {args.changes} Consul changes ({args.kind}: "
-          + ("register/deregister an instance" if args.kind == "register"
-             else "TTL check critical/passing") + ") -> sdproxy pool swap")
+    c.say(f"catalog: {args.changes} {registry.name} changes ({args.kind}: "
+          f"{registry.change_text}) -> sdproxy pool swap")
     c.say(c.format_table(
         ["delay from the change", "n", "p50", "p90", "p99", "max", "mean"],
         [["to sdproxy's pool swap (its log ts)", *stats(swaps)],
-         ["to our own blocking query's answer", *stats(direct)],
+         [f"to {registry.own_watcher}", *stats(direct)],
          ["sdproxy minus our watcher (<0: sdproxy first)", *stats(behind)],
-         ["agent API call itself", *stats(calls)]]))
+         [f"{registry.name} API call itself", *stats(calls)]]))
     c.say()
-    c.say("  the change time is taken just before the agent API call; sdproxy's log ts has "
-          "1 ms resolution (truncated)")
+    c.say(f"  the change time is taken just before the {registry.name} API call; sdproxy's "
+          "log ts has 1 ms resolution (truncated)")
     if missed:
         c.say(f"  {missed} changes were not seen by sdproxy within {SEEN_TIMEOUT:g}s")
     p99 = c.percentile(swaps, 0.99)
@@ -178,13 +255,13 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
           + ("met" if ok else "NOT met"))
 
     if args.plot:
-        plot(args.plot, rows, args)
+        plot(args.plot, rows, args, registry)
         c.say(f"plot: {args.plot}")
     return 0
 
 
 def plot(path: str, rows: list[tuple[float, float | None, float | None, float]],
-         args: argparse.Namespace) -> None:
+         args: argparse.Namespace, registry: Registry) -> None:
     """Delay per change over time: sdproxy's swap, our own watcher, the 50 ms target."""
     import matplotlib
 
@@ -192,8 +269,9 @@ def plot(path: str, rows: list[tuple[float, float | None, float | None, float]],
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(12, 4.8))
-    series = (("Consul change -> sdproxy pool swap", "#d62728", [(r[0], r[1]) for r in rows]),
-              ("Consul change -> our blocking query's answer", "#1f77b4",
+    series = ((f"{registry.name} change -> sdproxy pool swap", "#d62728",
+               [(r[0], r[1]) for r in rows]),
+              (f"{registry.name} change -> {registry.own_watcher}", "#1f77b4",
                [(r[0], r[2]) for r in rows]))
     for label, color, points in series:
         pts = [(t, d * 1000) for t, d in points if d is not None]
@@ -208,7 +286,7 @@ def plot(path: str, rows: list[tuple[float, float | None, float | None, float]],
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
-    fig.suptitle(f"catalog: delay from a Consul change to sdproxy's pool swap, "
+    fig.suptitle(f"catalog: delay from a {registry.name} change to sdproxy's pool swap, "
                  f"{args.changes} changes ({args.kind})", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
