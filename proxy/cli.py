@@ -30,9 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, metavar="N")
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("-c", "--config", required=True, metavar="FILE")
-    demo = sub.add_parser("demo", help="start Consul, three backends and the proxy; kill one")
+    demo = sub.add_parser("demo", help="start a registry, three backends and the proxy; "
+                                       "kill one")
     demo.add_argument("--duration", type=float, default=10.0, help="seconds of traffic")
     demo.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    demo.add_argument("--registry", choices=("consul", "etcd"), default="consul",
+                      help="the registry the backends register in (default consul)")
     return parser
 
 
@@ -74,5 +77,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from proxy.demo import run as demo_run
 
-        return demo_run.main(duration=args.duration, rate=args.rate)
+        return demo_run.main(duration=args.duration, rate=args.rate, registry=args.registry)
     return 2

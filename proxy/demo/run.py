@@ -1,8 +1,11 @@
 """`sdproxy demo`: a newcomer's first run, end to end, on loopback.
 
-Owns the demo's whole life: a real Consul dev agent, three backends registered with
-HTTP health checks, sdproxy in front of them, steady client traffic, a `kill -9` of
-backend-2 half way, and a report of what the client saw.
+Owns the demo's whole life: a real registry (a Consul dev agent by default; etcd with
+`--registry etcd`), three backends registered in it (Consul: HTTP health checks; etcd:
+Registrator's keys on leases), sdproxy in front of them, steady client traffic, a
+`kill -9` of backend-2 half way, and a report of what the client saw and when the
+registry noticed. What is particular to a registry is a `DemoRegistry` (Consul's here,
+the others in a module of their own, e.g. `proxy.demo.etcd`).
 
 Invariants:
 - Everything it starts is pushed on one ExitStack the moment it exists, so any exit
@@ -33,11 +36,12 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
 from proxy import devconsul
+from proxy.devinstall import InstallError
 
 SERVICE = "backend-service"
 BACKENDS = ("backend-1", "backend-2", "backend-3")
@@ -45,7 +49,7 @@ VICTIM = "backend-2"
 STEPS = 5
 START_TIMEOUT = 20.0  # seconds for any child to come up
 REQUEST_TIMEOUT = 5.0  # per client request; far above any healthy failover
-CRITICAL_WATCH = 15.0  # how long to wait for Consul to mark the victim critical
+CRITICAL_WATCH = 15.0  # how long to wait for the registry to drop the victim
 
 
 def backend_argv(port: int, name: str) -> list[str]:
@@ -129,21 +133,38 @@ class Sample:
     backend: str  # which backend answered (the body of a 200)
 
 
-def demo_config(admin_port: int, listen_port: int, consul_addr: str) -> str:
+class DemoRegistry(Protocol):
+    """What the demo needs of a registry: start it, register the backends in it, the
+    proxy's config for it, and when it stopped offering the killed backend."""
+
+    name: str  # "Consul", "etcd"
+    discovery: str  # the upstream's `discovery`
+    noticed: str  # what the registry does about a dead instance, for the report
+    kept: str  # what happens to the dead instance afterwards, for the interactive hold
+
+    def start(self, stack: contextlib.ExitStack) -> None: ...
+    def register(self, stack: contextlib.ExitStack, name: str, child: Child,
+                 port: int) -> None: ...
+    def wait_registered(self) -> None: ...
+    def config(self) -> str: ...
+    async def watch_gone(self, session: aiohttp.ClientSession) -> float: ...
+    def urls(self) -> dict[str, str]: ...
+
+
+def demo_config(admin_port: int, listen_port: int, registry_config: str,
+                discovery: str = "consul") -> str:
     """The proxy config the demo runs; config/demo.toml is a readable copy of it."""
     return f"""\
 # Written by `sdproxy demo`; a readable copy lives in config/demo.toml.
 [admin]
 listen = "127.0.0.1:{admin_port}"
 
-[consul]
-address = "{consul_addr}"
-
+{registry_config}
 [[upstreams]]
 name = "{SERVICE}"
 listen = "127.0.0.1:{listen_port}"
 mode = "http"
-discovery = "consul"
+discovery = "{discovery}"
 drain_timeout = "2s"     # the demo's shutdown should not wait long
 """
 
@@ -166,25 +187,73 @@ def wait_until(what: str, probe: Callable[[], bool], timeout: float = START_TIME
         time.sleep(0.1)
 
 
-async def watch_critical(session: aiohttp.ClientSession, consul_addr: str) -> float:
-    """Loop time at which Consul first reports the victim's check critical."""
-    url = f"{consul_addr}/v1/health/checks/{SERVICE}"
-    loop = asyncio.get_running_loop()
-    while True:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with session.get(url) as resp:
-                checks: list[dict[str, Any]] = await resp.json()
-            if any(c.get("ServiceID") == VICTIM and c.get("Status") == "critical"
-                   for c in checks):
-                return loop.time()
-        await asyncio.sleep(0.05)
+class ConsulDemo:
+    """A Consul dev agent; backends registered with an HTTP check on /health every 1s."""
+
+    name = "Consul"
+    discovery = "consul"
+    noticed = "Consul marked it critical"
+    kept = "Consul deregisters it after 1 minute (DeregisterCriticalServiceAfter)"
+
+    def start(self, stack: contextlib.ExitStack) -> None:
+        say(f"1/{STEPS} starting a Consul dev agent")
+        binary = devconsul.install(log=lambda msg: say(f"    {msg}"))
+        self.agent = agent = devconsul.ConsulAgent(binary)
+        stack.callback(agent.__exit__, None, None, None)  # before start: a half-started one
+        agent.start()
+        say(f"    Consul at {agent.http_addr} (UI: {agent.http_addr}/ui/)")
+        say(f"2/{STEPS} starting {len(BACKENDS)} backends, registered as '{SERVICE}' with "
+            "an HTTP check on /health every 1s")
+
+    def register(self, stack: contextlib.ExitStack, name: str, child: Child,
+                 port: int) -> None:
+        self.agent.register({
+            "ID": name, "Name": SERVICE, "Address": "127.0.0.1", "Port": port,
+            "Check": {"HTTP": f"http://127.0.0.1:{port}/health", "Interval": "1s",
+                      "Timeout": "1s", "DeregisterCriticalServiceAfter": "1m"}})
+
+    def wait_registered(self) -> None:
+        # Traffic must start against a full pool, so wait for every first check to pass.
+        wait_until("the backends' Consul checks did not all pass", lambda: len(
+            self.agent.get(f"/v1/health/service/{SERVICE}?passing") or []) == len(BACKENDS))
+
+    def config(self) -> str:
+        return f'[consul]\naddress = "{self.agent.http_addr}"\n'
+
+    async def watch_gone(self, session: aiohttp.ClientSession) -> float:
+        """Loop time at which Consul first reports the victim's check critical."""
+        url = f"{self.agent.http_addr}/v1/health/checks/{SERVICE}"
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(url) as resp:
+                    checks: list[dict[str, Any]] = await resp.json()
+                if any(c.get("ServiceID") == VICTIM and c.get("Status") == "critical"
+                       for c in checks):
+                    return loop.time()
+            await asyncio.sleep(0.05)
+
+    def urls(self) -> dict[str, str]:
+        return {"Consul UI": f"{self.agent.http_addr}/ui/"}
+
+
+def _etcd_demo() -> DemoRegistry:
+    from proxy.demo.etcd import EtcdDemo
+
+    return EtcdDemo()
+
+
+REGISTRIES: dict[str, Callable[[], DemoRegistry]] = {
+    "consul": ConsulDemo,
+    "etcd": _etcd_demo,
+}
 
 
 async def drive(url: str, duration: float, rate: float, kill: Callable[[], None],
-                consul_addr: str) -> tuple[list[Sample], float, float | None]:
+                registry: DemoRegistry) -> tuple[list[Sample], float, float | None]:
     """Open-loop traffic: request i is sent at t0 + i/rate (loop time, so sleeps never
     accumulate drift) whether or not earlier ones answered. Returns the samples, the kill
-    time and the time Consul marked the victim critical, both relative to t0."""
+    time and the time the registry stopped offering the victim, both relative to t0."""
     loop = asyncio.get_running_loop()
     samples: list[Sample] = []
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
@@ -214,7 +283,7 @@ async def drive(url: str, duration: float, rate: float, kill: Callable[[], None]
             killed = loop.time() - t0
             try:
                 return killed, await asyncio.wait_for(
-                    watch_critical(session, consul_addr), CRITICAL_WATCH) - t0
+                    registry.watch_gone(session), CRITICAL_WATCH) - t0
             except TimeoutError:
                 return killed, None
 
@@ -237,7 +306,7 @@ def pct(values: list[float], q: float) -> str:
 
 
 def report(samples: list[Sample], killed: float, critical: float | None, duration: float,
-           rate: float, urls: dict[str, str]) -> int:
+           rate: float, urls: dict[str, str], noticed: str = "Consul marked it critical") -> int:
     """Prints what the client saw; returns the number of errors."""
     phases = {"before kill": [s for s in samples if s.t < killed],
               "after kill": [s for s in samples if s.t >= killed]}
@@ -249,7 +318,7 @@ def report(samples: list[Sample], killed: float, critical: float | None, duratio
     say(f"  errors          {n_err}" + (f"  ({kinds})" if kinds else ""))
     seen = f"{critical - killed:.2f}s later" if critical is not None else \
         f"not within {CRITICAL_WATCH:.0f}s"
-    say(f"  {VICTIM} killed at t={killed:.2f}s (kill -9); Consul marked it critical {seen}")
+    say(f"  {VICTIM} killed at t={killed:.2f}s (kill -9); {noticed} {seen}")
     say()
     say(f"  {'':16}" + "".join(f"{name:>14}" for name in phases))
     rows: list[tuple[str, Callable[[list[Sample]], str]]] = [
@@ -275,35 +344,25 @@ def report(samples: list[Sample], killed: float, critical: float | None, duratio
     return n_err
 
 
-def run(stack: contextlib.ExitStack, duration: float, rate: float) -> int:
-    say(f"1/{STEPS} starting a Consul dev agent")
-    binary = devconsul.install(log=lambda msg: say(f"    {msg}"))
-    agent = devconsul.ConsulAgent(binary)
-    stack.callback(agent.__exit__, None, None, None)  # before start: a half-started agent too
-    agent.start()
-    say(f"    Consul at {agent.http_addr} (UI: {agent.http_addr}/ui/)")
-
-    say(f"2/{STEPS} starting {len(BACKENDS)} backends, registered as '{SERVICE}' with "
-        "an HTTP check on /health every 1s")
+def run(stack: contextlib.ExitStack, duration: float, rate: float,
+        registry: DemoRegistry | None = None) -> int:
+    registry = registry or ConsulDemo()
+    registry.start(stack)  # says steps 1 and 2
     backends: dict[str, Child] = {}
     for name in BACKENDS:
         port = devconsul.free_port()
         child = backends[name] = Child(name, backend_argv(port, name))
         stack.callback(child.stop, 3.0)
         child.wait_for("event=backend_listening", f"port={port}")
-        agent.register({
-            "ID": name, "Name": SERVICE, "Address": "127.0.0.1", "Port": port,
-            "Check": {"HTTP": f"http://127.0.0.1:{port}/health", "Interval": "1s",
-                      "Timeout": "1s", "DeregisterCriticalServiceAfter": "1m"}})
+        registry.register(stack, name, child, port)
         say(f"    {name} on 127.0.0.1:{port} (pid {child.proc.pid})")
-    # Traffic must start against a full pool, so wait for every first check to pass.
-    wait_until("the backends' Consul checks did not all pass", lambda: len(
-        agent.get(f"/v1/health/service/{SERVICE}?passing") or []) == len(BACKENDS))
+    registry.wait_registered()
 
     admin_port, listen_port = devconsul.free_port(), devconsul.free_port()
     workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sdproxy-demo-")))
     config_path = workdir / "demo.toml"
-    config_path.write_text(demo_config(admin_port, listen_port, agent.http_addr))
+    config_path.write_text(demo_config(admin_port, listen_port, registry.config(),
+                                       registry.discovery))
     say(f"3/{STEPS} starting sdproxy -c {config_path}")
     env = {k: v for k, v in os.environ.items() if k != "CONSUL_HTTP_TOKEN"}
     proxy = Child("sdproxy", proxy_argv(config_path), env=env)
@@ -321,7 +380,7 @@ def run(stack: contextlib.ExitStack, duration: float, rate: float) -> int:
     say(f"4/{STEPS} sending {rate:g} GET/s to {url} for {duration:g}s; "
         f"kill -9 {VICTIM} at t={duration / 2:g}s")
     samples, killed, critical = asyncio.run(drive(
-        url, duration, rate, lambda: backends[VICTIM].signal(signal.SIGKILL), agent.http_addr))
+        url, duration, rate, lambda: backends[VICTIM].signal(signal.SIGKILL), registry))
     if proxy.proc.poll() is not None:
         raise DemoError(f"sdproxy exited with code {proxy.proc.returncode} during the run:\n"
                         f"{proxy.output()}")
@@ -329,12 +388,11 @@ def run(stack: contextlib.ExitStack, duration: float, rate: float) -> int:
     say(f"5/{STEPS} what the client saw")
     report(samples, killed, critical, duration, rate, {
         "admin page": f"{admin}/", "upstreams": f"{admin}/upstreams",
-        "metrics": f"{admin}/metrics", "Consul UI": f"{agent.http_addr}/ui/"})
+        "metrics": f"{admin}/metrics", **registry.urls()}, registry.noticed)
 
     if sys.stdin is not None and sys.stdin.isatty() and os.environ.get("SDPROXY_DEMO_HOLD") != "0":
         say()
-        say(f"Everything keeps running; {VICTIM} stays dead and Consul deregisters it "
-            "after 1 minute (DeregisterCriticalServiceAfter).")
+        say(f"Everything keeps running; {VICTIM} stays dead and {registry.kept}.")
         say("Press Ctrl-C to stop")
         while proxy.proc.poll() is None:
             time.sleep(0.5)
@@ -346,9 +404,13 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM takes the same clean path as Ctrl-C
 
 
-def main(duration: float, rate: float) -> int:
+def main(duration: float, rate: float, registry: str = "consul") -> int:
     if not (duration > 0 and rate > 0):
         print("sdproxy demo: --duration and --rate must be positive", file=sys.stderr)
+        return 2
+    if registry not in REGISTRIES:
+        print(f"sdproxy demo: --registry must be one of {', '.join(REGISTRIES)}",
+              file=sys.stderr)
         return 2
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     # Explicit: a shell that started us in the background set SIGINT to ignored, and the
@@ -356,11 +418,11 @@ def main(duration: float, rate: float) -> int:
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     stack = contextlib.ExitStack()
     try:
-        return run(stack, duration, rate)
+        return run(stack, duration, rate, REGISTRIES[registry]())
     except KeyboardInterrupt:
         say("\ninterrupted: stopping everything the demo started")
         return 0
-    except (DemoError, devconsul.ConsulInstallError, RuntimeError, OSError) as e:
+    except (DemoError, InstallError, RuntimeError, OSError) as e:
         print(f"sdproxy demo: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
