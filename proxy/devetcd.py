@@ -7,6 +7,7 @@
   dir of its own that survives `kill()`/`stop()`, so `start()` again is the same server
   coming back (same ports, same keys, same revision); `cleanup()` removes it. Election
   timing is shortened (loopback), which also lowers etcd's minimum lease TTL to 0.75 s.
+- `EtcdCluster`: three (or `size`) such members forming one cluster.
 - `EtcdClient`: a small blocking client of the v3 JSON gateway (`put`, `delete`, `grant`,
   `keepalive`, `range_prefix`, `compact`); an `EtcdServer` is one.
 - `Registration`: keeps one `<prefix>/<service>/<id>` key alive on a lease the way
@@ -135,7 +136,7 @@ class EtcdServer(EtcdClient):
     `kill()` and `start()`; `url` is the client URL, as `[etcd] endpoints` lists it."""
 
     def __init__(self, binary: Path | None = None, *, name: str = "sdproxy-etcd",
-                 client_port: int = 0, peer_port: int = 0) -> None:
+                 client_port: int = 0, peer_port: int = 0, initial_cluster: str = "") -> None:
         self.binary = binary or install()
         self.name = name
         if not client_port or not peer_port:
@@ -143,6 +144,8 @@ class EtcdServer(EtcdClient):
         self.client_port = client_port
         self.peer_port = peer_port
         super().__init__(f"http://127.0.0.1:{client_port}")
+        # name=peer URL of every member; "" = this member alone.
+        self.initial_cluster = initial_cluster or f"{name}=http://127.0.0.1:{peer_port}"
         self.data_dir = Path(tempfile.mkdtemp(prefix="etcd-data-"))
         self.log_path = Path(tempfile.mkstemp(prefix="etcd-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
@@ -153,7 +156,7 @@ class EtcdServer(EtcdClient):
             str(self.binary), "--name", self.name, "--data-dir", str(self.data_dir / "member"),
             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster", self.initial_cluster,
             "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
         ]
 
@@ -241,6 +244,47 @@ class EtcdServer(EtcdClient):
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+class EtcdCluster:
+    """`size` etcd members on loopback forming one cluster; a context manager.
+
+    `start` returns once every member says healthy (a leader is known to each)."""
+
+    def __init__(self, size: int = 3, binary: Path | None = None) -> None:
+        binary = binary or install()
+        ports = free_ports(2 * size)
+        names = [f"member-{i}" for i in range(size)]
+        initial = ",".join(f"{n}=http://127.0.0.1:{ports[2 * i + 1]}"
+                           for i, n in enumerate(names))
+        self.members = [EtcdServer(binary, name=n, client_port=ports[2 * i],
+                                   peer_port=ports[2 * i + 1], initial_cluster=initial)
+                        for i, n in enumerate(names)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    def start(self, timeout: float = 30.0) -> Self:
+        try:
+            for member in self.members:
+                member.spawn()
+            for member in self.members:
+                member.wait_ready(timeout)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def cleanup(self) -> None:
+        for member in self.members:
+            member.cleanup()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
 
 def prefix_end(prefix: str) -> str:
     """The range end that covers every key starting with `prefix` (ASCII prefixes)."""

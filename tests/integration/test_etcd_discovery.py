@@ -37,7 +37,7 @@ from support.watch import AliveSink, ids, running
 
 from proxy.config import EtcdConfig, UpstreamConfig
 from proxy.devconsul import free_port
-from proxy.devetcd import EtcdServer, Registration
+from proxy.devetcd import EtcdCluster, EtcdServer, Registration
 from proxy.discovery.etcd import EtcdWatcher
 from proxy.model import Address
 
@@ -277,3 +277,33 @@ async def test_a_broken_key_is_left_out_and_logged_once(
                r.getMessage()]
     assert len(ignored) == 1, ignored
     assert '"/services/broken/bad"' in ignored[0] and "not ip:port" in ignored[0]
+
+
+async def test_a_cluster_member_lost_then_quorum_lost_then_back() -> None:
+    with EtcdCluster(3) as cluster:
+        m0, m1, m2 = cluster.members
+        m0.put(key("cluster", "a"), "127.0.0.1:9001")
+        async with watching(cluster.urls, "cluster") as (watcher, sink):
+            assert ids(await sink.answer_where(lambda a: True)) == {"a"}
+            assert watcher.endpoint == m0.url
+
+            m0.kill()  # the member we watch: the next one takes over, quorum stays
+            assert (await sink.error()).startswith(f"etcd {m0.url}: ")
+            assert ids(await sink.answer_where(lambda a: True)) == {"a"}  # recovered
+            assert watcher.endpoint == m1.url
+            await asyncio.to_thread(m2.put, key("cluster", "b"), "127.0.0.1:9002")
+            assert ids(await sink.answer_where(lambda a: True)) == {"a", "b"}
+
+            m1.kill()  # quorum lost: m2 alone has no leader
+            lost = time.monotonic()
+            errors = [await sink.error(timeout=15.0) for _ in range(3)]
+            print(f"\nafter quorum loss ({time.monotonic() - lost:.1f}s): "
+                  + "; ".join(errors))
+            assert any("no leader" in e or "timed out" in e or "refused" in e for e in errors)
+            assert sink.answers.empty()  # the last pool stays in force
+
+            await asyncio.to_thread(m0.start)  # quorum back (m0, m2)
+            back = time.monotonic()
+            assert ids(await sink.answer_where(lambda a: True, timeout=20.0)) == {"a", "b"}
+            print(f"quorum back -> answer after {time.monotonic() - back:.2f}s "
+                  f"from {watcher.endpoint}")
