@@ -11,7 +11,9 @@ demo backends, sdproxy, and registrars that keep Registrator's keys
   back at the same address -> the watch resumes without a restart of sdproxy;
 - in-process watcher: etcd hung (SIGSTOP) -> the probe notices and the watcher reports
   errors until it answers again; a compacted start revision -> read again, no error;
-  endpoints tried in order; a key that is not `ip:port` left out and logged once.
+  endpoints tried in order; a key that is not `ip:port` left out and logged once;
+- a three-member cluster (`EtcdCluster`): the watched member killed -> the next endpoint
+  takes over; quorum lost -> errors, the last pool stays; quorum back -> answers again.
 
 Every wait is bounded; every process is ended and every data dir removed at teardown.
 """
