@@ -34,7 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from proxy import devinstall
 from proxy.devinstall import InstallError, cache_dir, fetch_package
+
+KEYRING = devinstall.KEYRING  # still importable from here, where it used to live
 
 CONSUL_SUITE = "bullseye"
 CONSUL_VERSION_PREFIX = "1.8."
@@ -42,6 +45,15 @@ CONSUL_VERSION_PREFIX = "1.8."
 
 class ConsulInstallError(InstallError):
     pass
+
+
+def debian_mirror() -> str:
+    """The machine's Debian archive (`proxy.devinstall.debian_mirror`), raising
+    ConsulInstallError as it did when it lived here."""
+    try:
+        return devinstall.debian_mirror("set SDPROXY_CONSUL_BIN instead")
+    except InstallError as e:
+        raise ConsulInstallError(str(e)) from None
 
 
 def installed_binary(environ: dict[str, str] | None = None) -> Path | None:

@@ -1,6 +1,6 @@
 """Debian packages of the servers the demo and the tests run, unpacked into a cache folder.
 
-Owns one thing: turning a Debian package name (`consul`, `etcd-server`, ...) into files
+Owns one thing: turning Debian package names (`consul`, `etcd-server`, ...) into files
 under `~/.cache/sdproxy/<name>/` without touching the machine's apt setup. A temporary
 sources list is built from the Debian mirror the machine already uses (read from its
 apt configuration: no host name is written here), `apt-get update` and `apt-get
@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 APT_SOURCE_FILES = ("/etc/apt/sources.list",)
@@ -73,17 +73,30 @@ def debian_mirror(hint: str = "") -> str:
 def fetch_package(package: str, suite: str, target: Path, binary: str, *,
                   error: type[InstallError] = InstallError, hint: str = "",
                   log: Callable[[str], None] | None = None) -> Path:
-    """Download `package` from the machine's Debian mirror in `suite`, unpack it into
-    `target` (replacing what was there) and return `target / binary`.
+    """`fetch_packages([package], ...)`, then the path of `binary` inside `target`."""
+    fetch_packages([package], suite, target, error=error, hint=hint, log=log)
+    path = target / binary
+    if not path.exists():
+        raise error(f"package unpacked but {path} is missing")
+    return path
 
-    `error` is the exception raised for any failed step (a subclass of InstallError, so
-    that callers keep catching the name they know)."""
+
+def fetch_packages(packages: Sequence[str], suite: str, target: Path, *,
+                   error: type[InstallError] = InstallError, hint: str = "",
+                   log: Callable[[str], None] | None = None) -> Path:
+    """Download `packages` from the machine's Debian mirror in `suite` and unpack them all
+    into `target` (replacing what was there, whole); return `target`.
+
+    Dependencies are not followed: the caller names every package it needs. `error` is
+    the exception raised for any failed step (a subclass of InstallError, so that
+    callers keep catching the name they know)."""
     say = log or (lambda msg: print(msg, file=sys.stderr))
+    names = ",".join(packages)
     try:
         mirror = debian_mirror(hint)
     except InstallError as e:
         raise error(str(e)) from None
-    say(f"event=package_install package={package} suite={suite} mirror={mirror} into={target}")
+    say(f"event=package_install packages={names} suite={suite} mirror={mirror} into={target}")
     with tempfile.TemporaryDirectory(prefix="sdproxy-apt-") as tmp:
         work = Path(tmp)
         (work / "lists" / "partial").mkdir(parents=True)
@@ -100,27 +113,29 @@ def fetch_package(package: str, suite: str, target: Path, binary: str, *,
             "-o", "Debug::NoLocking=1",
             "-q",
         ]
-        for cmd in (["apt-get", "update", *apt_opts], ["apt-get", "download", package, *apt_opts]):
+        for cmd in (["apt-get", "update", *apt_opts],
+                    ["apt-get", "download", *packages, *apt_opts]):
             done = subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=False)
             if done.returncode != 0:
-                raise error(f"{' '.join(cmd[:3])} failed: {done.stderr.strip()[-800:]}")
-        debs = sorted(work.glob(f"{package}_*.deb"))
-        if not debs:
-            raise error(f"apt-get download {package} produced no package")
+                raise error(f"{' '.join(cmd[:2])} failed: {done.stderr.strip()[-800:]}")
+        debs = []
+        for package in packages:
+            found = sorted(work.glob(f"{package}_*.deb"))
+            if not found:
+                raise error(f"apt-get download {package} produced no package")
+            debs.append(found[0])
         target.parent.mkdir(parents=True, exist_ok=True)
         # Unpacked beside the target and moved in whole: an interrupted install never
         # leaves a half-filled target that the next run would take for a complete one.
         staging = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=target.parent))
-        done = subprocess.run(["dpkg", "-x", str(debs[0]), str(staging)], capture_output=True,
-                              text=True, check=False)
-        if done.returncode != 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise error(f"dpkg -x failed: {done.stderr.strip()}")
+        for deb in debs:
+            done = subprocess.run(["dpkg", "-x", str(deb), str(staging)],
+                                  capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise error(f"dpkg -x {deb.name} failed: {done.stderr.strip()}")
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(staging), str(target))
-    path = target / binary
-    if not path.exists():
-        raise error(f"package unpacked but {path} is missing")
-    say(f"event=package_installed package={package} binary={path}")
-    return path
+    say(f"event=package_installed packages={names} into={target}")
+    return target
