@@ -125,3 +125,19 @@ def test_off_by_default(consul: ConsulAgent, start_proxy: StartProxy) -> None:
     sid = service_id(consul, proxy)
     assert not proxy.events("self_registered")
     assert sid not in (consul.get("/v1/agent/services") or {})
+
+
+def test_reload_turns_it_on_and_off(consul: ConsulAgent, start_proxy: StartProxy) -> None:
+    proxy = start_proxy(config(consul, register=False))
+    sid = service_id(consul, proxy)
+    text = proxy.config_path.read_text()
+    assert "register = false" in text
+    proxy.config_path.write_text(text.replace("register = false", "register = true"))
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_until("registered after SIGHUP",
+               lambda: sid in (consul.get("/v1/agent/services") or {}), 5.0)
+    proxy.config_path.write_text(text)
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_until("deregistered after SIGHUP",
+               lambda: sid not in (consul.get("/v1/agent/services") or {}), 5.0)
+    assert proxy.proc.poll() is None
