@@ -334,14 +334,18 @@ def _startup_failed(error: StartupError) -> int:
     return 1
 
 
-def run_process(config: Config, *, reuse_port: bool, admin: bool) -> int:
-    app = ProxyApp(config, reuse_port=reuse_port, admin=admin)
+def run_app(app: ProxyApp) -> int:
+    """Serve `app` on a uvloop loop until it stops; the process's exit code."""
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(app.serve())
     except StartupError as e:
         return _startup_failed(e)
     return 0
+
+
+def run_process(config: Config, *, reuse_port: bool, admin: bool) -> int:
+    return run_app(ProxyApp(config, reuse_port=reuse_port, admin=admin))
 
 
 def main(config: Config, workers: int = 1) -> int:
@@ -356,40 +360,13 @@ def main(config: Config, workers: int = 1) -> int:
 
 
 def run_workers(config: Config, workers: int) -> int:
-    """N processes sharing every listener with SO_REUSEPORT; worker 0 serves the admin API.
+    """N processes sharing every listener and the admin API with SO_REUSEPORT, kept up by
+    a supervisor (proxy.supervisor; one worker: proxy.worker).
 
     Each worker watches the catalog itself: a blocking query is one idle HTTP request per
     upstream per `wait`, so N workers cost Consul N of those (see the README), and no
     worker depends on another to learn of a change.
     """
-    children: list[int] = []
-    for index in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = run_process(config, reuse_port=True, admin=index == 0)
-            finally:
-                os._exit(code)
-        children.append(pid)
+    from proxy.supervisor import Supervisor
 
-    def forward(sig: int, _frame: object) -> None:
-        for child in children:
-            try:
-                os.kill(child, sig)
-            except ProcessLookupError:
-                pass
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    worst = 0
-    for child in children:
-        while True:
-            try:
-                _pid, status = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
-        worst = max(worst, os.waitstatus_to_exitcode(status))
-    return 1 if worst else 0
-
+    return Supervisor(config, workers).run()

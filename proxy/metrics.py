@@ -7,7 +7,13 @@ declared here. So a metric is renamed or documented in one place, tests assert a
 these constants, and no request ever calls into a metrics library.
 
 Invariants: names follow Prometheus conventions (`sdproxy_` prefix, `_total` on counters,
-base units: seconds); each name appears once in `ALL`.
+base units: seconds, bytes); each name appears once in `ALL`.
+
+Under `--workers N` (SPEC "Workers") every process answers for all of them: counters and
+histograms are summed over the workers (those that died included, so a sum never goes
+down), gauges are given per worker with one more label, WORKER_LABEL. `BUILD_INFO` and
+`WORKER_EXITS` are the process-wide exceptions: the first is the same in every worker,
+the second is about the workers themselves.
 """
 
 from __future__ import annotations
@@ -68,6 +74,18 @@ RETRY_BUDGET_EXHAUSTED = Metric(
     "sdproxy_retry_budget_exhausted_total", "counter", ("upstream",),
     "Retries not made because retries in flight reached the retry budget.")
 
+# --- what clients got, per upstream ----------------------------------------------------
+RESPONSES = Metric(
+    "sdproxy_responses_total", "counter", ("upstream", "code"),
+    "Responses sent to clients, by the status code they got: an instance's, or sdproxy's "
+    "own (400, 408, 431, 502, 503, 504).")
+BYTES_IN = Metric(
+    "sdproxy_bytes_in_total", "counter", ("upstream",),
+    "Bytes received from clients (http: request heads and bodies; tcp: the stream).")
+BYTES_OUT = Metric(
+    "sdproxy_bytes_out_total", "counter", ("upstream",),
+    "Bytes sent to clients (http: response heads and bodies; tcp: the stream).")
+
 # --- instance health ---------------------------------------------------------------------
 BREAKER_STATE = Metric(
     "sdproxy_breaker_state", "gauge", ("upstream", "endpoint", "state"),
@@ -103,6 +121,19 @@ CATALOG_ANSWERED = Metric(
     "sdproxy_catalog_answered", "gauge", ("upstream",),
     "1 once the upstream's catalog answered at least once (what /ready waits for).")
 
+# --- the processes -----------------------------------------------------------------------
+BUILD_INFO = Metric(
+    "sdproxy_build_info", "gauge", ("version", "python", "parser"),
+    "Always 1; the labels name sdproxy's version, the Python running it and the HTTP "
+    "parser library.")
+WORKER_EXITS = Metric(
+    "sdproxy_worker_exits_total", "counter", ("worker",),
+    "Workers that ended other than by the supervisor's stop (each was restarted), by "
+    "worker number (--workers N only).")
+
+# The label that tells the workers' gauges apart under `--workers N`.
+WORKER_LABEL = "worker"
+
 ALL: tuple[Metric, ...] = (
     REQUESTS, ENDPOINT_REQUESTS, ENDPOINT_FAILURES, ACTIVE_REQUESTS,
     CONNECTIONS, REJECTED_CONNECTIONS,
@@ -110,7 +141,11 @@ ALL: tuple[Metric, ...] = (
     REQUESTS_IN_FLIGHT, RETRIES_IN_FLIGHT, RETRY_BUDGET_EXHAUSTED,
     BREAKER_STATE, ENDPOINTS, BREAKER_TRANSITIONS, PANIC_PICKS,
     CATALOG_UPDATES, CATALOG_ERRORS, CATALOG_STALE, CATALOG_LAST_UPDATE, CATALOG_ANSWERED,
+    RESPONSES, BYTES_IN, BYTES_OUT, BUILD_INFO, WORKER_EXITS,
 )
+
+# The metrics given per worker under `--workers N`: every gauge but the build's.
+PER_WORKER = frozenset(x.name for x in ALL if x.kind == "gauge" and x is not BUILD_INFO)
 
 # Host states as the admin API names them (SPEC "Admin API"), and the breaker state each
 # implies. Ejection and draining are not breaker states: the breaker of such a host has

@@ -4,14 +4,21 @@ The composition root owns the state object; the admin only reads it, at request 
 never caching it (a SIGHUP reload may replace `upstreams` or `listeners` wholesale).
 Reads are defensive: a listener that is not open yet, or an object without one of the
 counters, reads as 0 rather than failing a scrape.
+
+Under `--workers N` the state also has `workers` (a `WorkerReadings`): how this worker
+publishes what it reads and gathers its siblings' readings (proxy.admin.readings).
+Without it, the admin answers for this process alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.upstream.manager import UpstreamRuntime
+
+if TYPE_CHECKING:
+    from proxy.admin.merge import Reading
 
 
 class AppState(Protocol):
@@ -23,6 +30,18 @@ class AppState(Protocol):
 
     @property
     def started_at(self) -> float: ...  # unix time
+
+
+class WorkerReadings(Protocol):
+    def gather(self, own: list[dict[str, Any]]) -> list[Reading]:
+        """Publish `own` (this worker's reading, just taken) and return every worker's
+        latest: this one's, the live siblings' and the dead ones'."""
+
+
+def workers_of(state: AppState) -> WorkerReadings | None:
+    """The state's `workers`, or None for a process that runs alone."""
+    workers: WorkerReadings | None = getattr(state, "workers", None)
+    return workers
 
 
 def upstreams_of(state: AppState) -> list[UpstreamRuntime]:

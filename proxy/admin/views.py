@@ -4,13 +4,20 @@
 same numbers taken at the same moment (each upstream is read once per request). Values
 may be None before the first catalog answer (`last_update`, `catalog_index`); they stay
 None here and become JSON null. Nothing in this module raises on a missing value.
+
+A *reading* is a view plus what only `/metrics` needs (under "metrics"): everything the
+admin shows about one process. Under `--workers N` (`state.workers` set) each worker
+publishes its readings and the admin merges them all (proxy.admin.merge), so /upstreams,
+the dashboard and /metrics answer for every worker whichever one the request reached.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from proxy.admin.state import AppState, listener_counts, upstreams_of
+from proxy.admin.merge import Reading, merge_views
+from proxy.admin.state import AppState, listener_counts, upstreams_of, workers_of
 from proxy.upstream.host import Host
 from proxy.upstream.manager import UpstreamRuntime
 
@@ -55,12 +62,53 @@ def upstream_view(rt: UpstreamRuntime, connections: int = 0,
         "rejected_connections": rejected_connections,
         "no_instance_responses": rt.no_host_responses,
         "failovers": dict(sorted(rt.failovers.items())),
+        # What clients got (getattr: counted by the protocols, 0 where they do not yet).
+        "responses": {str(code): n for code, n in
+                      sorted(getattr(rt, "responses", {}).items())},
+        "bytes_in": int(getattr(rt, "bytes_in", 0)),
+        "bytes_out": int(getattr(rt, "bytes_out", 0)),
         "endpoints": [endpoint_view(h) for h in rt.all_hosts()],
     }
 
 
+def upstream_reading(rt: UpstreamRuntime, connections: int = 0,
+                     rejected_connections: int = 0) -> dict[str, Any]:
+    """The view plus what only /metrics shows, under "metrics"."""
+    reading = upstream_view(rt, connections, rejected_connections)
+    hist = rt.latency
+    reading["metrics"] = {
+        "in_flight": rt.in_flight,
+        "retries_in_flight": rt.retries_in_flight,
+        "budget_exhausted": rt.budget_exhausted,
+        "panic_picks": rt.panic_picks,
+        "breaker_transitions": dict(rt.breaker_transitions),
+        "latency_counts": list(hist.counts),  # per bucket, not cumulative; +Inf last
+        "latency_sum": hist.total,
+    }
+    return reading
+
+
+def process_reading(state: AppState) -> list[dict[str, Any]]:
+    """This process's reading of every upstream, in config order."""
+    return [upstream_reading(rt, *listener_counts(state, rt.name))
+            for rt in upstreams_of(state)]
+
+
+def readings(state: AppState) -> list[Reading]:
+    """What the admin answers for: this process alone, or every worker's latest reading
+    (this one's taken now) when it runs under a supervisor."""
+    own = process_reading(state)
+    workers = workers_of(state)
+    if workers is None:
+        return [Reading(worker=None, pid=os.getpid(), live=True, upstreams=own)]
+    return workers.gather(own)
+
+
 def upstream_views(state: AppState) -> list[dict[str, Any]]:
-    """Every upstream, in config order, each read once."""
+    """Every upstream, in config order, each read once (under a supervisor: merged over
+    the workers, see proxy.admin.merge)."""
+    if workers_of(state) is not None:
+        return merge_views(readings(state))
     return [upstream_view(rt, *listener_counts(state, rt.name)) for rt in upstreams_of(state)]
 
 
