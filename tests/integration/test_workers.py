@@ -165,7 +165,7 @@ async def test_five_quick_worker_deaths_make_the_supervisor_stop_the_rest_and_ex
         os.kill(pid, signal.SIGKILL)
         kills += 1
         await wait_for(f"death {kills} noticed",
-                       lambda: len(proxy.events("worker_exit")) >= kills, timeout=5)
+                       lambda n=kills: len(proxy.events("worker_exit")) >= n, timeout=5)
     assert await asyncio.to_thread(wait_exit, proxy, 10) == 1
     exits = proxy.events("worker_exit")
     assert len(exits) == 5 and all(e["signal"] == "SIGKILL" for e in exits)
