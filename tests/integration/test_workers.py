@@ -255,3 +255,19 @@ async def test_sighup_reaches_every_worker_and_a_restarted_worker_starts_with_th
         assert event.get("worker") in ("0", "1"), event
     answers = await asyncio.gather(*(fetch(("127.0.0.1", added)) for _ in range(10)))
     assert all(r.status == 200 for r in answers)
+
+
+async def test_workers_drain_and_exit_when_their_supervisor_is_killed(
+        start_backend: Callable[..., Backend],
+        start_proxy: Callable[..., ProxyProcess]) -> None:
+    """An orphaned worker would hold the ports, and the next `sdproxy run` would be
+    refused with "address in use"; so a worker ends with its supervisor (drained)."""
+    backend = start_backend("w")
+    proxy = start_proxy({"web": static(backend)}, workers=2)
+    workers = [worker_pid(proxy, 0), worker_pid(proxy, 1)]
+    os.kill(proxy.pid, signal.SIGKILL)
+    await wait_for("both workers gone", lambda: not any(alive(pid) for pid in workers),
+                   timeout=10)
+    stopped = [e for e in proxy.events("stopping") if e.get("worker") in ("0", "1")]
+    assert sorted(e["worker"] for e in stopped) == ["0", "1"]
+    assert all(e["signal"] == "SIGTERM" for e in stopped)
