@@ -11,10 +11,11 @@ Rules:
   A dead worker's counts are kept only for upstreams and instances a live worker still
   has, so an upstream removed by a reload, or an instance gone from the catalog, leaves.
 - Gauges (connections, requests in flight, active requests) come from live workers only:
-  /upstreams sums them; /metrics gives them per worker (proxy.admin.collector).
+  /upstreams sums them and lists each worker's under `workers` ({"0": {...}, ...});
+  /metrics gives them per worker (proxy.admin.collector).
 - An instance's `state` is the most severe any live worker has for it (an open breaker
-  in one worker is worth seeing), with every worker's in `worker_states`; its other
-  fields come from the worker whose state was taken.
+  in one worker is worth seeing), with each worker's state, reason and active requests
+  under `workers`; its other fields come from the worker whose state was taken.
 - Catalog freshness (`stale_seconds`, `last_update`, `catalog_index`, `last_error`) is the
   stalest worker's; `answered` holds only when every live worker's catalog answered.
 """
@@ -34,6 +35,10 @@ UPSTREAM_GAUGES = ("connections",)
 ENDPOINT_COUNTERS = ("requests", "failures")
 ENDPOINT_COUNTER_MAPS = ("responses",)
 ENDPOINT_GAUGES = ("active",)
+
+# What each worker's entry under `workers` shows, when its reading has it.
+UPSTREAM_PER_WORKER = ("answered", "stale_seconds", "connections")
+ENDPOINT_PER_WORKER = ("state", "reason", "active")
 
 # Most severe first; a state not listed counts as the most severe (it is new: show it).
 STATE_SEVERITY = {state: rank for rank, state in enumerate(
@@ -115,8 +120,13 @@ def merge_upstream(parts: list[tuple[int, dict[str, Any]]],
         merged[key] = sum_maps(up.get(key) for up in [*ups, *dead])
     for key in UPSTREAM_GAUGES:
         merged[key] = sum(_int(up.get(key)) for up in ups)
+    merged["workers"] = {str(w): _pick(up, UPSTREAM_PER_WORKER) for w, up in parts}
     merged["endpoints"] = merge_endpoints(parts, dead)
     return merged
+
+
+def _pick(entry: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: entry[k] for k in keys if k in entry}
 
 
 def _endpoint_key(ep: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -148,6 +158,6 @@ def merge_endpoints(parts: list[tuple[int, dict[str, Any]]],
             out[field] = sum_maps(ep.get(field) for ep in everyone)
         for field in ENDPOINT_GAUGES:
             out[field] = sum(_int(ep.get(field)) for ep in eps)
-        out["worker_states"] = {str(w): ep.get("state") for w, ep in entries}
+        out["workers"] = {str(w): _pick(ep, ENDPOINT_PER_WORKER) for w, ep in entries}
         merged.append(out)
     return merged

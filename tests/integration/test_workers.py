@@ -212,7 +212,8 @@ async def test_metrics_and_upstreams_count_every_workers_requests_whichever_answ
         assert {"version", "python", "parser"} <= info.keys()
         upstream = proxy.upstream("web")
         assert upstream["endpoints"][0]["requests"] == n
-        assert upstream["endpoints"][0]["worker_states"] == {"0": "healthy", "1": "healthy"}
+        assert {w: x["state"] for w, x in upstream["endpoints"][0]["workers"].items()} == {
+            "0": "healthy", "1": "healthy"}
 
     # A killed worker's counts stay in the sums; its exit is counted.
     killed_at = time.time()

@@ -176,7 +176,10 @@ def test_upstreams_merges_counters_and_sums_gauges(tmp_path: Path) -> None:
     a, b = web["endpoints"]
     assert (a["id"], a["requests"], a["failures"], a["active"]) == ("a", 8, 1, 3)
     assert a["responses"] == {"200": 7, "503": 1}
-    assert a["worker_states"] == {"0": "healthy", "1": "healthy"}
+    assert a["workers"] == {"0": {"state": "healthy", "active": 1},
+                            "1": {"state": "healthy", "active": 2}}
+    assert web["workers"] == {"0": {"answered": True, "stale_seconds": 0, "connections": 2},
+                              "1": {"answered": True, "stale_seconds": 0, "connections": 5}}
     assert (b["id"], b["requests"]) == ("b", 2)
 
 
@@ -188,7 +191,7 @@ def test_an_instance_shows_the_most_severe_state_any_worker_has(tmp_path: Path) 
     [web] = upstream_views(w0)
     b = web["endpoints"][1]
     assert b["state"] == "open"
-    assert b["worker_states"] == {"0": "healthy", "1": "open"}
+    assert {w: x["state"] for w, x in b["workers"].items()} == {"0": "healthy", "1": "open"}
 
 
 def test_the_stalest_worker_speaks_for_the_catalog(tmp_path: Path) -> None:
