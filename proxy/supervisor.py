@@ -9,7 +9,9 @@ Rules:
   worker, at most RESTART_BACKOFF_MAX (RestartPolicy).
 - EXIT_LIMIT exits (of any workers) within EXIT_WINDOW: they fail for a reason that a
   restart does not cure. The others are stopped and the supervisor exits 1, so that a
-  service manager (systemd's Restart=on-failure) takes over.
+  service manager (systemd's Restart=on-failure) takes over. So does a worker of the
+  first start that could not start (exit STARTUP_FAILED, its reason logged by it): the
+  run fails at once, as it does without workers.
 - SIGTERM/SIGINT: every worker gets SIGTERM and drains; exit 0 once all exited 0 (a clean
   stop), else 1. Bounded: STOP_GRACE past the largest drain_timeout the workers left get
   SIGKILL.
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 from proxy import config as config_mod
 from proxy.admin.readings import mark_dead
 from proxy.config import Config
-from proxy.worker import SUPERVISED_SIGNALS
+from proxy.worker import STARTUP_FAILED, SUPERVISED_SIGNALS
 
 log = logging.getLogger("sdproxy.supervisor")
 
@@ -48,6 +50,9 @@ RESTART_BACKOFF = 0.5  # seconds before a worker's second restart within EXIT_WI
 RESTART_BACKOFF_MAX = 5.0
 STOP_GRACE = 5.0  # seconds past the largest drain_timeout before a stop kills
 KILL_WAIT = 5.0  # seconds to wait for killed workers to be reaped
+# Seconds between looks for exited workers without a SIGCHLD: a thread with SIGCHLD
+# unblocked (none today) would take the signal, and its default is to discard it.
+REAP_INTERVAL = 1.0
 
 
 class RestartPolicy:
@@ -136,6 +141,7 @@ class Supervisor:
         self.workers = [_Worker(n) for n in range(count)]
         self.directory = ""
         self.stopping = False
+        self.restarting = False  # a worker has exited since the first start
         self.exit_code = 0
         self.kill_at = float("inf")  # while stopping: when the workers left get SIGKILL
         self.give_up_at = float("inf")  # after that: when the supervisor stops waiting
@@ -184,13 +190,11 @@ class Supervisor:
                     if worker.restart_at is not None and worker.restart_at <= now:
                         self._start(worker)
             due = min([w.restart_at for w in self.workers if w.restart_at is not None]
-                      + [self.kill_at, self.give_up_at])
-            info: signal.struct_siginfo | None
-            if due == float("inf"):
-                info = signal.sigwaitinfo(SUPERVISED_SIGNALS)
+                      + [self.kill_at, self.give_up_at, now + REAP_INTERVAL])
+            info = signal.sigtimedwait(SUPERVISED_SIGNALS, max(0.0, due - self.clock()))
+            if info is None:
+                self._reap()
             else:
-                info = signal.sigtimedwait(SUPERVISED_SIGNALS, max(0.0, due - self.clock()))
-            if info is not None:
                 self._on_signal(info.si_signo)
 
     def _on_signal(self, number: int) -> None:
@@ -244,11 +248,17 @@ class Supervisor:
                 if status != 0:
                     self.exit_code = 1
                 log.info("event=worker_stopped worker=%d pid=%d %s", worker.number, pid, how)
+            elif not self.restarting and os.WIFEXITED(status) and \
+                    os.WEXITSTATUS(status) == STARTUP_FAILED:
+                log.error("event=worker_exit worker=%d pid=%d %s restart=no reason=startup",
+                          worker.number, pid, how)
+                self._stop(1)
             else:
                 self._on_exit(worker, how, pid)
 
     def _on_exit(self, worker: _Worker, how: str, pid: int = 0) -> None:
         now = self.clock()
+        self.restarting = True
         delay = self.policy.on_exit(worker.number, now)
         if delay is None:
             log.error("event=worker_exit worker=%d pid=%d %s restart=no", worker.number, pid,

@@ -37,6 +37,10 @@ SUPERVISED_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, s
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
+# The exit code of a worker that never finished starting (a listener it cannot bind, say):
+# the supervisor then knows a restart would fail the same way.
+STARTUP_FAILED = 3
+
 
 class WorkerApp(ProxyApp):
     """A ProxyApp that shares its admin address and publishes its readings."""
@@ -45,6 +49,7 @@ class WorkerApp(ProxyApp):
         super().__init__(config, reuse_port=True, admin=True)
         self.worker = worker
         self.workers = readings  # what the admin gathers every worker's numbers through
+        self.started = False  # listeners and admin open
         self._publisher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -53,6 +58,7 @@ class WorkerApp(ProxyApp):
         loop = asyncio.get_running_loop()
         self._publisher = loop.create_task(self._publish_readings(), name="publish-readings")
         await super().start()
+        self.started = True
 
     async def _start_admin(self) -> None:
         """ProxyApp's admin, bound with SO_REUSEPORT: every worker serves it."""
@@ -125,4 +131,5 @@ def run_worker(config: Config, worker: int, directory: str | Path, supervisor: i
     end_with(supervisor)
     tag_log_records(worker)
     app = WorkerApp(config, worker=worker, readings=ReadingFiles(directory, worker))
-    return run_app(app)
+    code = run_app(app)
+    return STARTUP_FAILED if code and not app.started else code
