@@ -4,7 +4,7 @@ A worker serves every listener and the admin API, each shared with its siblings 
 SO_REUSEPORT, so any worker may answer an admin request; it publishes what it reads of
 its own state for the others to merge (proxy.admin.readings). Its log lines carry
 `worker=K`. It ends when its supervisor does (PR_SET_PDEATHSIG on Linux), so a killed
-supervisor leaves no worker holding the ports.
+supervisor leaves no worker holding the ports, and then removes the readings directory.
 
 Signals: the supervisor blocks the signals it handles before it forks, so one sent
 between a fork and the worker's own handlers is held, not acted on by its default (a
@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -132,4 +133,7 @@ def run_worker(config: Config, worker: int, directory: str | Path, supervisor: i
     tag_log_records(worker)
     app = WorkerApp(config, worker=worker, readings=ReadingFiles(directory, worker))
     code = run_app(app)
+    if os.getppid() != supervisor:
+        # Orphaned: the supervisor was killed and cannot remove the readings any more.
+        shutil.rmtree(directory, ignore_errors=True)
     return STARTUP_FAILED if code and not app.started else code

@@ -266,9 +266,12 @@ async def test_workers_drain_and_exit_when_their_supervisor_is_killed(
     backend = start_backend("w")
     proxy = start_proxy({"web": static(backend)}, workers=2)
     workers = [worker_pid(proxy, 0), worker_pid(proxy, 1)]
+    readings = Path(proxy.events("supervising")[0]["readings"])
+    assert readings.is_dir()
     os.kill(proxy.pid, signal.SIGKILL)
     await wait_for("both workers gone", lambda: not any(alive(pid) for pid in workers),
                    timeout=10)
+    assert not readings.exists()  # removed by the orphans, the supervisor being gone
     stopped = [e for e in proxy.events("stopping") if e.get("worker") in ("0", "1")]
     assert sorted(e["worker"] for e in stopped) == ["0", "1"]
     assert all(e["signal"] == "SIGTERM" for e in stopped)
