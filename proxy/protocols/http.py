@@ -141,8 +141,11 @@ class _Refusal(asyncio.Protocol):
         listener = self.listener
         listener.rejected_connections += 1
         transport = cast(asyncio.Transport, transport)
-        transport.write(encode_error(503, REASONS[503], listener.runtime.name,
-                                     "too many connections", False))
+        runtime = listener.runtime
+        data = encode_error(503, REASONS[503], runtime.name, "too many connections", False)
+        runtime.count_response(503)
+        runtime.bytes_out += len(data)
+        transport.write(data)
         transport.close()
 
 
@@ -187,6 +190,7 @@ class HttpDownstream(asyncio.Protocol):
         self._arm_header_deadline()
 
     def data_received(self, data: bytes) -> None:
+        self.runtime.bytes_in += len(data)
         if self.closed or self.final:
             return
         self.last_activity = self.loop.time()
@@ -302,6 +306,7 @@ class HttpDownstream(asyncio.Protocol):
     # -- called by the exchange ---------------------------------------------------------
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
+            self.runtime.bytes_out += len(data)
             self.transport.write(data)
 
     def abort(self) -> None:
@@ -321,10 +326,12 @@ class HttpDownstream(asyncio.Protocol):
         """After a 101: relay bytes both ways between the client and the instance."""
         assert self.transport is not None
         self._clear_header_deadline()
-        held, self.held = self.held or [], None
+        held, self.held = self.held or [], None  # counted in as they were read
+        self.runtime.bytes_out += len(upstream_data)
         self.paused = 0
         relay = self.tunnel = Relay(self.loop, self.transport, upstream,
-                                    idle_timeout=self.cfg.idle_timeout, on_done=self._on_tunnel_done)
+                                    idle_timeout=self.cfg.idle_timeout, on_done=self._on_tunnel_done,
+                                    traffic=self.runtime)
         relay.start(a_data=held, b_data=[upstream_data] if upstream_data else [])
 
     def _on_tunnel_done(self, relay: Relay) -> None:
@@ -443,6 +450,7 @@ class HttpDownstream(asyncio.Protocol):
             if started:
                 self.abort()
                 return
+        self.runtime.count_response(status)
         self.write(encode_error(status, REASONS[status], self.runtime.name, detail, False))
         self.closed = True
         self._clear_header_deadline()

@@ -363,6 +363,7 @@ class Exchange:
             host.on_success(101)
             self.response_head = head
             self.response_started = True
+            self.runtime.count_response(101)
             self.down.write(encode_switching(head))
             return  # the tunnel starts with on_upstream_switched
         key = str(status) if status >= 500 else ""
@@ -389,6 +390,8 @@ class Exchange:
         data, self.chunk_response, self.client_keep = encode_response(
             head, request_version=self.head.version, request_keep_alive=self.client_keep)
         self.response_started = True
+        responses = self.runtime.responses  # count_response(status), written out: per request
+        responses[status] = responses.get(status, 0) + 1
         self.out.append(data)
 
     def on_response_body(self, data: bytes) -> None:
@@ -484,7 +487,9 @@ class Exchange:
             self.out = []
             down = self.down
             if not down.closed and down.transport is not None:
-                down.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                data = out[0] if len(out) == 1 else b"".join(out)
+                self.runtime.bytes_out += len(data)
+                down.transport.write(data)
 
     def _resolve(self, outcome: str, settle_after_read: bool = False) -> None:
         """End the current attempt once. Never handled inside the parser or protocol
@@ -500,6 +505,7 @@ class Exchange:
 
     def _respond_error(self, status: int, detail: str) -> bool:
         keep = self.client_keep and self.body_done
+        self.runtime.count_response(status)
         self.down.write(encode_error(status, REASONS[status], self.runtime.name, detail, keep))
         self.response_started = True
         return keep

@@ -26,8 +26,10 @@ Invariants:
   source had a backlog. Its owner may then hand the connection over to a faster mover
   (TCP mode: splice.py); the relay only says when that is possible (`can_hand_over`).
 - A transport that reported EOF is never resumed: uvloop must not read past EOF.
-The data path does one write, one clock read and one length test per chunk: no logging,
-no copies, no timers.
+- `traffic`, when given, counts the bytes the relay reads: A (the client) -> B in
+  `bytes_in`, B -> A in `bytes_out`. What was read before `start` is the owner's to count.
+The data path does one write, one clock read, one length test and one addition per
+chunk: no logging, no copies, no timers.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import asyncio
 import socket
 import struct
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import Protocol, cast
 
 # Write buffer of each transport, in bytes, before it pauses the opposite reader. uvloop
 # and asyncio both default to 64 KiB; 256 KiB keeps a fast loopback transfer streaming
@@ -50,6 +52,23 @@ BULK_READ = 64 * 1024
 # connected) before it stops reading its transport.
 HOLD_HIGH_WATER = 256 * 1024
 RESET_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+class Traffic(Protocol):
+    """Where relayed bytes are counted (an UpstreamRuntime): from and to the client."""
+
+    bytes_in: int
+    bytes_out: int
+
+
+class _Uncounted:
+    """Traffic for a relay whose owner does not count."""
+
+    __slots__ = ("bytes_in", "bytes_out")
+
+    def __init__(self) -> None:
+        self.bytes_in = 0
+        self.bytes_out = 0
 
 
 def abort_with_reset(transport: asyncio.Transport) -> None:
@@ -105,11 +124,12 @@ class Holding(asyncio.Protocol):
 class _End(asyncio.Protocol):
     """The protocol of one transport while relayed: forwards to the opposite end."""
 
-    __slots__ = ("eof", "lost", "peer", "relay", "transport", "write_paused")
+    __slots__ = ("eof", "inbound", "lost", "peer", "relay", "transport", "write_paused")
 
-    def __init__(self, relay: Relay, transport: asyncio.Transport) -> None:
+    def __init__(self, relay: Relay, transport: asyncio.Transport, *, inbound: bool) -> None:
         self.relay = relay
         self.transport = transport
+        self.inbound = inbound  # this is the client's side: what it reads comes in
         self.peer: _End = self  # set by Relay once both ends exist
         self.eof = False  # this side sent EOF (it is not read any more)
         self.lost = False
@@ -120,6 +140,10 @@ class _End(asyncio.Protocol):
         if relay.closed:
             return
         relay.last_activity = relay.loop.time()
+        if self.inbound:
+            relay.traffic.bytes_in += len(data)
+        else:
+            relay.traffic.bytes_out += len(data)
         self.peer.transport.write(data)
         if relay.on_bulk is not None and len(data) >= BULK_READ:
             relay.on_bulk(relay)
@@ -150,15 +174,17 @@ class Relay:
     """Relays bytes between transports `a` and `b` from `start()` until both are lost."""
 
     __slots__ = ("a", "b", "closed", "done", "idle_timeout", "last_activity", "loop",
-                 "on_bulk", "on_done", "timer")
+                 "on_bulk", "on_done", "timer", "traffic")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, a: asyncio.Transport,
                  b: asyncio.Transport, *, idle_timeout: float,
                  on_done: Callable[[Relay], None] | None = None,
-                 on_bulk: Callable[[Relay], None] | None = None) -> None:
+                 on_bulk: Callable[[Relay], None] | None = None,
+                 traffic: Traffic | None = None) -> None:
         self.loop = loop
-        self.a = _End(self, a)
-        self.b = _End(self, b)
+        self.a = _End(self, a, inbound=True)
+        self.b = _End(self, b, inbound=False)
+        self.traffic: Traffic = traffic if traffic is not None else _Uncounted()
         self.a.peer = self.b
         self.b.peer = self.a
         self.idle_timeout = idle_timeout

@@ -30,7 +30,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-from proxy.protocols.relay import RESET_LINGER, Relay
+from proxy.protocols.relay import RESET_LINGER, Relay, Traffic
 
 # splice(2) is Linux-only; os.splice exists from Python 3.10.
 AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
@@ -91,7 +91,7 @@ def take_over(relay: Relay, *, on_done: Callable[[Splice], None] | None = None
             # Family and type given: socket() would otherwise ask the kernel for them.
             socks.append(socket.socket(sock.family, socket.SOCK_STREAM, 0, fileno=fd))
         mover = Splice(relay.loop, socks[0], socks[1], idle_timeout=relay.idle_timeout,
-                       on_done=on_done)
+                       on_done=on_done, traffic=relay.traffic)
     except OSError:
         for sock in socks:
             sock.close()
@@ -106,10 +106,11 @@ def take_over(relay: Relay, *, on_done: Callable[[Splice], None] | None = None
 class _Direction:
     """src -> pipe -> dst. `in_pipe` bytes wait in the pipe for dst to take them."""
 
-    __slots__ = ("done", "dst", "dst_fd", "eof", "in_pipe", "rpipe", "src", "src_fd", "wpipe",
-                 "writing")
+    __slots__ = ("done", "dst", "dst_fd", "eof", "in_pipe", "inbound", "rpipe", "src", "src_fd",
+                 "wpipe", "writing")
 
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, *, inbound: bool) -> None:
+        self.inbound = inbound  # src is the client: these bytes come in
         self.src = src
         self.dst = dst
         self.src_fd = src.fileno()
@@ -128,16 +129,18 @@ class Splice:
     """Relays between connected sockets `a` and `b` from `start()` until both ended."""
 
     __slots__ = ("a", "ab", "b", "ba", "closed", "idle_timeout", "last_activity", "loop",
-                 "on_done", "timer")
+                 "on_done", "timer", "traffic")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket, *,
-                 idle_timeout: float, on_done: Callable[[Splice], None] | None = None) -> None:
+                 idle_timeout: float, on_done: Callable[[Splice], None] | None = None,
+                 traffic: Traffic) -> None:
         self.loop = loop
         self.a = a
         self.b = b
-        self.ab = _Direction(a, b)
+        self.traffic = traffic  # a (the client) -> b counts in, b -> a out
+        self.ab = _Direction(a, b, inbound=True)
         try:
-            self.ba = _Direction(b, a)
+            self.ba = _Direction(b, a, inbound=False)
         except OSError:
             self.ab.close_pipe()
             raise
@@ -209,6 +212,10 @@ class Splice:
                 self._finish(abort=True)
                 return
             d.in_pipe -= m
+            if d.inbound:
+                self.traffic.bytes_in += m
+            else:
+                self.traffic.bytes_out += m
         loop = self.loop
         if d.in_pipe:  # dst is full: stop reading src (backpressure) until it drains
             if not d.writing:

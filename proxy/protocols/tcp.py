@@ -247,6 +247,7 @@ class TcpClient(Holding):
             return
         if upstream.lost:  # accepted and closed at once (a refusal banner, say)
             if upstream.lost_exc is None:
+                rt.bytes_out += upstream.held_bytes
                 client.writelines(upstream.held)
                 client.close()
             else:
@@ -256,8 +257,10 @@ class TcpClient(Holding):
         self.host = host
         relay = Relay(listener.loop, client, up, idle_timeout=idle_timeout,
                       on_done=self._on_mover_done,
-                      on_bulk=self._on_bulk if listener.zero_copy else None)
+                      on_bulk=self._on_bulk if listener.zero_copy else None, traffic=rt)
         self.mover = relay
+        rt.bytes_in += self.held_bytes  # read before the relay: counted here
+        rt.bytes_out += upstream.held_bytes
         held, self.held, self.held_bytes = self.held, [], 0
         relay.start(a_data=held, a_eof=self.eof, b_data=upstream.held, b_eof=upstream.eof)
 

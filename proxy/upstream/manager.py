@@ -91,6 +91,11 @@ class UpstreamRuntime:
         self.in_flight = 0  # requests (http) or connections (tcp) being served
         self.retries_in_flight = 0
         self.budget_exhausted = 0  # retries refused by the retry budget
+        # What clients got: responses by status (an instance's or sdproxy's own) and
+        # bytes each way (proxy.protocols count them, relay.Traffic).
+        self.responses: dict[int, int] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     # -- catalog side -------------------------------------------------------------------
     def on_catalog_answer(self, answer: CatalogAnswer) -> None:
@@ -251,6 +256,11 @@ class UpstreamRuntime:
 
     def all_hosts(self) -> list[Host]:
         return [*self.hosts.values(), *self.draining.values()]
+
+    def count_response(self, status: int) -> None:
+        """A response with `status` went to a client."""
+        responses = self.responses
+        responses[status] = responses.get(status, 0) + 1
 
     def count_failover(self, reason: str) -> None:
         self.failovers[reason] = self.failovers.get(reason, 0) + 1
