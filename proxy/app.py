@@ -158,7 +158,8 @@ class ProxyApp:
         old, self.config = self.config, new
         wanted = {up.name: up for up in new.upstreams}
         shared_changed = {"consul": old.consul != new.consul, "dns": old.dns != new.dns,
-                          "etcd": old.etcd != new.etcd}
+                          "etcd": old.etcd != new.etcd,
+                          "zookeeper": old.zookeeper != new.zookeeper}
         added, removed, changed = [], [], []
         for name in [n for n in self.served if n not in wanted]:
             self._retire(name)

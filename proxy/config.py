@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from proxy.model import Address
 
 MODES = ("http", "tcp")
-DISCOVERY_KINDS = ("consul", "dns", "file", "static", "etcd")
+DISCOVERY_KINDS = ("consul", "dns", "file", "static", "etcd", "zookeeper")
 BALANCERS = ("round_robin", "least_conn", "random", "p2c", "hash")
 HTTP_PARSERS = ("httptools", "h11")
 DNS_TYPES = ("SRV", "A")
@@ -73,6 +73,14 @@ class EtcdConfig:
 
     endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)  # tried in order
     prefix: str = ""
+
+
+@dataclass(frozen=True)
+class ZooKeeperConfig:
+    """Curator's service-discovery layout: instances are the children of `<base>/<name>`."""
+
+    hosts: tuple[Address, ...] = (Address("127.0.0.1", 2181),)
+    base: str = "/services"
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,7 @@ class Config:
     consul: ConsulConfig = field(default_factory=ConsulConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    zookeeper: ZooKeeperConfig = field(default_factory=ZooKeeperConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
 
 
@@ -165,12 +174,16 @@ def load(path: str, environ: Mapping[str, str]) -> Config:
         consul=_resolve_consul(p, top.get("consul", {}), environ),
         dns=DnsConfig(**top.get("dns", {})),
         etcd=EtcdConfig(**top.get("etcd", {})),
+        zookeeper=ZooKeeperConfig(**top.get("zookeeper", {})),
         upstreams=_read_upstreams(p, upstream_tables, top.get("defaults", {}), admin.listen),
     )
     if not cfg.dns.nameservers and any(u.discovery == "dns" for u in cfg.upstreams):
         p.add("dns.nameservers", 'must not be empty when an upstream uses discovery = "dns"')
     if not cfg.etcd.endpoints and any(u.discovery == "etcd" for u in cfg.upstreams):
         p.add("etcd.endpoints", 'must not be empty when an upstream uses discovery = "etcd"')
+    if not cfg.zookeeper.hosts and any(u.discovery == "zookeeper" for u in cfg.upstreams):
+        p.add("zookeeper.hosts",
+              'must not be empty when an upstream uses discovery = "zookeeper"')
     if p.items:
         raise ConfigError(p.items)
     return cfg
@@ -405,6 +418,20 @@ def _upstream_only(value: object) -> NoReturn:
     _fail("allowed only in [[upstreams]], not in [defaults]")
 
 
+def _is_znode_path(path: str) -> bool:
+    """ZooKeeper's own path rules: absolute, no empty, "." or ".." segment, no trailing
+    "/" (except the root itself), no control characters."""
+    if path == "/":
+        return True
+    segments = path.split("/")
+    return (path.startswith("/") and all(s not in ("", ".", "..") for s in segments[1:])
+            and not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in path))
+
+
+_znode_path = _where(_string, _is_znode_path,
+                     'expected an absolute ZooKeeper path like "/services", got "{0}"')
+
+
 # --- schemas: the keys each table accepts -----------------------------------------------
 
 _BREAKER: Schema = {"failures": _integer(1), "reset_timeout": _duration()}
@@ -469,6 +496,10 @@ _TOP: Schema = {
     "etcd": {
         "endpoints": _list_of(_etcd_endpoint),
         "prefix": _etcd_prefix,
+    },
+    "zookeeper": {
+        "hosts": _list_of(_address),
+        "base": _znode_path,
     },
     "defaults": _DEFAULTS,
 }
@@ -697,3 +728,6 @@ def _check_upstream(p: _Problems, prefix: str, u: UpstreamConfig) -> None:
         p.add(f"{prefix}.file", 'required when discovery = "file"')
     if u.discovery == "dns" and u.dns_type == "A" and u.port == 0:
         p.add(f"{prefix}.port", 'required (1..65535) when dns_type = "A"')
+    if u.discovery == "zookeeper" and ("/" in u.name or not _is_znode_path(f"/{u.name}")):
+        p.add(f"{prefix}.name", f'"{u.name}" cannot be a znode name (no "/", ".", "..") '
+                                'when discovery = "zookeeper"')

@@ -39,12 +39,20 @@ def _etcd(config: Config, upstream: UpstreamConfig, sink: CatalogSink, **kw: Any
     return EtcdWatcher(config.etcd, upstream, sink)
 
 
+def _zookeeper(config: Config, upstream: UpstreamConfig, sink: CatalogSink,
+               **kw: Any) -> Watcher:
+    from proxy.discovery.zookeeper import ZooKeeperWatcher
+
+    return ZooKeeperWatcher(config.zookeeper, upstream, sink)
+
+
 WATCHERS: dict[str, Callable[..., Watcher]] = {
     "consul": _consul,
     "dns": _dns,
     "file": _file,
     "static": _static,
     "etcd": _etcd,
+    "zookeeper": _zookeeper,
 }
 
 
