@@ -1,17 +1,19 @@
 """catalog: the delay from a catalog change to sdproxy's pool swap, over --changes changes.
 
-A real registry (`--discovery consul`, the default, or `etcd`) and sdproxy in front of
-one service with a base instance. Then --changes times an instance comes or goes:
+A real registry (`--discovery consul`, the default, `etcd` or `zookeeper`) and sdproxy in
+front of one service with a base instance. Then --changes times an instance comes or goes:
 - consul: registered or deregistered through the agent API (`--kind register`, the
   default), or its TTL check turns critical or passing (`--kind health`);
 - etcd: its Registrator key `<prefix>/<service>/<id>` = `ip:port` is put or deleted
-  (`--kind register` only: a TTL lapse is a DELETE that etcd's lease timer times).
+  (`--kind register` only: a TTL lapse is a DELETE that etcd's lease timer times);
+- zookeeper: its Curator znode `<base>/<service>/<id>` (ephemeral, in a session of ours)
+  is created or deleted (`--kind register` only: a session expiry is such a delete).
 The change time is taken just before the API call; the swap time is the `ts` sdproxy
 writes on its `event=pool_change` line for that instance (its own clock, 1 ms resolution,
 truncated), so no polling error is added. Beside it, our own watcher (a Consul blocking
 query on /v1/health/service/SERVICE?passing, or an etcd watch on the service's keys)
-records when the registry itself let a watcher see the change: the difference is what
-sdproxy adds. Changes are spaced by 10-30 ms (random, seeded) after the previous one was
+(or a ZooKeeper child watch) records when the registry itself let a watcher see the
+change: the difference is what sdproxy adds. Changes are spaced by 10-30 ms (random, seeded) after the previous one was
 seen, so they do not pile up into one catalog answer. Target: p99 <= 50 ms.
 """
 
@@ -30,12 +32,15 @@ from typing import Protocol
 
 from loadtest import common as c
 from loadtest.etcdprocs import EtcdEventWatcher, start_etcd, start_sdproxy_etcd
+from loadtest.zkprocs import ChildWatcher, start_sdproxy_zookeeper, start_zookeeper, zk_session
 
-DESCRIPTION = "delay from a catalog change (Consul or etcd) to sdproxy's pool swap (p50/p99)"
+DESCRIPTION = ("delay from a catalog change (Consul, etcd or ZooKeeper) to sdproxy's pool "
+               "swap (p50/p99)")
 SERVICE = "catalog-probe"
 TARGET_P99 = 0.050
 SEEN_TIMEOUT = 2.0  # seconds for sdproxy to show one change
 ETCD_PREFIX = "/services"
+ZK_BASE = "/services"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,9 +174,41 @@ class EtcdRegistry:
             self.server.delete(self.key(iid))
 
 
+class ZooKeeperRegistry:
+    name = "ZooKeeper"
+    change_text = "create/delete an instance's ephemeral znode"
+    own_watcher = "our own child watch's event"
+
+    def __init__(self, stack: contextlib.ExitStack, kind: str) -> None:
+        from proxy import devzk
+
+        if kind != "register":
+            raise c.ScenarioError("--discovery zookeeper takes --kind register only (a "
+                                  "znode has no health check)")
+        self.devzk = devzk
+        server = start_zookeeper(stack)
+        self.session = zk_session(stack, server.hosts)  # owns the instances' znodes
+        self.create("base", 1, makepath=True)
+        self.proxy = start_sdproxy_zookeeper(stack, server.hosts, ZK_BASE, SERVICE, {"base"})
+        # A session of its own, as sdproxy has: its events cross the same server.
+        self.watcher = ChildWatcher(zk_session(stack, server.hosts), f"{ZK_BASE}/{SERVICE}")
+
+    def create(self, iid: str, port: int, *, makepath: bool = False) -> None:
+        self.session.create(self.devzk.instance_path(ZK_BASE, SERVICE, iid),
+                            self.devzk.curator_instance(SERVICE, iid, "127.0.0.1", port),
+                            ephemeral=True, makepath=makepath)
+
+    def change(self, k: int, iid: str, present: bool) -> None:
+        if present:
+            self.create(iid, 1000 + k // 2)
+        else:
+            self.session.delete(self.devzk.instance_path(ZK_BASE, SERVICE, iid))
+
+
 REGISTRIES: dict[str, Callable[[contextlib.ExitStack, str], Registry]] = {
     "consul": ConsulRegistry,
     "etcd": EtcdRegistry,
+    "zookeeper": ZooKeeperRegistry,
 }
 
 
