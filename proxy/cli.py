@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "kill one")
     demo.add_argument("--duration", type=float, default=10.0, help="seconds of traffic")
     demo.add_argument("--rate", type=float, default=200.0, help="requests per second")
-    demo.add_argument("--registry", choices=("consul", "etcd"), default="consul",
+    demo.add_argument("--registry", choices=("consul", "etcd", "zookeeper"), default="consul",
                       help="the registry the backends register in (default consul)")
     return parser
 

@@ -14,7 +14,8 @@
 - `curator_instance()`: the JSON Apache Curator's `JsonInstanceSerializer` writes for a
   service instance; `python -m proxy.devzk register ...` holds one such ephemeral znode in
   a session of its own until SIGTERM (a clean stop deletes it) or SIGKILL (ZooKeeper
-  removes it when the session expires).
+  removes it when the session expires). With `--while-pid PID` it also dies, abruptly,
+  when process PID does, as Curator dies with the service it runs in.
 
 Runs outside the data path: blocking sockets, subprocesses and kazoo calls on purpose.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -229,6 +231,20 @@ def instance_path(base: str, service: str, instance_id: str) -> str:
     return f"{base.rstrip('/')}/{service}/{instance_id}"
 
 
+def die_with(pid: int) -> None:
+    """End this process abruptly once process `pid` has exited (a thread waits on its
+    pidfd, which becomes readable at exit even before the parent reaps it). No cleanup:
+    the ZooKeeper session is left to expire, as a crashed service's would be."""
+    pidfd = os.pidfd_open(pid)
+
+    def wait() -> None:
+        select.select([pidfd], [], [])
+        print(f"event=zk_registrant_exit reason=pid_{pid}_exited", flush=True)
+        os._exit(1)
+
+    threading.Thread(target=wait, name="die-with", daemon=True).start()
+
+
 def register_main(args: argparse.Namespace) -> int:
     """Hold one ephemeral instance znode until SIGTERM/SIGINT (then delete it)."""
     from kazoo.client import KazooClient
@@ -236,6 +252,8 @@ def register_main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if args.while_pid:
+        die_with(args.while_pid)
     client = KazooClient(hosts=args.hosts, timeout=args.session_timeout)
     client.start(timeout=15)
     path = instance_path(args.base, args.service, args.id)
@@ -262,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     reg.add_argument("--port", type=int, required=True)
     reg.add_argument("--session-timeout", type=float, default=1.0,
                      help="seconds; ZooKeeper removes the znode this long after a crash")
+    reg.add_argument("--while-pid", type=int, default=0,
+                     help="exit abruptly (no session close) when this process exits")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command in (None, "install"):
         try:

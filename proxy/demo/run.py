@@ -1,8 +1,9 @@
 """`sdproxy demo`: a newcomer's first run, end to end, on loopback.
 
 Owns the demo's whole life: a real registry (a Consul dev agent by default; etcd with
-`--registry etcd`), three backends registered in it (Consul: HTTP health checks; etcd:
-Registrator's keys on leases), sdproxy in front of them, steady client traffic, a
+`--registry etcd`, ZooKeeper with `--registry zookeeper`), three backends registered in it
+(Consul: HTTP health checks; etcd: Registrator's keys on leases; ZooKeeper: Curator's
+ephemeral znodes), sdproxy in front of them, steady client traffic, a
 `kill -9` of backend-2 half way, and a report of what the client saw and when the
 registry noticed. What is particular to a registry is a `DemoRegistry` (Consul's here,
 the others in a module of their own, e.g. `proxy.demo.etcd`).
@@ -243,9 +244,16 @@ def _etcd_demo() -> DemoRegistry:
     return EtcdDemo()
 
 
+def _zookeeper_demo() -> DemoRegistry:
+    from proxy.demo.zookeeper import ZooKeeperDemo
+
+    return ZooKeeperDemo()
+
+
 REGISTRIES: dict[str, Callable[[], DemoRegistry]] = {
     "consul": ConsulDemo,
     "etcd": _etcd_demo,
+    "zookeeper": _zookeeper_demo,
 }
 
 
