@@ -14,7 +14,9 @@ attempts, and cannot close a client that never connected. Nothing of kazoo's blo
 event loop: requests are queued with kazoo's `*_async` calls, and every callback from a
 kazoo thread (request completions, watches, session state changes) is handed to the loop
 with `call_soon_threadsafe`, so all of this module's state is touched by the loop's
-thread only. Starting and stopping the client (thread joins) run in a worker thread.
+thread only. Starting and stopping the client (thread starts and joins) run in a worker
+thread of the watcher's own. Kazoo's own log lines (one per failed connection attempt)
+stay out of sdproxy's log: the last one is quoted in this module's error instead.
 
 How a change reaches the pool: a watch fires (children changed: the child list is read
 again and new children's data; data changed or deleted: that child is read again), the
@@ -27,7 +29,8 @@ may live on) and LOST (the session expired or was closed) keep the last pool and
 an error, so `stale_seconds` grows from that moment; kazoo reconnects with jittered
 backoff (capped at RECONNECT_MAX_DELAY) and, after an expiry, opens a new session. Every
 CONNECTED is followed by a full read (watches may have been lost with the connection),
-whose answer is emitted even when unchanged so the sink clears its staleness.
+whose answer is emitted even when unchanged so the sink clears its staleness. Should kazoo
+give up on a client (authentication failed), a new client is made after a backoff.
 
 Invariants:
 - `run()` never raises except `CancelledError`: connection loss, ACL refusals, timeouts,
@@ -52,6 +55,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kazoo.client import KazooClient
@@ -149,7 +153,6 @@ class ZooKeeperWatcher:
         self.last_success: float | None = None  # clock() of the last full read
         self.errors = 0  # distinct problems reported since start
         self.reads = 0  # full or partial reads that succeeded
-        self.session_id = 0
 
     # -- commands ---------------------------------------------------------------------
     def reread(self) -> None:
@@ -159,21 +162,26 @@ class ZooKeeperWatcher:
 
     # -- the loop ---------------------------------------------------------------------
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        # Starting and stopping a client start and join threads: one worker thread of our
+        # own does both, so a stop always runs after the start it undoes.
+        lifecycle = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zookeeper-start")
         try:
             while True:
                 client = self._make_client()
                 try:
-                    await asyncio.to_thread(client.start_async)
+                    await loop.run_in_executor(lifecycle, client.start_async)
                     await self._serve(client)  # returns when kazoo gave up on the client
                 finally:
                     client.remove_listener(self._on_state_threaded)
-                    await self._discard(client)
+                    # Submitted at once: a second cancellation cannot keep it from running.
+                    await loop.run_in_executor(lifecycle, self._stop_client, client)
                 self._failures += 1
                 await asyncio.sleep(backoff_delay(self._failures - 1, self._rng,
                                                   base=BACKOFF_BASE, cap=BACKOFF_CAP))
         finally:
             self._closed = True
+            lifecycle.shutdown(wait=False)  # what was submitted still runs
 
     def _make_client(self) -> Any:
         self._connected = self._client_gone = False
@@ -186,17 +194,13 @@ class ZooKeeperWatcher:
         self._client = client
         return client
 
-    async def _discard(self, client: Any) -> None:
-        """Stop the client (joins its threads) in a worker thread; never raises."""
-        def stop() -> None:
-            try:
-                client.stop()
-                client.close()
-            except Exception:  # noqa: BLE001 - a client that will not stop is dropped
-                self._log.exception("event=zookeeper_stop_error upstream=%s", self._name)
-
-        # Submitted at once: a second cancellation while waiting leaves it running to the end.
-        await asyncio.get_running_loop().run_in_executor(None, stop)
+    def _stop_client(self, client: Any) -> None:
+        """Close the session and join the client's threads (a worker thread); never raises."""
+        try:
+            client.stop()
+            client.close()
+        except Exception:  # noqa: BLE001 - a client that will not stop is dropped
+            self._log.exception("event=zookeeper_stop_error upstream=%s", self._name)
 
     async def _serve(self, client: Any) -> None:
         while not self._client_gone:
@@ -215,10 +219,8 @@ class ZooKeeperWatcher:
             except Exception as exc:  # noqa: BLE001 - never crash (DESIGN habit 10)
                 self._mark_all_dirty()
                 self._failures += 1
-                if isinstance(exc, LOST_CONNECTION):
-                    # The session state change says what happened; wait for it.
-                    await self._until_woken(CONNECT_GRACE)
-                    continue
+                if isinstance(exc, LOST_CONNECTION) and await self._until_woken(CONNECT_GRACE):
+                    continue  # the session state change it announced says what happened
                 self._on_problem(self._describe(exc), exc)
                 await self._until_woken(backoff_delay(self._failures - 1, self._rng,
                                                       base=BACKOFF_BASE, cap=BACKOFF_CAP))
@@ -409,7 +411,7 @@ class ZooKeeperWatcher:
         return f"internal error: {type(exc).__name__}: {exc}"
 
     def _why(self) -> str:
-        return f" ({self._last_words.last})" if self._last_words.last else ""
+        return f": {self._last_words.last}" if self._last_words.last else ""
 
     def _session_hex(self) -> str:
         client_id = self._client.client_id if self._client is not None else None
