@@ -280,8 +280,10 @@ async def test_server_killed_last_pool_serves_then_watches_resume(
             resumed = await wait_until(
                 "stale_seconds back to 0",
                 lambda: proxy.upstream(service)["stale_seconds"] == 0, timeout=15.0)
-            # The watches are armed again: a change reaches the pool, no restart.
-            await asyncio.to_thread(session.delete, instance_path(BASE, service, "zk-b"))
+            # The watches are armed again: a change reaches the pool, no restart. (kazoo's
+            # retry: our own session may still be reconnecting to the restarted server.)
+            await asyncio.to_thread(session.retry, session.delete,
+                                    instance_path(BASE, service, "zk-b"))
             changed = time.monotonic()
             await asyncio.to_thread(proxy.wait_routable, service, ["zk-a"], 5.0)
             print(f"server back -> fresh in {resumed:.2f}s; then a deletion reached the pool "
@@ -291,6 +293,10 @@ async def test_server_killed_last_pool_serves_then_watches_resume(
             events = [e.get("event") for e in await asyncio.to_thread(proxy.events)]
             assert events.count("zookeeper_connected") >= 2
             assert proxy.proc.poll() is None
+        except Exception as e:
+            # What both sides logged, for a failure seen only on a busy machine.
+            raise AssertionError(f"{e}\n--- sdproxy:\n{proxy.stderr_tail()}\n--- "
+                                 f"zookeeper:\n{server.log_tail(3000)}") from e
         finally:
             await asyncio.to_thread(proxy.cleanup)
 
