@@ -382,7 +382,8 @@ class HttptoolsRequestParser(_HttptoolsParser):
         p = self._parser
         head = _request_head(p.get_method(), self._url, _http_version(p, self._v11), self)
         self.reset()  # trailers must not join the head
-        if (not head.upgrade and head.framing != NO_BODY and p.should_upgrade()):
+        if (not head.upgrade and head.framing != NO_BODY and head.method != b"CONNECT"
+                and p.should_upgrade()):
             # llhttp takes the body of an upgrade offer for the new protocol's bytes.
             self._resume = (_BODY_RESUME.get(head.framing)
                             or b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n"

@@ -164,6 +164,9 @@ REQUESTS: list[CorpusCase] = [
                + b"Connection: upgrade\r\nUpgrade: ws\r\nContent-Length: 2\r\n\r\nhi"
                + b"GET /2 HTTP/1.1\r\n" + H + b"\r\n", OK),
     CorpusCase("connect", b"CONNECT example:443 HTTP/1.1\r\nHost: example:443\r\n\r\n", BAD),
+    # found by the fuzz: llhttp stops at a CONNECT head whatever its framing
+    CorpusCase("connect-with-length", b"CONNECT / HTTP/1.1\r\n" + H
+               + b"Content-Length: 3\r\n\r\n"),
     # -- shared rules (parsers.py)
     CorpusCase("fragment-in-target", b"GET /a#b HTTP/1.1\r\n" + H + b"\r\n", BAD),
     CorpusCase("absolute-form-other-host", b"GET http://other/ HTTP/1.1\r\n" + H + b"\r\n",
