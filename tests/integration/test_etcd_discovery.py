@@ -292,7 +292,9 @@ async def test_a_cluster_member_lost_then_quorum_lost_then_back() -> None:
             m0.kill()  # the member we watch: the next one takes over, quorum stays
             assert (await sink.error()).startswith(f"etcd {m0.url}: ")
             assert ids(await sink.answer_where(lambda a: True)) == {"a"}  # recovered
-            assert watcher.endpoint == m1.url
+            # on another member: the next in turn, or the one after it when the next was
+            # slow to answer on a loaded machine
+            assert watcher.endpoint in (m1.url, m2.url)
             await asyncio.to_thread(m2.put, key("cluster", "b"), "127.0.0.1:9002")
             assert ids(await sink.answer_where(lambda a: True)) == {"a", "b"}
 
