@@ -63,8 +63,8 @@ def write_manifest(paths: list[str]) -> None:
 
 
 def remove_inplace_extensions() -> None:
-    """Extensions an earlier editable build left beside the sources: a pure build stands
-    for the .py files, so they go (else every run would warn that they are stale)."""
+    """Extensions an earlier editable build left beside the sources: a pure editable
+    build stands for the .py files, so they go (else every run would warn of them)."""
     for path in HOT_MODULES:
         for suffix in EXTENSION_SUFFIXES:
             if os.path.exists(path[:-len(".py")] + suffix):
@@ -79,7 +79,8 @@ def compiled_extensions() -> list[Extension]:
         return []
     if os.environ.get(PURE_PYTHON, "") not in ("", "0"):
         write_manifest([])
-        remove_inplace_extensions()
+        if {"editable_wheel", "develop"}.intersection(sys.argv[1:]):
+            remove_inplace_extensions()
         return []
     from mypyc.build import mypycify
 
