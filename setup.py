@@ -1,7 +1,7 @@
 """Builds sdproxy with its hot modules compiled by mypyc, or as pure Python.
 
 The modules on the per-request path (HOT_MODULES) become C extensions beside their
-`.py` files: the same source, about 2.5 times fewer instructions per proxied request.
+`.py` files: the same source, 2.3 times fewer instructions per proxied request.
 The extensions are optional: without a C compiler the install still succeeds and runs
 the `.py` files; `SDPROXY_PURE_PYTHON=1` at build time skips compiling altogether.
 
