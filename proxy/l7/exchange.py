@@ -10,17 +10,19 @@ Rules (SPEC, "HTTP mode"):
 
 from __future__ import annotations
 
+from typing import Final
+
 from proxy.l7.message import IDEMPOTENT_METHODS
 
-CONNECT_FAILURE = "connect-failure"
-RESET = "reset"
-TIMEOUT = "timeout"
+CONNECT_FAILURE: Final = "connect-failure"
+RESET: Final = "reset"
+TIMEOUT: Final = "timeout"
 
 # Request body bytes kept for replay on another instance; a longer body is streamed
 # once and its request is not retried after it was sent.
-REPLAY_LIMIT = 64 * 1024
+REPLAY_LIMIT: Final = 64 * 1024
 # Unsent request body bytes buffered before we stop reading from the client.
-BODY_HIGH_WATER = 256 * 1024
+BODY_HIGH_WATER: Final = 256 * 1024
 
 
 def may_retry(kind: str, *, method: bytes, replayable: bool, attempt: int, retries: int,

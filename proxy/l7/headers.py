@@ -10,6 +10,7 @@ re-established by us: Content-Length is forwarded, chunked bodies are re-chunked
 from __future__ import annotations
 
 import functools
+from typing import Final
 
 from proxy.l7.framing import connection_tokens
 from proxy.l7.message import (
@@ -25,19 +26,19 @@ from proxy.l7.message import (
     MessageHead,
 )
 
-HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                        b"transfer-encoding", b"upgrade"))
+HOP_BY_HOP: Final = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te",
+                               b"trailer", b"transfer-encoding", b"upgrade"))
 # Connection may name extension headers to drop, never the fields that frame the message
 # or route it: dropping Content-Length while forwarding the body would let the body be
 # read as the next request (request smuggling).
-_PROTECTED = frozenset((b"content-length", b"host"))
-_CONTENT_LENGTH = b"content-length"
-_UPGRADE = b"upgrade"
-_XFF = b"x-forwarded-for"
-_XFP = b"x-forwarded-proto"
-_HOST = b"host"
-_CRLF = b"\r\n"
-_ACTED_ON_LENGTHS = frozenset(
+_PROTECTED: Final = frozenset((b"content-length", b"host"))
+_CONTENT_LENGTH: Final = b"content-length"
+_UPGRADE: Final = b"upgrade"
+_XFF: Final = b"x-forwarded-for"
+_XFP: Final = b"x-forwarded-proto"
+_HOST: Final = b"host"
+_CRLF: Final = b"\r\n"
+_ACTED_ON_LENGTHS: Final = frozenset(
     len(n) for n in (*HOP_BY_HOP, *_PROTECTED, _CONTENT_LENGTH, _UPGRADE, _XFF, _XFP, _HOST))
 
 
@@ -78,10 +79,10 @@ def _forwardable(head: MessageHead, drop_length: bool = False
 # Fields only the full pass of `_forwardable` handles; without them, and with no Connection
 # token but these, forwarding a head is dropping its hop-by-hop fields, which the parser
 # found already (`MessageHead.drop_at`).
-_NEEDS_FULL_PASS = FORWARDED_FOR | UPGRADE | TRANSFER_ENCODING
-_PLAIN_TOKENS = frozenset((b"close", b"keep-alive"))
-_CLOSE = b"close"
-_COLON_SPACE = b": "
+_NEEDS_FULL_PASS: Final = FORWARDED_FOR | UPGRADE | TRANSFER_ENCODING
+_PLAIN_TOKENS: Final = frozenset((b"close", b"keep-alive"))
+_CLOSE: Final = b"close"
+_COLON_SPACE: Final = b": "
 
 
 def _plain_lines(head: MessageHead) -> list[bytes] | None:
@@ -188,7 +189,7 @@ def encode_interim(head: MessageHead) -> bytes:
 
 
 # Reason phrases of the statuses sdproxy answers itself (SPEC "HTTP mode").
-REASONS: dict[int, bytes] = {
+REASONS: Final[dict[int, bytes]] = {
     400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
     502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
@@ -213,7 +214,7 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
 
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 __all__ = [
     "CHUNKED",

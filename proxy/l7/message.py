@@ -8,26 +8,26 @@ either parser can drive it. Header names keep the case the peer sent; comparison
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
 
 # Framing of a message body (RFC 9112 section 6).
-NO_BODY = 0
-LENGTH = 1
-CHUNKED = 2
-UNTIL_CLOSE = 3
+NO_BODY: Final = 0
+LENGTH: Final = 1
+CHUNKED: Final = 2
+UNTIL_CLOSE: Final = 3
 
 # What a parser notes about a field, by name (bits of `MessageHead.kinds`), so that
 # forwarding (headers.py) need not look at every field again.
-HOST = 1
-CONTENT_LENGTH = 2
-TRANSFER_ENCODING = 4
-CONNECTION = 8
-HOP_BY_HOP = 16  # dropped when forwarding (RFC 9110 section 7.6.1)
-UPGRADE = 32
-FORWARDED_FOR = 64
-FORWARDED_PROTO = 128
+HOST: Final = 1
+CONTENT_LENGTH: Final = 2
+TRANSFER_ENCODING: Final = 4
+CONNECTION: Final = 8
+HOP_BY_HOP: Final = 16  # dropped when forwarding (RFC 9110 section 7.6.1)
+UPGRADE: Final = 32
+FORWARDED_FOR: Final = 64
+FORWARDED_PROTO: Final = 128
 
-IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+IDEMPOTENT_METHODS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 
 class MessageHead:

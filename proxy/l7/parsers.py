@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterator, Mapping
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
@@ -57,7 +57,7 @@ class ResponseParser(Protocol):
     def feed(self, data: bytes) -> int | None: ...
 
 
-_KIND_OF_NAME = {
+_KIND_OF_NAME: Final = {
     b"host": HOST,
     b"content-length": CONTENT_LENGTH,
     b"transfer-encoding": TRANSFER_ENCODING | HOP_BY_HOP,
@@ -72,19 +72,23 @@ _KIND_OF_NAME = {
 }
 # Looked up by the name as sent: the usual spellings are found at once, without
 # lowercasing; only a name of one of these lengths can still be one of them.
-_KINDS = {**_KIND_OF_NAME,
-          **{b"-".join(p.capitalize() for p in n.split(b"-")): k for n, k in _KIND_OF_NAME.items()},
-          b"TE": HOP_BY_HOP}
-_KIND_LENGTHS = frozenset(len(n) for n in _KIND_OF_NAME)
-_OWS = (32, 9)
+_KINDS: Final = {
+    **_KIND_OF_NAME,
+    **{b"-".join(p.capitalize() for p in n.split(b"-")): k for n, k in _KIND_OF_NAME.items()},
+    b"TE": HOP_BY_HOP,
+}
+_KIND_LENGTHS: Final = frozenset(len(n) for n in _KIND_OF_NAME)
+_OWS: Final = (32, 9)
 
 
 class _HeadCollector:
     """Gathers one head's fields and notes the few that framing or forwarding act on.
 
-    The httptools parsers are collectors themselves (`on_header = add`): llhttp then calls
-    straight into `add`, one Python call per field instead of two. Lists of values are
-    made only for fields that are present (most heads have none of them).
+    The httptools parsers are collectors themselves, so llhttp calls straight into
+    `on_header`, one Python call per field instead of two (a method of the class itself,
+    not an alias assigned in a subclass body: mypyc compiles such an alias into an
+    attribute httptools cannot call). Lists of values are made only for fields that are
+    present (most heads have none of them).
     """
 
     __slots__ = ("connection", "content_lengths", "drop_at", "head_size", "headers", "hosts",
@@ -105,7 +109,7 @@ class _HeadCollector:
         self.hosts = 0
         self.head_size = 0
 
-    def add(self, name: bytes, value: bytes) -> None:
+    def on_header(self, name: bytes, value: bytes) -> None:
         size = self.head_size = self.head_size + len(name) + len(value) + 4
         if size > self.max_head:
             raise HeadTooLarge(f"{self.what} head larger than {self.max_head} bytes")
@@ -150,8 +154,8 @@ def _appended(values: list[bytes] | None, value: bytes) -> list[bytes]:
     return values
 
 
-_NO_TOKENS: frozenset[bytes] = frozenset()
-_NO_VALUES: list[bytes] = []
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+_NO_VALUES: Final[list[bytes]] = []
 
 
 @functools.lru_cache(maxsize=64)
@@ -188,7 +192,7 @@ def _check_target(method: bytes, target: bytes, headers: list[tuple[bytes, bytes
         raise ParseError("absolute request target naming another host than Host")
 
 
-_DEFAULT_PORTS = {b"http": b"80", b"https": b"443"}
+_DEFAULT_PORTS: Final = {b"http": b"80", b"https": b"443"}
 
 
 def _authority(authority: bytes, scheme: bytes) -> bytes:
@@ -225,10 +229,11 @@ def _request_head(method: bytes, target: bytes, version: bytes, c: _HeadCollecto
                        kinds=c.kinds, drop_at=c.drop_at)
 
 
-_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
-_COMMON_REASONS = frozenset((b"OK", b"Created", b"No Content", b"Not Modified", b"Found",
-                             b"Not Found", b"Moved Permanently", b"Bad Request",
-                             b"Internal Server Error", b"Service Unavailable"))
+_BAD_REASON: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search
+_COMMON_REASONS: Final = frozenset((b"OK", b"Created", b"No Content", b"Not Modified",
+                                    b"Found", b"Not Found", b"Moved Permanently",
+                                    b"Bad Request", b"Internal Server Error",
+                                    b"Service Unavailable"))
 
 
 def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
@@ -257,7 +262,7 @@ def _response_head(status: int, reason: bytes, version: bytes, method: bytes,
                        kinds=c.kinds, drop_at=c.drop_at)
 
 
-_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
 def _http_version(parser: httptools.HttpRequestParser | httptools.HttpResponseParser,
@@ -275,13 +280,16 @@ def _feed_httptools(parser: httptools.HttpRequestParser | httptools.HttpResponse
                     data: bytes) -> int | None:
     try:
         parser.feed_data(data)
-    except httptools.HttpParserUpgrade as e:
-        return int(e.args[0])
-    except httptools.HttpParserCallbackError as e:
-        raise (e.__context__ if isinstance(e.__context__, ParseError)
-               else ParseError(str(e))) from None
-    except httptools.HttpParserError as e:
-        raise ParseError(str(e)) from None
+    # One name per exception type: mypyc types an `except ... as` name once, so a name
+    # reused for another type fails at run time when compiled.
+    except httptools.HttpParserUpgrade as upgrade:
+        return int(upgrade.args[0])
+    except httptools.HttpParserCallbackError as callback_error:
+        cause = callback_error.__context__
+        raise (cause if isinstance(cause, ParseError)
+               else ParseError(str(callback_error))) from None
+    except httptools.HttpParserError as parser_error:
+        raise ParseError(str(parser_error)) from None
     return None
 
 
@@ -313,7 +321,7 @@ class _HttptoolsParser(_HeadCollector):
 # What llhttp is fed after it stopped at the head of a request that offered an upgrade
 # and has a body: a head of the same framing, not delivered, so that it parses the body
 # (and the requests after it) as it would any other.
-_BODY_RESUME = {CHUNKED: b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"}
+_BODY_RESUME: Final = {CHUNKED: b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"}
 
 
 class HttptoolsRequestParser(_HttptoolsParser):
@@ -356,9 +364,7 @@ class HttptoolsRequestParser(_HttptoolsParser):
         more = self.feed(rest)
         return None if more is None else offset + more
 
-    # httptools callbacks
-    on_header = _HeadCollector.add
-
+    # httptools callbacks (and on_header, inherited)
     def on_message_begin(self) -> None:
         self._url = b""
         if self.headers:  # trailers of the previous message (the head reset the rest)
@@ -433,8 +439,6 @@ class HttptoolsResponseParser(_HttptoolsParser):
             self._check_head_bound(carried, data, self.head_size + len(self._reason))
         return offset
 
-    on_header = _HeadCollector.add
-
     def on_message_begin(self) -> None:
         self._reason = b""
         if self.headers:  # trailers of the previous message (the head reset the rest)
@@ -490,6 +494,6 @@ class _Parsers(Mapping[str, tuple[type, type]]):
         return 2
 
 
-PARSERS: Mapping[str, tuple[type, type]] = _Parsers()
+PARSERS: Final[Mapping[str, tuple[type, type]]] = _Parsers()
 
 __all__ = ["NO_BODY", "PARSERS", "RequestParser", "ResponseParser"]

@@ -243,7 +243,7 @@ class _Llhttp:
         if self._pending is not None:
             name, value = self._pending
             self._pending = None
-            self._c.add(name, value)
+            self._c.on_header(name, value)
 
     def _bad_or_unfinished_field(self, buf: bytes, i: int) -> None:
         named = _NAME_COLON.match(buf, i)

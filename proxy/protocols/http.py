@@ -17,7 +17,7 @@ import logging
 import struct
 import termios
 from collections import deque
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from proxy.config import UpstreamConfig
 from proxy.l7.hashkey import key_function
@@ -28,27 +28,27 @@ from proxy.protocols.http_exchange import Exchange
 from proxy.protocols.relay import Relay, abort_with_reset
 from proxy.upstream.manager import UpstreamRuntime
 
-log = logging.getLogger("sdproxy.http")
+log: Final = logging.getLogger("sdproxy.http")
 
 # Reasons to stop reading from the client, as bits.
-INFINITY = float("inf")
+INFINITY: Final = float("inf")
 
-_PAUSE_PIPELINE = 1  # a further request waits for the current response
-_PAUSE_BODY = 2  # request body buffered past the high-water mark while connecting
-_PAUSE_UPSTREAM = 4  # the instance's socket buffer is full
-_PAUSE_UPGRADE = 8  # bytes after an Upgrade request wait for the instance's answer
+_PAUSE_PIPELINE: Final = 1  # a further request waits for the current response
+_PAUSE_BODY: Final = 2  # request body buffered past the high-water mark while connecting
+_PAUSE_UPSTREAM: Final = 4  # the instance's socket buffer is full
+_PAUSE_UPGRADE: Final = 8  # bytes after an Upgrade request wait for the instance's answer
 
 # Kinds of queued parser events (pipelined requests).
-_HEAD = 0
-_BODY = 1
-_END = 2
+_HEAD: Final = 0
+_BODY: Final = 1
+_END: Final = 2
 
 # Deadlines (header_timeout, request_timeout, idle_timeout) are checked by one sweep per
 # listener instead of a timer per request: arming and cancelling a timer costs about 3 µs,
 # three times per request; a sweep costs one comparison per open connection per tick.
-MAX_SWEEP_INTERVAL = 0.25
-MIN_SWEEP_INTERVAL = 0.01
-POOL_SWEEP_INTERVAL = 1.0  # idle pooled connections are closed with this precision
+MAX_SWEEP_INTERVAL: Final = 0.25
+MIN_SWEEP_INTERVAL: Final = 0.01
+POOL_SWEEP_INTERVAL: Final = 1.0  # idle pooled connections are closed with this precision
 
 
 def sweep_interval(cfg: UpstreamConfig) -> float:
@@ -206,10 +206,10 @@ class HttpDownstream(asyncio.Protocol):
                 # instance switches (101), and is dropped with the connection if not.
                 self.held = [data[offset:]] if offset < len(data) else []
                 self._set_paused(_PAUSE_UPGRADE, True)
-        except HeadTooLarge as e:
-            self._reject(431, str(e))
-        except ParseError as e:
-            self._reject(400, f"malformed request: {e}")
+        except HeadTooLarge as too_large:  # one name per type (mypyc types it once)
+            self._reject(431, str(too_large))
+        except ParseError as malformed:
+            self._reject(400, f"malformed request: {malformed}")
         exchange = self.starting
         if exchange is not None:
             # Started once the whole read is parsed, so that a request's end (or a bad byte

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.l7.exchange import (
     BODY_HIGH_WATER,
@@ -47,11 +47,11 @@ if TYPE_CHECKING:
     from proxy.protocols.http import HttpDownstream
     from proxy.upstream.host import Host
 
-log = logging.getLogger("sdproxy.http")
+log: Final = logging.getLogger("sdproxy.http")
 
-INFINITY = float("inf")
-DONE = "done"
-ABORTED = "aborted"
+INFINITY: Final = float("inf")
+DONE: Final = "done"
+ABORTED: Final = "aborted"
 
 
 

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Final
 
 import pybreaker
 
-CLOSED = pybreaker.STATE_CLOSED  # "closed"
-OPEN = pybreaker.STATE_OPEN  # "open"
-HALF_OPEN = pybreaker.STATE_HALF_OPEN  # "half-open"
+CLOSED: Final = pybreaker.STATE_CLOSED  # "closed"
+OPEN: Final = pybreaker.STATE_OPEN  # "open"
+HALF_OPEN: Final = pybreaker.STATE_HALF_OPEN  # "half-open"
 
 # Our names for the states, as /upstreams and /metrics show them.
-STATE_NAMES = {CLOSED: "healthy", OPEN: "open", HALF_OPEN: "half_open"}
+STATE_NAMES: Final = {CLOSED: "healthy", OPEN: "open", HALF_OPEN: "half_open"}
 
 
 class AttemptFailed(Exception):

@@ -9,19 +9,19 @@ scrape time, so the request path never touches a metrics library.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
 
 from proxy.model import Endpoint
 from proxy.upstream.breaker import CLOSED, STATE_NAMES, HostBreaker
 
 # Weight of the newest sample in the latency EWMA: about the last 10 attempts count.
-EWMA_ALPHA = 0.2
+EWMA_ALPHA: Final = 0.2
 # An EWMA not refreshed for this long no longer counts (p2c.py says why): the next
 # measurement starts it afresh.
-EWMA_FORGET_AFTER = 10.0
+EWMA_FORGET_AFTER: Final = 10.0
 
-HEALTHY = "healthy"
-DRAINING = "draining"
+HEALTHY: Final = "healthy"
+DRAINING: Final = "draining"
 
 
 class IdleConnection(Protocol):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import __version__
+from proxy import BUILD, __version__
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,4 +107,4 @@ def test_check_without_config_is_a_usage_error() -> None:
 def test_version() -> None:
     result = sdproxy("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"sdproxy {__version__}"
+    assert result.stdout.strip() == f"sdproxy {__version__} ({BUILD.describe()})"

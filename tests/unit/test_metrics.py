@@ -5,7 +5,7 @@ parsed back with prometheus_client's own parser. No sockets, no loop."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client import generate_latest
@@ -166,11 +166,21 @@ def test_cumulative_buckets_of_an_empty_histogram() -> None:
 # --- instance states ---------------------------------------------------------------------
 
 
+class _StatedHost:
+    """`host` with its state read as `state`: a stand-in, not a subclass (the compiled
+    Host takes no Python subclasses)."""
+
+    def __init__(self, host: Host, state: str) -> None:
+        self.host = host
+        self.state = state
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.host, name)
+
+
 def with_state(host: Host, state: str) -> Host:
     """A Host whose state reads as `state` (breaker/ejection land in other modules)."""
-    cls = type("StatedHost", (Host,), {"state": state})
-    stated: Host = cls(host.endpoint)
-    return stated
+    return cast(Host, _StatedHost(host, state))
 
 
 @pytest.mark.parametrize(("host_state", "breaker"), [

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Collection, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from proxy.upstream.host import Host
 
@@ -62,7 +62,7 @@ def _hash(rng: random.Random) -> Balancer:
     return ConsistentHash(rng)
 
 
-BALANCERS: dict[str, Callable[[random.Random], Balancer]] = {
+BALANCERS: Final[dict[str, Callable[[random.Random], Balancer]]] = {
     "round_robin": _round_robin,
     "least_conn": _least_conn,
     "random": _random,

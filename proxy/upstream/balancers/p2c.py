@@ -67,13 +67,14 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Collection, Sequence
+from typing import Final
 
 from proxy.upstream.balancers.random_pick import WeightedSampler
 from proxy.upstream.breaker import HALF_OPEN
 from proxy.upstream.host import Host
 
-FAILURE_PENALTY = 1.0  # each consecutive failure adds one typical latency
-DEFAULT_LATENCY = 0.05  # seconds; the typical latency while nothing is measured
+FAILURE_PENALTY: Final = 1.0  # each consecutive failure adds one typical latency
+DEFAULT_LATENCY: Final = 0.05  # seconds; the typical latency while nothing is measured
 
 
 def latency_now(host: Host, now: float | None) -> float:
