@@ -206,7 +206,9 @@ def _request_head(method: bytes, target: bytes, version: bytes, c: _HeadCollecto
         raise ParseError(f"unsupported HTTP version {version.decode(errors='replace')}")
     if c.hosts > 1 or (not c.hosts and version == b"1.1"):
         raise ParseError("more than one Host" if c.hosts else "missing Host")
-    if target[:1] != b"/" or b"#" in target:
+    # find(), not `in`: bytes.__contains__ tries an int needle first, and the TypeError it
+    # raises and clears costs more than the scan.
+    if target[:1] != b"/" or target.find(b"#") >= 0:
         _check_target(method, target, c.headers)
     if not (c.content_lengths or c.transfer_encodings or c.connection):
         # The common request (no body, no Connection field): nothing to decide.
