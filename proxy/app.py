@@ -38,6 +38,7 @@ from proxy.discovery.registry import UnsupportedDiscovery, make_watcher
 from proxy.model import Address
 from proxy.protocols import Listener, make_listener
 from proxy.upstream.balancers import make_balancer
+from proxy.upstream.health import HealthChecker
 from proxy.upstream.manager import UpstreamRuntime
 
 log = logging.getLogger("sdproxy.app")
@@ -64,6 +65,7 @@ class Served:
     listener: Listener | None = None
     server: asyncio.base_events.Server | None = None
     draining: list[asyncio.Task[None]] = field(default_factory=list)
+    health: HealthChecker | None = None  # follows [upstreams.health] through reloads
 
 
 class ProxyApp:
@@ -120,6 +122,8 @@ class ProxyApp:
             listener.close_all()
             raise cannot_listen(f"upstream {name}", addr, e) from None
         served.listener, served.server = listener, server
+        served.health = HealthChecker(runtime)
+        served.health.start()
         log.info("event=listening upstream=%s listen=%s mode=%s discovery=%s", name, addr,
                  runtime.config.mode, runtime.config.discovery)
 
@@ -220,6 +224,8 @@ class ProxyApp:
         """Stop accepting for `name` now; drain its in-flight work in the background."""
         served = self.served.pop(name)
         served.watch_task.cancel()
+        if served.health is not None:
+            served.health.stop()
         if served.server is not None:
             served.server.close()
         task = asyncio.get_running_loop().create_task(self._drain(served), name=f"drain-{name}")

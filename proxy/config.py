@@ -35,6 +35,9 @@ RETRY_ON = ("connect-failure", "reset", "timeout", "502", "503", "504")
 @dataclass(frozen=True)
 class AdminConfig:
     listen: Address = Address("127.0.0.1", 9901)  # noqa: RUF009 (an immutable NamedTuple)
+    # Bearer token for the admin's write actions (drain/enable). Without it they are
+    # allowed only when `listen` is a loopback address (proxy.admin.auth).
+    token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,15 @@ class RetryBudgetConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    path: str = "/health"
-    interval: float = 2.0
+    """sdproxy's own active checks; present in the config = on (SPEC "Active health
+    checks"). The rules they drive are `proxy.upstream.health_state`'s."""
+
+    path: str = "/health"  # http: GET path; tcp mode: a connect
+    interval: float = 2.0  # per instance, with +-10 % jitter
+    timeout: float = 1.0  # a probe slower than this failed
+    fall: int = 3  # consecutive failed probes -> ejected
+    rise: int = 2  # consecutive good probes -> back in the pool
+    expect: tuple[str, ...] = ("2xx",)  # status classes ("2xx") or codes ("404") that pass
 
 
 @dataclass(frozen=True)
@@ -436,7 +446,41 @@ _znode_path = _where(_string, _is_znode_path,
 
 _BREAKER: Schema = {"failures": _integer(1), "reset_timeout": _duration()}
 _RETRY_BUDGET: Schema = {"percent": _percent, "min_concurrency": _integer(0)}
-_HEALTH: Schema = {"path": _http_path, "interval": _duration(positive=True)}
+_STATUS_CLASS = re.compile(r"[1-5]xx")
+
+
+def _expected_status(value: object) -> str:
+    """One `expect` entry: a class "2xx" or a code (404 or "404"), as a string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 100 <= value <= 599:
+            _fail(f"a status code must be 100..599, got {value}")
+        return str(value)
+    text: str = _string(value).lower()
+    if _STATUS_CLASS.fullmatch(text):
+        return text
+    if text.isascii() and text.isdigit() and 100 <= int(text) <= 599:
+        return str(int(text))
+    _fail(f'expected a status class like "2xx" or a code like 404, got "{value}"')
+
+
+def _expect(value: object) -> tuple[str, ...]:
+    """`expect = "2xx"` or `expect = ["2xx", "3xx", 404]`."""
+    if not isinstance(value, list):
+        return (_expected_status(value),)
+    entries = _list_of(_expected_status)(value)
+    if not entries:
+        _fail("must name at least one status class or code")
+    return tuple(dict.fromkeys(entries))
+
+
+_HEALTH: Schema = {
+    "path": _http_path,
+    "interval": _duration(positive=True),
+    "timeout": _duration(positive=True),
+    "fall": _integer(1),
+    "rise": _integer(1),
+    "expect": _expect,
+}
 # Every upstream key that [defaults] may set as well.
 _INHERITED: Schema = {
     "mode": _choice(MODES),
@@ -472,7 +516,7 @@ _UPSTREAM_ONLY: Schema = {
 _UPSTREAM: Schema = {**_UPSTREAM_ONLY, **_INHERITED}
 _DEFAULTS: Schema = {**{k: _upstream_only for k in _UPSTREAM_ONLY}, **_INHERITED}
 _TOP: Schema = {
-    "admin": {"listen": _address},
+    "admin": {"listen": _address, "token": _string},
     "consul": {
         "address": _or_unset(_consul_address),
         "token": _or_unset(_string),

@@ -39,7 +39,15 @@ from proxy import metrics as m
 from proxy.admin.merge import Reading, by_upstream, sum_maps
 from proxy.admin.state import AppState
 from proxy.admin.views import readings
+from proxy.upstream.health_state import HEALTH_CHECKS
+from proxy.upstream.host import DOWN
 from proxy.upstream.manager import LATENCY_BUCKETS, LatencyHistogram
+
+# Every family this collector yields: the catalogue, and metrics declared next to their
+# component.
+FAMILIES: tuple[m.Metric, ...] = (*m.ALL, HEALTH_CHECKS)
+# Instance states always reported (zeros included), "down" (catalog) among them.
+LISTED_STATES = (*m.HOST_STATES, DOWN)
 
 # Bucket bounds rendered once, the way prometheus_client renders its own histograms.
 _LE: tuple[str, ...] = tuple(
@@ -96,13 +104,14 @@ class SdproxyCollector(Collector):
 
     def describe(self) -> Iterator[Family]:
         # Names without reading the state: the registry checks clashes at register time.
-        for spec in m.ALL:
+        for spec in FAMILIES:
             yield _family(spec)
 
     def collect(self) -> Iterator[Family]:
         found = readings(self.state)
         per_worker = any(r.worker is not None for r in found)
-        families: dict[str, Any] = {spec.name: _family(spec, per_worker) for spec in m.ALL}
+        families: dict[str, Any] = {spec.name: _family(spec, per_worker)
+                                    for spec in FAMILIES}
         order, live, dead = by_upstream(found)
         for name in order:
             self._counters([up for _, up in live[name]], dead.get(name, []), families)
@@ -161,6 +170,7 @@ class SdproxyCollector(Collector):
         requests: dict[str, int] = {}
         failures: dict[str, int] = {}
         codes: dict[str, list[dict[str, Any]]] = {}
+        probes: dict[str, list[dict[str, Any]]] = {}
         for up in everyone:
             for ep in up.get("endpoints") or ():
                 eid = str(ep.get("id"))
@@ -169,11 +179,14 @@ class SdproxyCollector(Collector):
                 requests[eid] = requests.get(eid, 0) + int(ep.get("requests") or 0)
                 failures[eid] = failures.get(eid, 0) + int(ep.get("failures") or 0)
                 codes.setdefault(eid, []).append(ep.get("responses") or {})
+                probes.setdefault(eid, []).append(ep.get("health_checks") or {})
         for eid, n in requests.items():
             f[m.ENDPOINT_REQUESTS.name].add_metric([name, eid], n)
             f[m.ENDPOINT_FAILURES.name].add_metric([name, eid], failures[eid])
             for code, c in sum_maps(codes[eid]).items():
                 f[m.REQUESTS.name].add_metric([name, eid, code], c)
+            for result, c in sum_maps(probes[eid]).items():
+                f[HEALTH_CHECKS.name].add_metric([name, eid, result], c)
 
     def _gauges(self, up: dict[str, Any], worker: list[str], f: dict[str, Any]) -> None:
         """Gauges of one upstream in one live reading; `worker` is [] or [its number]."""
@@ -193,7 +206,7 @@ class SdproxyCollector(Collector):
         endpoints = up.get("endpoints") or []
         # Every known state is reported, zeros included, so a graph shows "0 open"
         # rather than a gap; a state this module does not know yet is still counted.
-        by_state = dict.fromkeys(m.HOST_STATES, 0)
+        by_state = dict.fromkeys(LISTED_STATES, 0)
         for ep in endpoints:
             s = str(ep.get("state"))
             by_state[s] = by_state.get(s, 0) + 1

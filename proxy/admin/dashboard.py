@@ -18,7 +18,7 @@ REFRESH_SECONDS = 2
 
 # CSS class per instance state; a state not listed renders unstyled (never from input).
 _STATE_CLASS = {"healthy": "ok", "open": "bad", "half_open": "warn", "ejected": "bad",
-                "draining": "muted"}
+                "draining": "muted", "down": "down"}
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
@@ -27,7 +27,7 @@ table{border-collapse:collapse;background:#fff;min-width:40em}
 th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left}
 th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .meta{color:#555}.ok{color:#17702b}.warn{color:#9a6700}.bad{color:#b3261e;font-weight:600}
-.muted{color:#888}code{background:#eee;padding:0 .25em}
+.muted{color:#888}tr.down td{color:#999;background:#f4f4f4}code{background:#eee;padding:0 .25em}
 """
 
 
@@ -46,8 +46,9 @@ def _endpoint_row(ep: Mapping[str, Any]) -> str:
     state = str(ep.get("state", ""))
     css = _STATE_CLASS.get(state, "")
     tags = ", ".join(str(t) for t in ep.get("tags") or ())
+    row_class = ' class="down"' if state == "down" else ""  # greyed, not hidden
     return (
-        "<tr>"
+        f"<tr{row_class}>"
         f"<td><code>{_e(ep.get('id'))}</code></td>"
         f"<td>{_e(ep.get('address'))}:{_e(ep.get('port'))}</td>"
         f"<td>{_e(ep.get('node') or None)}</td>"
@@ -55,6 +56,7 @@ def _endpoint_row(ep: Mapping[str, Any]) -> str:
         f"<td>{_e(tags or None)}</td>"
         f"<td class=\"n\">{_e(ep.get('weight'))}</td>"
         f"<td class=\"{css}\">{_e(state)}</td>"
+        f"<td>{_e(ep.get('reason') or None)}</td>"
         f"<td class=\"n\">{_e(ep.get('active'))}</td>"
         f"<td class=\"n\">{_e(ep.get('requests'))}</td>"
         f"<td class=\"n\">{_e(ep.get('failures'))}</td>"
@@ -75,7 +77,7 @@ def _upstream_section(up: Mapping[str, Any], now: float) -> str:
     if endpoints:
         rows = "".join(_endpoint_row(ep) for ep in endpoints)
     else:
-        rows = '<tr><td colspan="10" class="muted">no instances</td></tr>'
+        rows = '<tr><td colspan="11" class="muted">no instances</td></tr>'
     return f"""
 <section>
 <h2>{_e(up.get('name'))} <span class="meta">({_e(up.get('mode'))})</span></h2>
@@ -89,7 +91,7 @@ def _upstream_section(up: Mapping[str, Any], now: float) -> str:
  · failovers {failovers or 'none'}</p>
 <table>
 <tr><th>id</th><th>address</th><th>node</th><th>dc</th><th>tags</th><th>weight</th>
-<th>state</th><th>active</th><th>requests</th><th>failures</th></tr>
+<th>state</th><th>reason</th><th>active</th><th>requests</th><th>failures</th></tr>
 {rows}
 </table>
 </section>"""

@@ -3,7 +3,8 @@
 Each handler reads the live state at request time, through `proxy.admin.views` (JSON and
 HTML) or the registry's collector (metrics), so every upstream is read once per request
 and a reload that replaces the state's dicts is seen at the next request. Handlers do
-not log: the admin is scraped every few seconds and a line per scrape would be noise.
+not log: the admin is scraped every few seconds and a line per scrape would be noise
+(an operator's drain or enable is logged by the upstream it changes).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 from proxy.admin import dashboard
-from proxy.admin.state import AppState
-from proxy.admin.views import missing_upstreams, upstream_views
+from proxy.admin.auth import refuse_write
+from proxy.admin.state import AppState, admin_config
+from proxy.admin.views import listed_view, missing_upstreams, upstream_views
 
 STATE = web.AppKey("state", object)  # the AppState; `object` since it is structural
 # The Prometheus registry, built at the first scrape: prometheus_client costs about 1 MiB
@@ -71,3 +73,32 @@ async def handle_dashboard(request: web.Request) -> web.Response:
     # no-store: a cached dashboard would show a pool that no longer exists.
     return web.Response(text=page, content_type="text/html",
                         headers={"Cache-Control": "no-store"})
+
+
+async def handle_drain(request: web.Request) -> web.Response:
+    """POST /upstreams/{name}/endpoints/{id}/drain: no new work for that instance."""
+    return _operator_drain(request, True)
+
+
+async def handle_enable(request: web.Request) -> web.Response:
+    """POST /upstreams/{name}/endpoints/{id}/enable: back in rotation (an ejection by
+    the health checks, or an open breaker, still applies)."""
+    return _operator_drain(request, False)
+
+
+def _operator_drain(request: web.Request, drained: bool) -> web.Response:
+    state = _state(request)
+    refusal = refuse_write(admin_config(state), request.headers, request.host)
+    if refusal is not None:
+        headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
+        return web.Response(status=refusal.status, text=refusal.message + "\n",
+                            headers=headers)
+    name, eid = request.match_info["name"], request.match_info["id"]
+    runtime = state.upstreams.get(name)
+    if runtime is None:
+        return web.Response(status=404, text=f"no upstream named {name}\n")
+    if not runtime.set_operator_drain(eid, drained):
+        return web.Response(status=404, text=f"upstream {name} has no instance {eid}\n")
+    rows = [listed_view(row) for row in runtime.listing() if row.endpoint.id == eid]
+    return web.json_response({"upstream": name, "id": eid, "operator_drained": drained,
+                              "endpoints": rows}, dumps=_dumps)

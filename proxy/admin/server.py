@@ -15,6 +15,8 @@ from proxy.admin.handlers import (
     REGISTRY,
     STATE,
     handle_dashboard,
+    handle_drain,
+    handle_enable,
     handle_healthz,
     handle_metrics,
     handle_ready,
@@ -33,6 +35,9 @@ def build_app(state: AppState) -> web.Application:
     app.router.add_get("/ready", handle_ready)
     app.router.add_get("/upstreams", handle_upstreams)
     app.router.add_get("/metrics", handle_metrics)
+    # An id may hold any character a catalog allows, "/" included (sent as %2F).
+    app.router.add_post("/upstreams/{name}/endpoints/{id:.+}/drain", handle_drain)
+    app.router.add_post("/upstreams/{name}/endpoints/{id:.+}/enable", handle_enable)
     return app
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
+from proxy.config import AdminConfig
 from proxy.upstream.manager import UpstreamRuntime
 
 if TYPE_CHECKING:
@@ -42,6 +43,13 @@ def workers_of(state: AppState) -> WorkerReadings | None:
     """The state's `workers`, or None for a process that runs alone."""
     workers: WorkerReadings | None = getattr(state, "workers", None)
     return workers
+
+
+def admin_config(state: AppState) -> AdminConfig:
+    """The running config's `[admin]` (read per request: a reload may change the token);
+    the defaults for a state that carries no config."""
+    admin = getattr(getattr(state, "config", None), "admin", None)
+    return admin if isinstance(admin, AdminConfig) else AdminConfig()
 
 
 def upstreams_of(state: AppState) -> list[UpstreamRuntime]:

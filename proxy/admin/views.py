@@ -19,12 +19,17 @@ from typing import Any
 from proxy.admin.merge import Reading, merge_views
 from proxy.admin.state import AppState, listener_counts, upstreams_of, workers_of
 from proxy.upstream.host import Host
-from proxy.upstream.manager import UpstreamRuntime
+from proxy.upstream.manager import Listed, UpstreamRuntime
 
 
 def endpoint_view(host: Host) -> dict[str, Any]:
-    ep = host.endpoint
-    return {
+    return listed_view(Listed(host, host.endpoint, str(host.state), host.reason))
+
+
+def listed_view(row: Listed) -> dict[str, Any]:
+    """One instance of the listing: a host, or an instance the catalog says is down."""
+    ep, host = row.endpoint, row.host
+    view: dict[str, Any] = {
         "id": ep.id,
         "address": ep.address,
         "port": ep.port,
@@ -32,13 +37,21 @@ def endpoint_view(host: Host) -> dict[str, Any]:
         "datacenter": ep.datacenter,
         "tags": list(ep.tags),
         "weight": ep.weight,
-        "state": str(host.state),
-        "active": host.active,
-        "requests": host.requests,
-        "failures": host.failures,
+        "state": row.state,
+        "reason": row.reason,
+        "active": host.active if host else 0,
+        "requests": host.requests if host else 0,
+        "failures": host.failures if host else 0,
         # JSON object keys are strings; sorted so the listing is stable between reads.
-        "responses": {str(code): n for code, n in sorted(host.status_counts.items())},
+        "responses": ({str(code): n for code, n in sorted(host.status_counts.items())}
+                      if host else {}),
+        "health": None,
     }
+    health = host.health if host else None
+    if health is not None:  # sdproxy's own checks have probed it
+        view["health"] = {"ejected": health.ejected, "last": health.last,
+                          "checked_at": health.checked_at}
+    return view
 
 
 def upstream_view(rt: UpstreamRuntime, connections: int = 0,
@@ -67,7 +80,8 @@ def upstream_view(rt: UpstreamRuntime, connections: int = 0,
                       sorted(getattr(rt, "responses", {}).items())},
         "bytes_in": int(getattr(rt, "bytes_in", 0)),
         "bytes_out": int(getattr(rt, "bytes_out", 0)),
-        "endpoints": [endpoint_view(h) for h in rt.all_hosts()],
+        "health_checks": health_checks_view(rt),
+        "endpoints": [listed_view(row) for row in rt.listing()],
     }
 
 
@@ -102,6 +116,16 @@ def readings(state: AppState) -> list[Reading]:
     if workers is None:
         return [Reading(worker=None, pid=os.getpid(), live=True, upstreams=own)]
     return workers.gather(own)
+
+
+def health_checks_view(rt: UpstreamRuntime) -> dict[str, Any] | None:
+    """sdproxy's own checks of this upstream as configured; None when off."""
+    cfg = rt.config.health
+    if cfg is None:
+        return None
+    return {"check": "connect" if rt.config.mode == "tcp" else f"GET {cfg.path}",
+            "interval": cfg.interval, "timeout": cfg.timeout, "fall": cfg.fall,
+            "rise": cfg.rise, "expect": list(cfg.expect)}
 
 
 def upstream_views(state: AppState) -> list[dict[str, Any]]:

@@ -40,6 +40,9 @@ Invariants:
 - Every other good answer, unchanged, calls the sink's optional `on_catalog_alive()` (when
   no datacenter is failing), so the sink's staleness counts from the last answer, not
   from the last change.
+- Instances listed but not passing (`DownInstance`s, every datacenter's, in failover
+  order) go to the sink's optional `on_catalog_down(down)` whenever that list changed,
+  before the answer they came with: the pool never sees them, an operator does.
 - Time and randomness are injected (`clock`, `rng`); the only sleeping is in `_pause`.
 """
 
@@ -62,9 +65,10 @@ from proxy.config import ConsulConfig, UpstreamConfig
 from proxy.discovery import CatalogSink
 from proxy.discovery.consul_decode import (
     DecodeError,
+    DownInstance,
     TokenBucket,
     backoff_delay,
-    decode,
+    decode_answer,
     next_index,
     parse_index,
     select_datacenter,
@@ -137,6 +141,7 @@ class DatacenterWatch:
     index: int = 0  # what the next request sends; 0 = no index (answer at once)
     failures: int = 0  # consecutive errors, drives the backoff
     answer: tuple[Endpoint, ...] | None = None  # latest decoded answer; kept across errors
+    down: tuple[DownInstance, ...] = ()  # the not-passing instances of that answer
     answer_index: int | None = None  # its X-Consul-Index
     last_success: float | None = None  # clock() of the last good answer
     errors: int = 0  # errors since start
@@ -181,6 +186,10 @@ class ConsulWatcher:
         # told of unchanged answers, so that `last_update` and `stale_seconds` measure
         # from the last answer, not from the last change.
         self._on_alive: Callable[[], None] | None = getattr(sink, "on_catalog_alive", None)
+        # Optional as well: told of the instances listed but not passing.
+        self._on_down: Callable[[tuple[DownInstance, ...]], None] | None = getattr(
+            sink, "on_catalog_down", None)
+        self._emitted_down: tuple[DownInstance, ...] = ()
         # Read by the admin API and tests.
         self.selected: str | None = None  # datacenter of the last emitted answer
         self.last_index = 0  # X-Consul-Index of the last good answer (any datacenter)
@@ -243,10 +252,10 @@ class ConsulWatcher:
         watch = self.watches[self.datacenter if datacenter is None else datacenter]
         try:
             body, index_header = await self._fetch(session, watch)
-            endpoints = decode(body, tags=self.upstream.tags,
-                               include_warning=self.upstream.include_warning,
-                               datacenter=watch.name)
-            return self._on_answer(watch, endpoints, index_header)
+            endpoints, down = decode_answer(body, tags=self.upstream.tags,
+                                            include_warning=self.upstream.include_warning,
+                                            datacenter=watch.name)
+            return self._on_answer(watch, endpoints, index_header, down)
         except asyncio.CancelledError:
             raise
         # Never crash (DESIGN habit 10): whatever failed, report it, back off, try again.
@@ -315,12 +324,13 @@ class ConsulWatcher:
 
     # -- outcomes ---------------------------------------------------------------------
     def _on_answer(self, watch: DatacenterWatch, endpoints: tuple[Endpoint, ...],
-                   index_header: str | None) -> float:
+                   index_header: str | None, down: tuple[DownInstance, ...] = ()) -> float:
         recovered = watch.failures > 0
         watch.index = next_index(watch.index, index_header)
         index = parse_index(index_header)
-        changed = watch.answer is None or endpoints != watch.answer
+        changed = watch.answer is None or endpoints != watch.answer or down != watch.down
         watch.answer = endpoints
+        watch.down = down
         watch.answer_index = index if index is not None else watch.index
         now = self._clock()
         watch.last_success = self.last_success = now
@@ -342,6 +352,7 @@ class ConsulWatcher:
         """Recompute the combined answer; emit it when it changed (or on `recovered`).
 
         Returns whether the sink was called."""
+        self._publish_down()
         answers = {w.name: w.answer for w in self.watches.values() if w.answer is not None}
         unreachable = [w.name for w in self.watches.values() if w.unreachable]
         selection = select_datacenter(self.datacenters, answers, unreachable)
@@ -364,6 +375,12 @@ class ConsulWatcher:
                        len(endpoints), str(changed).lower(), str(recovered).lower(),
                        self._dc_fields(cause, selected, previous))
         return True
+
+    def _publish_down(self) -> None:
+        down = tuple(d for w in self.watches.values() for d in w.down)
+        if down != self._emitted_down and self._on_down is not None:
+            self._on_down(down)
+            self._emitted_down = down
 
     def _dc_fields(self, cause: DatacenterWatch, selected: str,
                    previous: str | None) -> str:

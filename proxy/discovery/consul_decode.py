@@ -20,6 +20,13 @@ Rules of `decode` (SPEC "Routing rules"):
   so when one answer holds the same ID on several nodes, each of those becomes
   `<ID>@<Node>`; otherwise two instances would share one breaker and one pool.
 - Output sorted by id: equal catalogs give equal tuples, whatever Consul's order.
+- Instances that are not usable only because of their checks (critical, maintenance, or
+  warning without `include_warning`) and that pass the tag filter come back apart from
+  the usable ones, by `decode_answer`, as `DownInstance(endpoint, reason)` so an operator
+  sees them (SPEC "Instance state and reason"): `Endpoint.status` is the aggregated
+  status and `reason` the worst check's `Output` (else its `Notes`, as maintenance mode
+  has, else its name and status), stripped and cut to REASON_CHARS characters. They never
+  reach the pool.
 - A structurally broken answer raises `DecodeError` instead of guessing: the caller keeps
   the last good pool rather than route on half an answer.
 
@@ -41,17 +48,25 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.model import Endpoint
 
 # Check statuses from best to worst; a status not listed here counts as critical.
 STATUS_RANK: dict[str, int] = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 2}
 CRITICAL_RANK = 2
+REASON_CHARS = 200  # of a check's output shown as a down instance's reason
 
 
 class DecodeError(ValueError):
     """The answer does not have the shape of a Consul health answer."""
+
+
+class DownInstance(NamedTuple):
+    """An instance the catalog lists but whose checks keep it out of the pool."""
+
+    endpoint: Endpoint
+    reason: str  # the worst check's output
 
 
 def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -69,6 +84,20 @@ def aggregate_status(checks: Sequence[Mapping[str, Any]]) -> str:
     for check in checks:
         worst = max(worst, STATUS_RANK.get(str(check.get("Status")), CRITICAL_RANK))
     return ("passing", "warning", "critical")[worst]
+
+
+def check_reason(checks: Sequence[Mapping[str, Any]]) -> str:
+    """Why the worst of `checks` is not passing, for an operator (REASON_CHARS at most)."""
+    worst = max(checks, key=lambda c: STATUS_RANK.get(str(c.get("Status")), CRITICAL_RANK),
+                default=None)
+    if worst is None:
+        return ""
+    for key in ("Output", "Notes"):
+        text = worst.get(key)
+        if isinstance(text, str) and text.strip():
+            return text.strip()[:REASON_CHARS]
+    name = worst.get("Name") or worst.get("CheckID") or "a check"
+    return f"{name}: {worst.get('Status')}"[:REASON_CHARS]
 
 
 def _weight(service: Mapping[str, Any], status: str, where: str) -> int:
@@ -89,9 +118,54 @@ def _has_tags(service_tags: Sequence[str], wanted: Sequence[str]) -> bool:
     return all(t.lower() in have for t in wanted)
 
 
+def _endpoint(where: str, eid: str, node: Mapping[str, Any], service: Mapping[str, Any],
+              status: str, tags: tuple[str, ...], datacenter: str,
+              routable: bool) -> Endpoint | None:
+    """The instance as an Endpoint; None when it lacks a wanted tag or (`routable`) when
+    weight 0 or port 0 say it is not one to route to, whatever its checks say."""
+    service_tags = service.get("Tags") or []
+    if not isinstance(service_tags, list) or not all(isinstance(t, str) for t in service_tags):
+        raise DecodeError(f"{where}.Service.Tags: expected array of strings")
+    if not _has_tags(service_tags, tags):
+        return None
+    weight = _weight(service, status, where)
+    port: int = _field(service, "Port", int, f"{where}.Service")
+    if routable and (weight <= 0 or port <= 0):
+        return None
+    address = service.get("Address") or ""
+    if not isinstance(address, str):
+        raise DecodeError(f"{where}.Service.Address: expected string")
+    if not address:
+        address = _field(node, "Address", str, f"{where}.Node")
+    if not address:
+        raise DecodeError(f"{where}: neither Service.Address nor Node.Address is set")
+    meta = service.get("Meta") or {}
+    if not isinstance(meta, Mapping):
+        raise DecodeError(f"{where}.Service.Meta: expected object")
+    node_dc = node.get("Datacenter")
+    return Endpoint(
+        id=eid,
+        address=address,
+        port=port,
+        node=str(node.get("Node")),
+        datacenter=node_dc if isinstance(node_dc, str) and node_dc else datacenter,
+        tags=tuple(service_tags),
+        weight=weight,
+        status=status,
+        meta=tuple(sorted((str(k), str(v)) for k, v in meta.items())),
+    )
+
+
 def decode(entries: Any, *, tags: tuple[str, ...], include_warning: bool,
            datacenter: str) -> tuple[Endpoint, ...]:
     """Usable endpoints of a `/v1/health/service/<name>` answer, sorted by id."""
+    return decode_answer(entries, tags=tags, include_warning=include_warning,
+                         datacenter=datacenter)[0]
+
+
+def decode_answer(entries: Any, *, tags: tuple[str, ...], include_warning: bool,
+                  datacenter: str) -> tuple[tuple[Endpoint, ...], tuple[DownInstance, ...]]:
+    """(usable endpoints, instances down by their checks) of a health answer, by id."""
     if not isinstance(entries, list):
         raise DecodeError(f"answer: expected a JSON array, got {type(entries).__name__}")
     parsed: list[tuple[str, str, Mapping[str, Any], Mapping[str, Any], list[Any]]] = []
@@ -113,45 +187,26 @@ def decode(entries: Any, *, tags: tuple[str, ...], include_warning: bool,
     id_count = Counter(sid for sid, *_ in parsed)
     allowed = ("passing", "warning") if include_warning else ("passing",)
     out: list[Endpoint] = []
+    down: list[DownInstance] = []
     for i, (sid, node_name, node, service, checks) in enumerate(parsed):
-        where = f"[{i}]"
         status = aggregate_status(checks)
-        if status not in allowed:
+        eid = sid if id_count[sid] == 1 else f"{sid}@{node_name}"
+        if status in allowed:
+            endpoint = _endpoint(f"[{i}]", eid, node, service, status, tags, datacenter,
+                                 routable=True)
+            if endpoint is not None:
+                out.append(endpoint)
             continue
-        service_tags = service.get("Tags") or []
-        if not isinstance(service_tags, list) or not all(isinstance(t, str)
-                                                         for t in service_tags):
-            raise DecodeError(f"{where}.Service.Tags: expected array of strings")
-        if not _has_tags(service_tags, tags):
-            continue
-        weight = _weight(service, status, where)
-        port: int = _field(service, "Port", int, f"{where}.Service")
-        if weight <= 0 or port <= 0:
-            continue
-        address = service.get("Address") or ""
-        if not isinstance(address, str):
-            raise DecodeError(f"{where}.Service.Address: expected string")
-        if not address:
-            address = _field(node, "Address", str, f"{where}.Node")
-        if not address:
-            raise DecodeError(f"{where}: neither Service.Address nor Node.Address is set")
-        meta = service.get("Meta") or {}
-        if not isinstance(meta, Mapping):
-            raise DecodeError(f"{where}.Service.Meta: expected object")
-        node_dc = node.get("Datacenter")
-        out.append(Endpoint(
-            id=sid if id_count[sid] == 1 else f"{sid}@{node_name}",
-            address=address,
-            port=port,
-            node=node_name,
-            datacenter=node_dc if isinstance(node_dc, str) and node_dc else datacenter,
-            tags=tuple(service_tags),
-            weight=weight,
-            status=status,
-            meta=tuple(sorted((str(k), str(v)) for k, v in meta.items())),
-        ))
+        try:
+            endpoint = _endpoint(f"[{i}]", eid, node, service, status, tags, datacenter,
+                                 routable=False)
+        except DecodeError:
+            continue  # only listed, never routed: a broken one must not cost the answer
+        if endpoint is not None:
+            down.append(DownInstance(endpoint, check_reason(checks)))
     out.sort(key=lambda e: e.id)
-    return tuple(out)
+    down.sort(key=lambda d: d.endpoint.id)
+    return tuple(out), tuple(down)
 
 
 # -- datacenter failover ------------------------------------------------------------------

@@ -12,7 +12,10 @@ from __future__ import annotations
 from typing import Final, Protocol
 
 from proxy.model import Endpoint
-from proxy.upstream.breaker import CLOSED, STATE_NAMES, HostBreaker
+from proxy.upstream.breaker import CLOSED, HALF_OPEN, OPEN, STATE_NAMES, HostBreaker
+from proxy.upstream.health_state import HealthState
+
+NO_RESPONSE: Final = "no response (connect failure, reset or timeout)"
 
 # Weight of the newest sample in the latency EWMA: about the last 10 attempts count.
 EWMA_ALPHA: Final = 0.2
@@ -20,8 +23,15 @@ EWMA_ALPHA: Final = 0.2
 # measurement starts it afresh.
 EWMA_FORGET_AFTER: Final = 10.0
 
+# Instance states as /upstreams shows them, besides the breaker's (STATE_NAMES).
 HEALTHY: Final = "healthy"
-DRAINING: Final = "draining"
+DRAINING: Final = "draining"  # left the catalog, or drained by an operator: no new work
+EJECTED: Final = "ejected"  # sdproxy's own health checks failed `fall` times
+DOWN: Final = "down"  # listed by the catalog as not passing (never a Host: manager.listing)
+
+# The `reason` of a draining host.
+LEFT_CATALOG: Final = "removed from the catalog"
+OPERATOR: Final = "operator"
 
 
 class IdleConnection(Protocol):
@@ -89,7 +99,11 @@ class Host:
         "ewma",
         "ewma_at",
         "failures",
+        "health",
         "id",
+        "last_failure",
+        "open_reason",
+        "operator_drained",
         "pool",
         "requests",
         "status_counts",
@@ -104,7 +118,11 @@ class Host:
         self.failures = 0  # attempts that failed (connect, reset, timeout, listed 5xx)
         self.consecutive_failures = 0
         self.status_counts: dict[int, int] = {}
-        self.draining = False
+        self.draining = False  # left the catalog; in-flight work finishing
+        self.operator_drained = False  # taken out of rotation by an operator (admin API)
+        self.health: HealthState | None = None  # set once sdproxy's own probes ran
+        self.last_failure = ""  # what the latest failed attempt was (for `reason`)
+        self.open_reason = ""  # why the breaker last opened, with when (for `reason`)
         self.sw_current = 0  # smooth weighted round robin's running weight
         self.ewma = 0.0  # latency of recent attempts, seconds (p2c); 0 until measured
         self.ewma_at = 0.0  # monotonic time of the last measurement
@@ -116,8 +134,41 @@ class Host:
         return self.endpoint.weight
 
     @property
+    def ejected(self) -> bool:
+        health = self.health
+        return health is not None and health.ejected
+
+    @property
+    def in_rotation(self) -> bool:
+        """May get new work when its breaker allows: in the catalog, not drained by an
+        operator, not ejected by the health checks."""
+        return not (self.draining or self.operator_drained or self.ejected)
+
+    @property
     def state(self) -> str:
-        return DRAINING if self.draining else STATE_NAMES[self.breaker.state]
+        """The one state /upstreams shows; the first that applies: draining (catalog, then
+        operator), ejected, the breaker's (open, half_open), healthy."""
+        if self.draining or self.operator_drained:
+            return DRAINING
+        if self.ejected:
+            return EJECTED
+        return STATE_NAMES[self.breaker.state]
+
+    @property
+    def reason(self) -> str:
+        """Why `state` is what it is; "" when healthy."""
+        if self.draining:
+            return LEFT_CATALOG
+        if self.operator_drained:
+            return OPERATOR
+        if self.health is not None and self.health.ejected:
+            return self.health.reason
+        state = self.breaker.state
+        if state == OPEN:
+            return self.open_reason
+        if state == HALF_OPEN:
+            return f"trial requests one at a time; {self.open_reason}"
+        return ""
 
     def on_success(self, status: int) -> None:
         # A closed breaker with no failure since the last success has nothing to reset
@@ -140,10 +191,13 @@ class Host:
         self.ewma = seconds if ewma == 0.0 else ewma + EWMA_ALPHA * (seconds - ewma)
         self.ewma_at = now
 
-    def on_failure(self, status: int = 0) -> None:
-        """`status` 0 means no response (connect failure, reset, timeout)."""
+    def on_failure(self, status: int = 0, what: str = "") -> None:
+        """`status` 0 means no response (connect failure, reset, timeout); `what` names
+        the failure when the caller knows it (an outcome such as "connect-failure")."""
         self.failures += 1
         self.consecutive_failures += 1
+        # Set before the breaker hears of it: opening reads it for `reason`.
+        self.last_failure = f"HTTP {status}" if status else (what or NO_RESPONSE)
         self.breaker.record_failure()
         if status:
             counts = self.status_counts

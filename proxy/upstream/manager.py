@@ -6,23 +6,38 @@ a new snapshot is built off to the side and swapped in one assignment; an unchan
 answer changes nothing. Removed hosts are marked draining: they get no new work, their
 idle connections close at once, and they leave the listing when their last request ends.
 
+Who may get new work (`available`): hosts in the catalog, not drained by an operator
+(`set_operator_drain`), not ejected by sdproxy's own health checks (`on_probe_result`,
+rules in health_state.py), whose breaker is not open. The panic rule (Envoy's panic
+mode with a threshold of 0): when no host is both in rotation and closed (every one
+ejected or open), requests go to any host an operator has not drained, as trials,
+rather than the upstream switching itself off; a health-check path that fails
+everywhere, or an outage of every instance at once, then degrades to "try them all".
+An operator's drain is never overridden: draining every instance means 503.
+
+The listing (`listing()`, what /upstreams shows) adds to the hosts the instances the
+catalog reports as not passing (`on_catalog_down`), state "down" with the check's output.
+
 Knows nothing of sockets or the event loop; `clock` is injected for tests.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from proxy.config import UpstreamConfig
 from proxy.l7.exchange import CONNECT_FAILURE
 from proxy.model import CatalogAnswer, Endpoint
 from proxy.upstream.balancers import Balancer, make_balancer
 from proxy.upstream.breaker import CLOSED, HALF_OPEN, OPEN, HostBreaker
-from proxy.upstream.host import Host
+from proxy.upstream.health_state import EJECTED, HealthState, ProbeResult
+from proxy.upstream.host import DOWN, Host
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0)
@@ -39,6 +54,20 @@ class Snapshot:
 
 
 EMPTY = Snapshot(())
+
+
+class Listed(NamedTuple):
+    """One row of the listing: a host, or (host None) an instance the catalog lists as
+    not passing."""
+
+    host: Host | None
+    endpoint: Endpoint
+    state: str
+    reason: str
+
+
+def utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 class LatencyHistogram:
@@ -96,6 +125,17 @@ class UpstreamRuntime:
         self.responses: dict[int, int] = {}
         self.bytes_in = 0
         self.bytes_out = 0
+        # No host is both in rotation and closed: every host not drained by an operator
+        # may be picked, as a trial (`panic_hosts`).
+        self.panic = False
+        self.panic_hosts: tuple[Host, ...] = ()
+        # Instances the catalog lists as not passing, with why: (endpoint, check output).
+        self.down: tuple[tuple[Endpoint, str], ...] = ()
+        # Ids an operator drained; kept by id so that an instance that leaves the catalog
+        # and comes back is still drained until enabled.
+        self.operator_drained: set[str] = set()
+        # Told when the catalog's set of hosts changed (the health checker wakes up).
+        self.on_pool_change: Callable[[], None] | None = None
 
     # -- catalog side -------------------------------------------------------------------
     def on_catalog_answer(self, answer: CatalogAnswer) -> None:
@@ -152,6 +192,8 @@ class UpstreamRuntime:
         self.hosts = new
         self.current = Snapshot(tuple(new.values()), index)  # the swap: one assignment
         self._refresh_available()
+        if self.on_pool_change is not None:
+            self.on_pool_change()
         if added or removed or changed:
             log.info("event=pool_change upstream=%s added=%s removed=%s changed=%s size=%d",
                      self.name, ",".join(added) or "-", ",".join(removed) or "-",
@@ -173,23 +215,39 @@ class UpstreamRuntime:
     def _new_host(self, ep: Endpoint) -> Host:
         cfg = self.config.breaker
         breaker = HostBreaker(f"{self.name}/{ep.id}", cfg.failures, cfg.reset_timeout,
-                              clock=self.monotonic, on_change=self._on_breaker_change)
-        return Host(ep, breaker)
+                              clock=self.monotonic)
+        host = Host(ep, breaker)
+        breaker.on_change = functools.partial(self._on_breaker_change, host)
+        host.operator_drained = ep.id in self.operator_drained
+        return host
 
     # -- breakers -----------------------------------------------------------------------
-    def _on_breaker_change(self, breaker: HostBreaker, old: str, new: str) -> None:
+    def _on_breaker_change(self, host: Host, breaker: HostBreaker, old: str,
+                           new: str) -> None:
         """pybreaker's listener: a host's breaker moved; recompute who may be picked."""
         self.breaker_transitions[new] = self.breaker_transitions.get(new, 0) + 1
+        if new == OPEN:
+            cause = (f"the trial request failed: {host.last_failure}" if old == HALF_OPEN
+                     else f"{self.config.breaker.failures} consecutive failures, the last: "
+                          f"{host.last_failure}")
+            host.open_reason = f"breaker opened at {utc(self.clock())} after {cause}"
         log.info("event=breaker_change upstream=%s instance=%s from=%s to=%s failures=%d",
-                 self.name, breaker.name.partition("/")[2], old, new, breaker.failures)
+                 self.name, host.id, old, new, breaker.failures)
         self._refresh_available()
 
     def _refresh_available(self) -> None:
         hosts = self.current.hosts
-        self.available = tuple(h for h in hosts if h.breaker.state != OPEN)
+        in_rotation = [h for h in hosts if h.in_rotation]
+        self.available = tuple(h for h in in_rotation if h.breaker.state != OPEN)
         self.half_open = sum(1 for h in self.available if h.breaker.state == HALF_OPEN)
         self.next_trial_at = min((h.breaker.opened_at + h.breaker.reset_timeout
                                   for h in hosts if h.breaker.state == OPEN), default=float("inf"))
+        panic_hosts = tuple(h for h in hosts if not h.operator_drained)
+        panic = bool(panic_hosts) and not any(h.breaker.state == CLOSED for h in in_rotation)
+        if panic != self.panic and (panic or self.panic_hosts):
+            log.warning("event=panic_mode upstream=%s on=%s hosts=%d", self.name,
+                        str(panic).lower(), len(panic_hosts))
+        self.panic, self.panic_hosts = panic, panic_hosts
 
     def _start_due_trials(self, now: float) -> None:
         for host in self.current.hosts:
@@ -198,9 +256,10 @@ class UpstreamRuntime:
 
     # -- request side -------------------------------------------------------------------
     def pick(self, tried: Collection[Host], key: bytes | None = None) -> Host | None:
-        """A host for the next attempt: a closed breaker, a free half-open trial, or (when
-        every breaker is open) any host as a trial: the panic rule, so that an upstream whose
-        instances all failed recently is probed rather than switched off."""
+        """A host for the next attempt: in rotation with a closed breaker or a free half-open
+        trial, or (when no host in rotation is closed) any host not drained by an operator,
+        as a trial: the panic rule, so that an upstream whose instances all failed recently
+        is probed rather than switched off."""
         if self.next_trial_at <= self.monotonic():
             self._start_due_trials(self.monotonic())
         candidates = self.available
@@ -217,14 +276,12 @@ class UpstreamRuntime:
         """Would `pick(tried)` find a host? (without moving any balancer or breaker state)"""
         if any(h not in tried and h.breaker.allows() for h in self.available):
             return True
-        hosts = self.current.hosts
-        panic = not any(h.breaker.state == CLOSED for h in hosts)
-        return panic and any(h not in tried for h in hosts)
+        return self.panic and any(h not in tried for h in self.panic_hosts)
 
     def _panic_pick(self, tried: Collection[Host], key: bytes | None) -> Host | None:
-        if not self.current.hosts or any(h.breaker.state == CLOSED for h in self.current.hosts):
+        if not self.panic:
             return None
-        host = self.balancer.pick(self.current.hosts, tried, key)
+        host = self.balancer.pick(self.panic_hosts, tried, key)
         if host is not None:
             self.panic_picks += 1
             if host.breaker.state == OPEN:
@@ -261,6 +318,77 @@ class UpstreamRuntime:
         """A response with `status` went to a client."""
         responses = self.responses
         responses[status] = responses.get(status, 0) + 1
+
+    # -- what an operator sees and does ---------------------------------------------------
+    def on_catalog_down(self, down: Iterable[tuple[Endpoint, str]]) -> None:
+        """The catalog's instances that are not passing, each with its check's output.
+        Listed only: they never become hosts, so nothing can route to them."""
+        self.down = tuple(down)
+
+    def listing(self) -> list[Listed]:
+        """Every instance to show, hosts first: a removed host still finishing its work
+        whose id the catalog now lists as down shows once, as down."""
+        rows = [Listed(h, h.endpoint, h.state, h.reason) for h in self.all_hosts()]
+        if self.down:
+            leaving = {row.endpoint.id: i for i, row in enumerate(rows)
+                       if row.host is not None and row.host.draining}
+            for ep, why in self.down:
+                i = leaving.get(ep.id)
+                if i is None:
+                    rows.append(Listed(None, ep, DOWN, why))
+                else:
+                    rows[i] = rows[i]._replace(state=DOWN, reason=why)
+        return rows
+
+    def knows(self, endpoint_id: str) -> bool:
+        return (any(h.id == endpoint_id for h in self.all_hosts())
+                or any(ep.id == endpoint_id for ep, _ in self.down))
+
+    def set_operator_drain(self, endpoint_id: str, drained: bool) -> bool:
+        """Take an instance out of rotation (`drained`) or put it back; in-flight work
+        finishes either way. False when no instance has that id."""
+        if not self.knows(endpoint_id):
+            return False
+        if drained:
+            self.operator_drained.add(endpoint_id)
+        else:
+            self.operator_drained.discard(endpoint_id)
+        for host in self.all_hosts():
+            if host.id == endpoint_id:
+                host.operator_drained = drained
+                if drained:
+                    host.pool.close_all()  # idle connections would only age
+        self._refresh_available()
+        log.info("event=operator_%s upstream=%s instance=%s", "drain" if drained else "enable",
+                 self.name, endpoint_id)
+        return True
+
+    # -- active health checks (sdproxy's own probes; proxy.upstream.health) --------------
+    def on_probe_result(self, host: Host, result: ProbeResult) -> None:
+        cfg = self.config.health
+        if cfg is None:
+            return  # checks were turned off while this probe ran
+        health = host.health
+        if health is None:
+            health = host.health = HealthState()
+        health.counts[result.kind] = health.counts.get(result.kind, 0) + 1
+        change = health.record(result, fall=cfg.fall, rise=cfg.rise, now=self.clock())
+        if change is None:
+            return
+        if change == EJECTED:
+            host.pool.close_all()
+            log.warning('event=health_ejected upstream=%s instance=%s reason="%s" fall=%d',
+                        self.name, host.id, health.reason, cfg.fall)
+        else:
+            log.info('event=health_restored upstream=%s instance=%s last="%s" rise=%d',
+                     self.name, host.id, health.last, cfg.rise)
+        self._refresh_available()
+
+    def clear_health(self) -> None:
+        """Health checks were turned off: nothing stays ejected on their word."""
+        for host in self.all_hosts():
+            host.health = None
+        self._refresh_available()
 
     def count_failover(self, reason: str) -> None:
         self.failovers[reason] = self.failovers.get(reason, 0) + 1

@@ -207,7 +207,8 @@ def test_endpoints_by_state_counts_routable_and_draining_hosts() -> None:
     rt.on_catalog_answer(CatalogAnswer((ep("a", 1), ep("b", 2)), index=8))
     fams = scrape(State({"web": rt}))
     got = {s.labels["state"]: s.value for s in samples(fams, "sdproxy_endpoints")}
-    assert got == {"healthy": 2, "open": 0, "half_open": 0, "ejected": 0, "draining": 1}
+    assert got == {"healthy": 2, "open": 0, "half_open": 0, "ejected": 0, "draining": 1,
+                   "down": 0}
 
 
 # --- upstream-level counters --------------------------------------------------------------
