@@ -94,8 +94,10 @@ def test_spec_example_loads_with_spec_values() -> None:
         retry_on=("connect-failure", "reset", "timeout", "502", "503", "504"),
         drain_timeout=30.0,
         breaker=BreakerConfig(failures=5, reset_timeout=10.0),
-        health=HealthConfig(path="/health", interval=2.0),
+        health=HealthConfig(path="/health", interval=2.0, timeout=1.0, fall=3, rise=2,
+                            expect=("2xx",)),
     )
+    assert cfg.admin.token == ""
 
 
 def test_static_example_loads() -> None:
@@ -308,6 +310,47 @@ def test_health_only_when_a_table_says_so(
     tmp_path: Path, text: str, expected: HealthConfig | None
 ) -> None:
     assert only_upstream(tmp_path, text).health == expected
+
+
+def test_health_keys_of_the_spec(tmp_path: Path) -> None:
+    text = UPSTREAM + ('[upstreams.health]\npath = "/ready"\ninterval = "500ms"\n'
+                       'timeout = "250ms"\nfall = 4\nrise = 1\n'
+                       'expect = ["2xx", "3XX", 404, "429", "2xx"]\n')
+    assert only_upstream(tmp_path, text).health == HealthConfig(
+        "/ready", 0.5, timeout=0.25, fall=4, rise=1, expect=("2xx", "3xx", "404", "429"))
+
+
+@pytest.mark.parametrize(("value", "expected"), [('"5xx"', ("5xx",)), ("204", ("204",)),
+                                                 ('["200"]', ("200",))])
+def test_health_expect_takes_one_value_or_an_array(tmp_path: Path, value: str,
+                                                   expected: tuple[str, ...]) -> None:
+    text = UPSTREAM + f"[upstreams.health]\nexpect = {value}\n"
+    assert only_upstream(tmp_path, text).health == HealthConfig(expect=expected)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("expect = []", "upstreams[0].health.expect: must name at least one"),
+        ('expect = "6xx"', 'upstreams[0].health.expect: expected a status class like "2xx"'),
+        ('expect = ["2xx", 99]', "upstreams[0].health.expect[1]: a status code must be 100..599"),
+        ('expect = ["2xx", "ok"]', "upstreams[0].health.expect[1]: expected a status class"),
+        ("expect = true", "upstreams[0].health.expect: expected a string, got boolean"),
+        ("fall = 0", "upstreams[0].health.fall: must be at least 1, got 0"),
+        ("rise = 0", "upstreams[0].health.rise: must be at least 1, got 0"),
+        ('timeout = "0s"', "upstreams[0].health.timeout: must be greater than 0"),
+    ],
+)
+def test_bad_health_keys_are_named(tmp_path: Path, body: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, UPSTREAM + f"[upstreams.health]\n{body}\n")
+    assert any(problem in line for line in err.value.problems), err.value.problems
+
+
+def test_admin_token_is_read_and_not_shown(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, '[admin]\nlisten = "0.0.0.0:9901"\ntoken = "s3cret"\n')
+    assert cfg.admin.token == "s3cret"
+    assert "s3cret" not in repr(cfg)
 
 
 def test_defaults_health_applies_to_every_upstream(tmp_path: Path) -> None:

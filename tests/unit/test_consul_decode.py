@@ -18,6 +18,7 @@ from proxy.discovery.consul_decode import (
     aggregate_status,
     backoff_delay,
     decode,
+    decode_answer,
     next_index,
     parse_index,
     select_datacenter,
@@ -293,3 +294,49 @@ def test_token_bucket_allows_a_burst_then_paces() -> None:
     t += 60.0  # a full blocking wait later the burst is back, but no more than it
     assert [bucket.take(t) for _ in range(3)] == [0.0, 0.0, 0.0]
     assert bucket.take(t) > 0
+
+
+# -- instances listed but not passing (SPEC "Instance state and reason") ------------------
+def down(name: str, tags: tuple[str, ...] = (), include_warning: bool = False
+         ) -> list[tuple[str, str, str]]:
+    _, listed = decode_answer(answer(name), tags=tags, include_warning=include_warning,
+                              datacenter="dc9")
+    return [(d.endpoint.id, d.endpoint.status, d.reason) for d in listed]
+
+
+@pytest.mark.parametrize("fixture, include_warning, expected", [
+    ("passing", False, []),
+    ("critical", False, [("critical-1", "critical", "critical-1-ttl: critical")]),
+    # Maintenance mode: its reason is in Notes.
+    ("maintenance", False, [("maintenance-1", "critical", "recording")]),
+    ("twochecks", True, [("twochecks-1", "critical", "twochecks-1-b: critical")]),
+    ("warning", False, [("warning-1", "warning", "warning-1-ttl: warning")]),
+    ("warning", True, []),
+])
+def test_not_passing_instances_come_apart_with_their_reason(
+        fixture: str, include_warning: bool, expected: list[tuple[str, str, str]]) -> None:
+    assert down(fixture, include_warning=include_warning) == expected
+
+
+def test_down_reason_is_the_worst_checks_output_cut_to_200() -> None:
+    entries = answer("critical")
+    entries[0]["Checks"][1]["Output"] = "  HTTP GET http://x/health: 500 " + "x" * 300 + "\n"
+    [(_, _, reason)] = down_of(entries)
+    assert reason.startswith("HTTP GET http://x/health: 500 x") and len(reason) == 200
+
+
+def test_down_instances_follow_the_tag_filter() -> None:
+    assert [i for i, *_ in down("mixed", include_warning=True)] == ["mixed-crit"]
+    assert down("mixed", tags=("canary",), include_warning=True) == []
+
+
+def test_a_broken_down_instance_is_left_out_not_the_answer() -> None:
+    entries = answer("passing") + answer("critical")
+    entries[1]["Service"]["Port"] = "9001"  # not a number: it can only be dropped
+    usable, listed = decode_answer(entries, tags=(), include_warning=False, datacenter="dc9")
+    assert [e.id for e in usable] == ["passing-1"] and listed == ()
+
+
+def down_of(entries: Any) -> list[tuple[str, str, str]]:
+    _, listed = decode_answer(entries, tags=(), include_warning=False, datacenter="dc9")
+    return [(d.endpoint.id, d.endpoint.status, d.reason) for d in listed]
