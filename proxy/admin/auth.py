@@ -5,6 +5,7 @@ Rules (SPEC "Admin (additions)"):
   the listen address (compared in constant time).
 - Without a token, writes are allowed only when `admin.listen` is a loopback address
   (127.0.0.0/8, ::1, "localhost"): anyone who can reach it is on this host already.
+  Any other host name counts as not loopback: where it points may change.
   A non-loopback admin without a token stays read-only: 403 says to set the token.
 - A write a browser sends on behalf of another site is refused (403) whatever the
   token: `Sec-Fetch-Site: cross-site`, or an `Origin` that is not the admin's own. A
@@ -32,9 +33,11 @@ def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return False  # another name: it may resolve to anything
+        return False  # another name: it may point anywhere tomorrow
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _cross_site(headers: Mapping[str, str], own_host: str) -> bool:

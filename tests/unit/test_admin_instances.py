@@ -192,6 +192,7 @@ async def test_a_same_origin_request_from_the_dashboard_is_allowed() -> None:
 
 @pytest.mark.parametrize(("host", "loopback"), [
     ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("localhost", True),
+    ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.1", False),
     ("0.0.0.0", False), ("::", False), ("10.0.0.1", False), ("admin.internal", False),
 ])
 def test_is_loopback(host: str, loopback: bool) -> None:
