@@ -41,8 +41,9 @@ from proxy.upstream.manager import Snapshot, UpstreamRuntime
 
 log = logging.getLogger("sdproxy.health")
 
-# Without checks the task only looks whether a reload turned them on, this often.
-CONFIG_RECHECK: Final = 1.0
+# How often, at least, the task looks at the config (a reload may turn checks on or off)
+# and at the pool (a new instance gets its first probe within RECHECK + one interval).
+RECHECK: Final = 1.0
 STATUS_LINE_LIMIT: Final = 8192  # bytes; a longer first line is not an HTTP answer we read
 USER_AGENT: Final = "sdproxy-health"
 
@@ -112,13 +113,10 @@ class HealthChecker:
         self._probes: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
-        self.runtime.on_pool_change = self._wake.set  # new instances: schedule them now
         self._task = asyncio.get_running_loop().create_task(
             self.run(), name=f"health-{self.runtime.name}")
 
     def stop(self) -> None:
-        if self.runtime.on_pool_change == self._wake.set:
-            self.runtime.on_pool_change = None
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -142,7 +140,7 @@ class HealthChecker:
             self._configure(cfg)
         schedule = self.schedule
         if cfg is None or schedule is None:
-            return CONFIG_RECHECK
+            return RECHECK
         current = self.runtime.current
         if current is not self._synced:  # the catalog changed the pool
             schedule.sync(current.hosts, now)
@@ -152,7 +150,7 @@ class HealthChecker:
             self._probes.add(task)
             task.add_done_callback(self._probes.discard)
         due = schedule.next_due()
-        return CONFIG_RECHECK if due is None else min(CONFIG_RECHECK, max(0.0, due - now))
+        return RECHECK if due is None else min(RECHECK, max(0.0, due - now))
 
     def _configure(self, cfg: HealthConfig | None) -> None:
         self._cancel_probes()  # judged by the old section; the new one probes afresh

@@ -154,7 +154,7 @@ def test_operator_drain_and_enable(monotonic: FakeClock) -> None:
 def test_drain_of_an_unknown_id_is_refused(monotonic: FakeClock) -> None:
     rt = runtime(monotonic)
     assert not rt.set_operator_drain("zz", True)
-    assert rt.operator_drained == set()
+    assert rt.operator_view.drained_ids == set()
 
 
 def test_an_operator_drain_is_never_overridden_by_the_panic_rule(monotonic: FakeClock) -> None:
