@@ -2,9 +2,10 @@
 
 `Endpoint` (model.py) is what the catalog says; `Host` is what sdproxy learned by using
 the instance: requests in flight, counters, its balancer weight state and its idle
-keep-alive connections. A refresh that keeps the id keeps the Host (Envoy's
-HostDescription vs Host). Counters are plain ints, read by the metrics collector at
-scrape time, so the request path never touches a metrics library.
+keep-alive connections, its health as sdproxy's own probes see it, and an operator's
+drain. A refresh that keeps the id keeps the Host (Envoy's HostDescription vs Host).
+Counters are plain ints, read by the metrics collector at scrape time, so the request
+path never touches a metrics library. `state` and `reason` are what /upstreams shows.
 """
 
 from __future__ import annotations
