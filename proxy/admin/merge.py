@@ -33,7 +33,7 @@ UPSTREAM_COUNTERS = ("catalog_updates", "catalog_errors", "rejected_connections"
 UPSTREAM_COUNTER_MAPS = ("failovers", "responses")
 UPSTREAM_GAUGES = ("connections",)
 ENDPOINT_COUNTERS = ("requests", "failures")
-ENDPOINT_COUNTER_MAPS = ("responses",)
+ENDPOINT_COUNTER_MAPS = ("responses", "health_checks")
 ENDPOINT_GAUGES = ("active",)
 
 # What each worker's entry under `workers` shows, when its reading has it.

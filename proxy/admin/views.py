@@ -45,12 +45,14 @@ def listed_view(row: Listed) -> dict[str, Any]:
         # JSON object keys are strings; sorted so the listing is stable between reads.
         "responses": ({str(code): n for code, n in sorted(host.status_counts.items())}
                       if host else {}),
-        "health": None,
+        "health": None,  # sdproxy's own checks: null until they have probed it
+        "health_checks": {},  # probes by result (pass, fail, timeout, error)
     }
     health = host.health if host else None
-    if health is not None:  # sdproxy's own checks have probed it
+    if health is not None:
         view["health"] = {"ejected": health.ejected, "last": health.last,
                           "checked_at": health.checked_at}
+        view["health_checks"] = dict(sorted(health.counts.items()))
     return view
 
 

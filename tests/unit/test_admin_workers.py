@@ -176,8 +176,8 @@ def test_upstreams_merges_counters_and_sums_gauges(tmp_path: Path) -> None:
     a, b = web["endpoints"]
     assert (a["id"], a["requests"], a["failures"], a["active"]) == ("a", 8, 1, 3)
     assert a["responses"] == {"200": 7, "503": 1}
-    assert a["workers"] == {"0": {"state": "healthy", "active": 1},
-                            "1": {"state": "healthy", "active": 2}}
+    assert a["workers"] == {"0": {"state": "healthy", "reason": "", "active": 1},
+                            "1": {"state": "healthy", "reason": "", "active": 2}}
     assert web["workers"] == {"0": {"answered": True, "stale_seconds": 0, "connections": 2},
                               "1": {"answered": True, "stale_seconds": 0, "connections": 5}}
     assert (b["id"], b["requests"]) == ("b", 2)
