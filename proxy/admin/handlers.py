@@ -9,6 +9,7 @@ not log: the admin is scraped every few seconds and a line per scrape would be n
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import time
@@ -21,8 +22,9 @@ if TYPE_CHECKING:
 
 from proxy.admin import dashboard
 from proxy.admin.auth import refuse_write
+from proxy.admin.operator import CONFIRM_POLL, CONFIRM_TIMEOUT, shared_drains, shows
 from proxy.admin.state import AppState, admin_config
-from proxy.admin.views import listed_view, missing_upstreams, upstream_views
+from proxy.admin.views import listed_view, missing_upstreams, readings, upstream_views
 
 STATE = web.AppKey("state", object)  # the AppState; `object` since it is structural
 # The Prometheus registry, built at the first scrape: prometheus_client costs about 1 MiB
@@ -77,16 +79,16 @@ async def handle_dashboard(request: web.Request) -> web.Response:
 
 async def handle_drain(request: web.Request) -> web.Response:
     """POST /upstreams/{name}/endpoints/{id}/drain: no new work for that instance."""
-    return _operator_drain(request, True)
+    return await _operator_drain(request, True)
 
 
 async def handle_enable(request: web.Request) -> web.Response:
     """POST /upstreams/{name}/endpoints/{id}/enable: back in rotation (an ejection by
     the health checks, or an open breaker, still applies)."""
-    return _operator_drain(request, False)
+    return await _operator_drain(request, False)
 
 
-def _operator_drain(request: web.Request, drained: bool) -> web.Response:
+async def _operator_drain(request: web.Request, drained: bool) -> web.Response:
     state = _state(request)
     refusal = refuse_write(admin_config(state), request.headers, request.host)
     if refusal is not None:
@@ -97,8 +99,32 @@ def _operator_drain(request: web.Request, drained: bool) -> web.Response:
     runtime = state.upstreams.get(name)
     if runtime is None:
         return web.Response(status=404, text=f"no upstream named {name}\n")
-    if not runtime.set_operator_drain(eid, drained):
+    if not runtime.knows(eid):
         return web.Response(status=404, text=f"upstream {name} has no instance {eid}\n")
-    rows = [listed_view(row) for row in runtime.listing() if row.endpoint.id == eid]
-    return web.json_response({"upstream": name, "id": eid, "operator_drained": drained,
-                              "endpoints": rows}, dumps=_dumps)
+    shared = shared_drains(state)
+    if shared is not None:  # under workers: every worker takes it up from there
+        try:
+            shared.set_operator_drain(name, eid, drained)
+        except OSError as e:
+            return web.Response(status=500, text=f"cannot share the change with the other "
+                                                 f"workers: {e}\n")
+    runtime.set_operator_drain(eid, drained)
+    answer: dict[str, Any] = {"upstream": name, "id": eid, "operator_drained": drained}
+    if shared is not None:
+        answer["workers_pending"] = await _not_yet_applied(state, name, eid, drained)
+    answer["endpoints"] = [listed_view(row) for row in runtime.listing()
+                           if row.endpoint.id == eid]
+    return web.json_response(answer, dumps=_dumps)
+
+
+async def _not_yet_applied(state: AppState, name: str, eid: str, drained: bool) -> list[int]:
+    """The live workers whose reading does not show the change yet, once every one does
+    or CONFIRM_TIMEOUT has passed (a sibling publishes every PUBLISH_INTERVAL)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CONFIRM_TIMEOUT
+    while True:
+        pending = sorted(r.worker or 0 for r in readings(state)
+                         if r.live and not shows(r, name, eid, drained))
+        if not pending or loop.time() >= deadline:
+            return pending
+        await asyncio.sleep(CONFIRM_POLL)

@@ -18,10 +18,16 @@ two scrapes, whichever workers answer them; the price is that a sibling's number
 to PUBLISH_INTERVAL old.
 
 Writes are atomic (a temporary file, then rename), so a reader never sees half a file.
+
+The directory also holds the operator's drains (DRAINS_FILE, `{upstream: [ids]}`): an
+admin request reaches one worker, so a drain is written there (read-modify-write under
+an flock, so two workers' drains at once both count) and every worker takes it up
+(proxy.admin.operator).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -36,6 +42,7 @@ log = logging.getLogger("sdproxy.admin")
 PUBLISH_INTERVAL = 1.0  # seconds between a worker's readings when no admin request asks
 
 _NAME = re.compile(r"^(dead\.)?w(\d+)\.(\d+)\.json$")
+DRAINS_FILE = "operator-drains.json"  # not a reading's name
 
 
 def file_name(worker: int, pid: int, *, dead: bool = False) -> str:
@@ -52,6 +59,8 @@ class ReadingFiles:
         self.path = self.directory / file_name(worker, self.pid)
         self._temporary = self.directory / f".{self.path.name}.tmp"  # not a reading's name
         self._failing = False  # a write failed; logged once until one succeeds again
+        self._drains: dict[str, set[str]] = {}
+        self._drains_key: tuple[int, int, int] | None = None
 
     def publish(self, upstreams: list[dict[str, Any]]) -> None:
         """Write this worker's reading; a failure costs freshness, never a request."""
@@ -66,6 +75,36 @@ class ReadingFiles:
             self._failing = True
             return
         self._failing = False
+
+    def operator_drains(self) -> dict[str, set[str]]:
+        """Every worker's drained instance ids by upstream (read again only once the file
+        was replaced)."""
+        path = self.directory / DRAINS_FILE
+        try:
+            st = path.stat()
+        except OSError:
+            return {}  # nothing drained yet
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._drains_key:
+            self._drains = _drains_of(_load(path))
+            self._drains_key = key
+        return self._drains
+
+    def set_operator_drain(self, upstream: str, endpoint_id: str, drained: bool) -> None:
+        """Record a drain (or its end) for every worker; raises OSError if it cannot."""
+        path = self.directory / DRAINS_FILE
+        with open(self.directory / ".operator-drains.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held for one small read and write
+            drains = _drains_of(_load(path))
+            ids = drains.setdefault(upstream, set())
+            if drained:
+                ids.add(endpoint_id)
+            else:
+                ids.discard(endpoint_id)
+            body = {name: sorted(ids) for name, ids in sorted(drains.items()) if ids}
+            temporary = self.directory / f".{DRAINS_FILE}.{self.pid}.tmp"
+            temporary.write_text(json.dumps(body))
+            os.replace(temporary, path)
 
     def gather(self, own: list[dict[str, Any]]) -> list[Reading]:
         """Publish `own`, then return it with every other reading in the directory."""
@@ -104,6 +143,11 @@ def read_all(directory: str | Path) -> list[Reading]:
         found[worker, pid] = Reading(worker, pid, not dead,
                                      upstreams if isinstance(upstreams, list) else [])
     return list(found.values())
+
+
+def _drains_of(data: dict[str, Any] | None) -> dict[str, set[str]]:
+    return {str(name): {str(i) for i in ids} for name, ids in (data or {}).items()
+            if isinstance(ids, list)}
 
 
 def _load(path: Path) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 from proxy.admin.merge import Reading, merge_views
+from proxy.admin.operator import sync_operator_drains
 from proxy.admin.state import AppState, listener_counts, upstreams_of, workers_of
 from proxy.upstream.host import Host
 from proxy.upstream.manager import Listed, UpstreamRuntime
@@ -105,7 +106,10 @@ def upstream_reading(rt: UpstreamRuntime, connections: int = 0,
 
 
 def process_reading(state: AppState) -> list[dict[str, Any]]:
-    """This process's reading of every upstream, in config order."""
+    """This process's reading of every upstream, in config order. Under a supervisor a
+    reading is also this worker's look at what its siblings share: it first takes up the
+    drains an operator made through another worker's admin (proxy.admin.operator)."""
+    sync_operator_drains(state)
     return [upstream_reading(rt, *listener_counts(state, rt.name))
             for rt in upstreams_of(state)]
 

@@ -414,6 +414,24 @@ class UpstreamRuntime:
                  self.name, endpoint_id)
         return True
 
+    def apply_operator_drains(self, drained_ids: Collection[str]) -> None:
+        """Make exactly `drained_ids` the drained ones (drains an operator made through
+        another worker's admin); ids not in the catalog yet are kept for when they come."""
+        wanted = set(drained_ids)
+        view = self.operator_view
+        if wanted == view.drained_ids:
+            return
+        for eid in sorted(wanted ^ view.drained_ids):
+            log.info("event=operator_%s upstream=%s instance=%s via=shared",
+                     "drain" if eid in wanted else "enable", self.name, eid)
+        view.drained_ids = wanted
+        for host in self.all_hosts():
+            drained = host.id in wanted
+            if drained and not host.operator_drained:
+                host.pool.close_all()
+            host.operator_drained = drained
+        self._refresh_available()
+
     # -- active health checks (sdproxy's own probes; proxy.upstream.health) --------------
     def on_probe_result(self, host: Host, result: ProbeResult) -> None:
         cfg = self.config.health

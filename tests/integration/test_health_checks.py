@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support.consul import Registration, health_service
+from support.consul import Registration, health_service, wait_passing
 from support.http import fetch
 from support.procs import Backend, ProxyProcess, raw_instance
 
@@ -462,3 +462,42 @@ async def test_sighup_turns_checks_on_and_a_removed_upstream_is_no_longer_probed
     after = len(await probe_times(a))
     print(f"\nprobes after the upstream was removed: {after - count}")
     assert after - count <= 1  # at most the one in flight when it was removed
+
+
+# -- workers ---------------------------------------------------------------------------------------
+
+async def test_with_two_workers_each_probes_and_a_drain_reaches_both(
+        spawn: Spawn, service_name: ServiceName, register: Register,
+        start_proxy: StartProxy, consul: ConsulAgent) -> None:
+    svc = service_name("hcworkers")
+    a, b = health_instance(spawn, "a"), health_instance(spawn, "b")
+    regs = [register(x, svc) for x in (a, b)]
+    wait_passing(consul, svc, [r.service_id for r in regs])
+    proxy = start_proxy({svc: {"health": {"interval": "200ms"}}}, workers=2)
+    proxy.wait_routable(svc, {f"{svc}-a", f"{svc}-b"})
+    window_start = time.time()
+    await asyncio.sleep(2.0)  # ten intervals of probes
+    probes = await probe_times(a, since=window_start)
+    probes = [t for t in probes if t <= window_start + 2.0]
+    print(f"\ntwo workers: {len(probes)} probes of one instance in 2 s at interval 200 ms")
+    assert 16 <= len(probes) <= 24  # each worker probes on its own: twice the rate
+
+    a_id = f"{svc}-a"
+    status, text = await asyncio.to_thread(
+        admin_post, proxy, f"/upstreams/{svc}/endpoints/{a_id}/drain")
+    assert status == 200, text
+    assert json.loads(text)["workers_pending"] == []
+    served = await requests_served(a)
+    # Fresh connections: SO_REUSEPORT spreads them over both workers.
+    assert await bodies(proxy, svc, 40) == Counter({"200 b": 40})
+    assert await requests_served(a) == served
+    [ep] = [e for e in proxy.endpoints(svc) if e["id"] == a_id]
+    assert ep["state"] == "draining"
+    assert {w["reason"] for w in ep["workers"].values()} == {"operator"}
+    assert len(ep["workers"]) == 2
+
+    status, text = await asyncio.to_thread(
+        admin_post, proxy, f"/upstreams/{svc}/endpoints/{a_id}/enable")
+    assert status == 200 and json.loads(text)["workers_pending"] == []
+    got = await bodies(proxy, svc, 40)
+    assert set(got) == {"200 a", "200 b"} and min(got.values()) >= 10, got
