@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 from proxy.admin import dashboard
 from proxy.admin.auth import refuse_write
+from proxy.admin.rates import RateSampler
 from proxy.admin.operator import CONFIRM_POLL, CONFIRM_TIMEOUT, shared_drains, shows
 from proxy.admin.state import AppState, admin_config
 from proxy.admin.views import listed_view, missing_upstreams, readings, upstream_views
@@ -31,6 +32,8 @@ STATE = web.AppKey("state", object)  # the AppState; `object` since it is struct
 # of RSS that an idle proxy nobody scrapes need not pay. A holder, because the aiohttp
 # application is frozen once it serves.
 REGISTRY = web.AppKey("registry", dict)
+# The dashboard's rate windows (proxy.admin.rates), sampled once a second off the request path.
+SAMPLER = web.AppKey("sampler", RateSampler)
 
 _dumps = functools.partial(json.dumps, indent=2)  # read by people as often as by tools
 
@@ -68,13 +71,24 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _dashboard_views(request: web.Request) -> list[dict[str, Any]]:
+    return dashboard.with_rates(upstream_views(_state(request)),
+                                request.app[SAMPLER].windows.figures())
+
+
 async def handle_dashboard(request: web.Request) -> web.Response:
     state = _state(request)
-    page = dashboard.render(upstream_views(state),
+    page = dashboard.render(_dashboard_views(request),
                             started_at=getattr(state, "started_at", None), now=time.time())
     # no-store: a cached dashboard would show a pool that no longer exists.
     return web.Response(text=page, content_type="text/html",
                         headers={"Cache-Control": "no-store"})
+
+
+async def handle_dashboard_json(request: web.Request) -> web.Response:
+    """What the dashboard's script polls: the views with "rates" per upstream."""
+    return web.json_response({"upstreams": _dashboard_views(request)},
+                             headers={"Cache-Control": "no-store"})
 
 
 async def handle_drain(request: web.Request) -> web.Response:
@@ -114,6 +128,9 @@ async def _operator_drain(request: web.Request, drained: bool) -> web.Response:
         answer["workers_pending"] = await _not_yet_applied(state, name, eid, drained)
     answer["endpoints"] = [listed_view(row) for row in runtime.listing()
                            if row.endpoint.id == eid]
+    if request.content_type == "application/x-www-form-urlencoded":
+        # The dashboard's button without JavaScript: back to the page, which shows the change.
+        raise web.HTTPSeeOther("/")
     return web.json_response(answer, dumps=_dumps)
 
 

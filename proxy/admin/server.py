@@ -13,8 +13,10 @@ from aiohttp import web
 
 from proxy.admin.handlers import (
     REGISTRY,
+    SAMPLER,
     STATE,
     handle_dashboard,
+    handle_dashboard_json,
     handle_drain,
     handle_enable,
     handle_healthz,
@@ -22,7 +24,9 @@ from proxy.admin.handlers import (
     handle_ready,
     handle_upstreams,
 )
+from proxy.admin.rates import RateSampler
 from proxy.admin.state import AppState
+from proxy.admin.views import rate_counters
 from proxy.model import Address
 
 
@@ -30,7 +34,18 @@ def build_app(state: AppState) -> web.Application:
     app = web.Application()
     app[STATE] = state
     app[REGISTRY] = {}  # the registry itself is built at the first scrape
+    sampler = app[SAMPLER] = RateSampler(lambda: rate_counters(state))
+
+    async def start_sampling(_app: web.Application) -> None:
+        sampler.start()
+
+    async def stop_sampling(_app: web.Application) -> None:
+        await sampler.stop()
+
+    app.on_startup.append(start_sampling)
+    app.on_cleanup.append(stop_sampling)
     app.router.add_get("/", handle_dashboard)
+    app.router.add_get("/dashboard.json", handle_dashboard_json)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/ready", handle_ready)
     app.router.add_get("/upstreams", handle_upstreams)

@@ -18,6 +18,7 @@ from typing import Any
 
 from proxy.admin.merge import Reading, merge_views
 from proxy.admin.operator import sync_operator_drains
+from proxy.admin.rates import Counters, counters_from_views, counters_of
 from proxy.admin.state import AppState, listener_counts, upstreams_of, workers_of
 from proxy.upstream.host import Host
 from proxy.upstream.manager import Listed, UpstreamRuntime
@@ -145,3 +146,11 @@ def upstream_views(state: AppState) -> list[dict[str, Any]]:
 def missing_upstreams(state: AppState) -> list[str]:
     """Names of the upstreams whose catalog has not answered yet (what /ready waits for)."""
     return [rt.name for rt in upstreams_of(state) if not rt.answered]
+
+
+def rate_counters(state: AppState) -> dict[str, Counters]:
+    """Per upstream, the cumulative counters the dashboard's rates are computed from:
+    this process's runtimes read directly, or every worker's readings summed."""
+    if workers_of(state) is not None:
+        return counters_from_views(up for r in readings(state) for up in r.upstreams)
+    return {rt.name: counters_of(rt.responses, rt.latency.counts) for rt in upstreams_of(state)}
