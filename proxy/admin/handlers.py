@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 from proxy.admin import dashboard
 from proxy.admin.auth import refuse_write
-from proxy.admin.rates import RateSampler
 from proxy.admin.operator import CONFIRM_POLL, CONFIRM_TIMEOUT, shared_drains, shows
+from proxy.admin.rates import RateSampler
 from proxy.admin.state import AppState, admin_config
 from proxy.admin.views import listed_view, missing_upstreams, readings, upstream_views
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.upstream.manager import LATENCY_BUCKETS
+
+log = logging.getLogger("sdproxy.admin")
 
 WINDOWS = (("10s", 10.0), ("5m", 300.0))
 SAMPLE_INTERVAL = 1.0
@@ -169,11 +172,14 @@ class RateSampler:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        failed_before = False
         while True:
             try:
                 self.sample()
-            except Exception:  # noqa: BLE001 - a bad reading must not stop the figures
-                pass
+            except Exception as e:  # noqa: BLE001 - a bad reading must not stop the figures
+                if not failed_before:
+                    log.warning('event=dashboard_sample_failed error="%r"', e)
+                failed_before = True
             await asyncio.sleep(SAMPLE_INTERVAL)
 
     async def stop(self) -> None:

@@ -32,7 +32,7 @@ def test_rate_error_rate_and_percentiles_come_from_the_window_deltas() -> None:
 
 def test_the_5_minute_window_starts_at_the_oldest_sample_until_it_is_full() -> None:
     windows = RateWindows()
-    for second in range(0, 31):
+    for second in range(31):
         windows.add_sample(float(second), {"web": counters_of({200: second * 3}, [])})
     figures = windows.figures()["web"]
     assert figures["10s"]["rate"] == 3.0 and figures["10s"]["seconds"] == 10.0
