@@ -19,6 +19,7 @@ from typing import Any
 from proxy.admin.merge import Reading, merge_views
 from proxy.admin.operator import sync_operator_drains
 from proxy.admin.rates import Counters, counters_from_views, counters_of
+from proxy.admin.readings import read_all
 from proxy.admin.state import AppState, listener_counts, upstreams_of, workers_of
 from proxy.upstream.host import Host
 from proxy.upstream.manager import Listed, UpstreamRuntime
@@ -150,7 +151,12 @@ def missing_upstreams(state: AppState) -> list[str]:
 
 def rate_counters(state: AppState) -> dict[str, Counters]:
     """Per upstream, the cumulative counters the dashboard's rates are computed from:
-    this process's runtimes read directly, or every worker's readings summed."""
-    if workers_of(state) is not None:
-        return counters_from_views(up for r in readings(state) for up in r.upstreams)
+    this process's runtimes read directly, or every worker's readings summed. Under
+    workers the files are only read (each worker publishes its own every
+    PUBLISH_INTERVAL already), so sampling adds no write and takes up no drain."""
+    workers = workers_of(state)
+    if workers is not None:
+        directory = getattr(workers, "directory", None)
+        found = read_all(directory) if directory is not None else readings(state)
+        return counters_from_views(up for r in found for up in r.upstreams)
     return {rt.name: counters_of(rt.responses, rt.latency.counts) for rt in upstreams_of(state)}

@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.consul import Registration
+from support.consul import Registration, wait_passing
 from support.procs import Backend, ProxyProcess
 
 from proxy.devconsul import ConsulAgent, free_port
@@ -265,3 +265,36 @@ async def test_dashboard_without_javascript_is_a_plain_table(
         async with session.get(proxy.admin_url + "/") as resp:
             page = await resp.text()
     assert re.search(rf'<td data-id="{re.escape(a_id)}">.*?>draining<.*?>Enable<', page)
+
+
+async def test_dashboard_rates_count_every_worker(
+        start_backends: Callable[..., list[Backend]], service_name: Callable[[str], str],
+        consul: ConsulAgent, register: Callable[..., Registration],
+        start_proxy: Callable[..., ProxyProcess]) -> None:
+    """Under --workers 2 the page's figures sum both workers' counters, whichever worker
+    answers: the 10 s window holds every request the test sent."""
+    svc = service_name("dashworkers")
+    (a,) = start_backends("a")
+    reg = register(a, svc, check="ttl")
+    wait_passing(consul, svc, {reg.service_id})
+    proxy = start_proxy({svc: {}}, workers=2)
+    await asyncio.to_thread(proxy.wait_routable, svc, {reg.service_id})
+    host, port = proxy.listen(svc)
+    sent = 200
+    async with aiohttp.ClientSession() as session:
+        for _ in range(sent):
+            # A new connection each: the kernel spreads them over both workers.
+            async with session.get(f"http://{host}:{port}/",
+                                   headers={"Connection": "close"}) as resp:
+                assert resp.status == 200
+                await resp.read()
+        deadline = time.monotonic() + 10.0
+        window: dict[str, Any] = {}
+        while time.monotonic() < deadline:  # samples are taken once a second
+            async with session.get(proxy.admin_url + "/dashboard.json") as resp:
+                window = (await resp.json())["upstreams"][0]["rates"].get("10s") or {}
+            if window.get("responses", 0) >= sent:
+                break
+            await asyncio.sleep(0.5)
+    print(f"\n10 s window under two workers: {window}")
+    assert window.get("responses", 0) >= sent and window["rate"] > RATE_FLOOR
