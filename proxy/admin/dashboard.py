@@ -87,7 +87,7 @@ function update(data){(data.upstreams||[]).forEach(function(up){
  var sec=document.querySelector('section[data-upstream="'+CSS.escape(up.name)+'"]');
  if(!sec){return;}
  var rates=up.rates||{};Object.keys(rates).forEach(function(w){var r=rates[w];
-  set(sec,w+'.rate',r.rate.toFixed(1)+'/s');set(sec,w+'.error_rate',pct(r.error_rate));
+  set(sec,w+'.seconds',r.seconds.toFixed(0)+' s');set(sec,w+'.rate',r.rate.toFixed(1)+'/s');set(sec,w+'.error_rate',pct(r.error_rate));
   set(sec,w+'.p50',ms(r.p50_ms));set(sec,w+'.p99',ms(r.p99_ms));
   Object.keys(r.classes).forEach(function(c){set(sec,w+'.'+c,String(r.classes[c]));});});
  set(sec,'totals',classes(up.responses||{}));
@@ -183,14 +183,17 @@ def _rates_table(rates: Mapping[str, Mapping[str, Any]]) -> str:
         classes = r.get("classes") or {}
         cells = "".join(f'<td class="n" data-k="{label}.{c}">{_e(classes.get(c, "-"))}</td>'
                         for c in CLASSES)
+        over = f"{float(r['seconds']):.0f} s" if r else "-"
         rows.append(
             f"<tr><th>last {_e(label)}</th>"
+            f'<td class="n muted" data-k="{label}.seconds">{_e(over)}</td>'
             f'<td class="n" data-k="{label}.rate">{_e(rate)}</td>'
             f'<td class="n" data-k="{label}.error_rate">{_e(errors)}</td>'
             f'<td class="n" data-k="{label}.p50">{_e(p50)}</td>'
             f'<td class="n" data-k="{label}.p99">{_e(p99)}</td>{cells}</tr>')
     head = "".join(f"<th>{c}</th>" for c in CLASSES)
-    return (f'<table class="rates"><tr><th>window</th><th>requests</th><th>errors (5xx)</th>'
+    return (f'<table class="rates"><tr><th>window</th><th title="measured so far: a window '
+            f'fills up after a start">over</th><th>requests</th><th>errors (5xx)</th>'
             f"<th>p50</th><th>p99</th>{head}</tr>{''.join(rows)}</table>")
 
 

@@ -67,7 +67,7 @@ def _view(state: str, eid: str) -> dict[str, object]:
 def test_the_page_is_a_plain_table_with_a_down_row_greyed_and_forms_to_drain() -> None:
     up = {"name": "web/x", "mode": "http", "responses": {"200": 3}, "answered": True,
           "endpoints": [_view("healthy", "a/1"), _view("down", "b"), _view("draining", "c")],
-          "rates": {"10s": {"rate": 7.5, "error_rate": 0.02, "p50_ms": 1.5, "p99_ms": 9.0,
+          "rates": {"10s": {"seconds": 10.0, "rate": 7.5, "error_rate": 0.02, "p50_ms": 1.5, "p99_ms": 9.0,
                             "classes": {"2xx": 75}}}}
     page = dashboard.render([up], started_at=None, now=0.0)
     assert re.search(r'<tr class="down"><td data-id="b">.*?>down<', page)
