@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import quote
 
 from proxy import devinstall
 from proxy.devinstall import InstallError, cache_dir, fetch_package
@@ -356,13 +357,13 @@ class ConsulAgent:
         self.put(f"/v1/agent/service/deregister/{service_id}")
 
     def check_pass(self, check_id: str, note: str = "") -> None:
-        self.put(f"/v1/agent/check/pass/{check_id}?note={note}")
+        self.put(f"/v1/agent/check/pass/{check_id}?note={quote(note)}")
 
     def check_fail(self, check_id: str, note: str = "") -> None:
-        self.put(f"/v1/agent/check/fail/{check_id}?note={note}")
+        self.put(f"/v1/agent/check/fail/{check_id}?note={quote(note)}")
 
     def check_warn(self, check_id: str, note: str = "") -> None:
-        self.put(f"/v1/agent/check/warn/{check_id}?note={note}")
+        self.put(f"/v1/agent/check/warn/{check_id}?note={quote(note)}")
 
     def create_token(self, rules: str, description: str = "") -> str:
         """A new ACL policy with `rules` (HCL) and a new token holding only it; returns the

@@ -221,12 +221,12 @@ async def test_dashboard_lists_upstreams_and_instances(state: State) -> None:
     status, ctype, page = await get(state, "/")
     assert status == 200
     assert ctype.startswith("text/html")
-    assert '<meta http-equiv="refresh" content="2">' in page
+    assert '<noscript><meta http-equiv="refresh"' in page  # JS off: the page reloads itself
     assert 'href="/upstreams"' in page and 'href="/metrics"' in page
     for text in ("web", "api", "127.0.0.1:18081", "consul", "web-1", "web-2",
                  "10.0.0.1:9001", "n1", "healthy", "waiting for the first catalog answer"):
         assert text in page, text
-    assert "<script" not in page and "http://" not in page.replace("http-equiv", "")
+    assert "http://" not in page.replace("http-equiv", "")  # nothing loaded from elsewhere
 
 
 async def test_dashboard_escapes_catalog_strings(clock: FakeClock) -> None:
@@ -237,7 +237,7 @@ async def test_dashboard_escapes_catalog_strings(clock: FakeClock) -> None:
         index=1))
     up.on_catalog_error("<i>boom</i>")
     _, _, page = await get(State({"web": up}), "/")
-    assert "<script>" not in page and "<img" not in page
+    assert "<script>alert" not in page and "<img" not in page
     assert "<b>t" not in page and "<i>boom" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "&lt;i&gt;boom&lt;/i&gt;" in page
