@@ -128,8 +128,10 @@ async def _operator_drain(request: web.Request, drained: bool) -> web.Response:
         answer["workers_pending"] = await _not_yet_applied(state, name, eid, drained)
     answer["endpoints"] = [listed_view(row) for row in runtime.listing()
                            if row.endpoint.id == eid]
-    if request.content_type == "application/x-www-form-urlencoded":
-        # The dashboard's button without JavaScript: back to the page, which shows the change.
+    if (request.content_type == "application/x-www-form-urlencoded"
+            and "text/html" in request.headers.get("Accept", "")):
+        # The dashboard's button without JavaScript (a browser's form post, which asks for a
+        # page): back to the page, which shows the change. API clients get the JSON.
         raise web.HTTPSeeOther("/")
     return web.json_response(answer, dumps=_dumps)
 
