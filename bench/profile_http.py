@@ -4,6 +4,8 @@ The backend is a minimal asyncio Protocol answering every request with a fixed r
 so the profile shows the proxy's own cost per request. Usage:
     python bench/profile_http.py [REQUESTS] [CONNECTIONS] [--cprofile | --direct]
     python bench/profile_http.py --instructions
+Add `--access-log logfmt` (or `json`) to any of these to run with the access log on,
+written to a temporary file.
 Prints requests/s of the whole loop (client and backend included); with --cprofile, the
 functions with the most own time; --direct leaves the proxy out (client -> backend).
 --instructions counts the CPU instructions the proxy spends per request under valgrind
@@ -28,6 +30,7 @@ import time
 import uvloop
 
 from loadtest.apt import ensure_tools
+from proxy.accesslog import AccessLog
 from proxy.config import UpstreamConfig
 from proxy.model import Address, CatalogAnswer, Endpoint
 from proxy.protocols.http import HttpListener
@@ -66,7 +69,8 @@ class Client(asyncio.Protocol):
             self.transport.write(REQUEST)  # type: ignore[attr-defined]
 
 
-async def main(requests: int, connections: int, direct: bool = False) -> float:
+async def main(requests: int, connections: int, direct: bool = False,
+               access_format: str | None = None) -> float:
     loop = asyncio.get_running_loop()
     backend = await loop.create_server(Backend, "127.0.0.1", 0)
     bport = backend.sockets[0].getsockname()[1]
@@ -76,10 +80,16 @@ async def main(requests: int, connections: int, direct: bool = False) -> float:
     runtime = UpstreamRuntime(cfg)
     runtime.on_catalog_answer(CatalogAnswer((Endpoint(id="b", address="127.0.0.1", port=bport),)))
     listener = HttpListener(runtime, loop)
-    server = await loop.create_server(listener.protocol_factory, "127.0.0.1", 0)
-    pport = server.sockets[0].getsockname()[1]
-    rate = await _load(loop, pport, requests, connections)
-    listener.close_all()
+    with tempfile.TemporaryDirectory() as tmp:
+        if access_format is not None:
+            listener.access = AccessLog(os.path.join(tmp, "access.log"), access_format)
+        server = await loop.create_server(listener.protocol_factory, "127.0.0.1", 0)
+        pport = server.sockets[0].getsockname()[1]
+        rate = await _load(loop, pport, requests, connections)
+        listener.close_all()
+        if listener.access is not None:
+            listener.access.close(timeout=60)  # every line written: its cost is counted
+            assert listener.access.written == requests // connections * connections
     return rate
 
 
@@ -95,13 +105,14 @@ async def _load(loop: asyncio.AbstractEventLoop, port: int, requests: int,
     return per * connections / elapsed
 
 
-def _instructions(requests: int, direct: bool) -> int:
+def _instructions(requests: int, direct: bool, access_format: str | None = None) -> int:
     """Instructions of one run of this script under callgrind."""
     valgrind = ensure_tools(["valgrind"])["valgrind"]  # apt-installed when missing
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "callgrind.out")
         argv = [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-                __file__, str(requests), "50", *(["--direct"] if direct else [])]
+                __file__, str(requests), "50", *(["--direct"] if direct else []),
+                *(["--access-log", access_format] if access_format else [])]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True)
     match = re.search(r"Collected : (\d+)", proc.stderr)
     if not match:
@@ -109,27 +120,39 @@ def _instructions(requests: int, direct: bool) -> int:
     return int(match.group(1))
 
 
-def instructions_per_request() -> float:
+def instructions_per_request(access_format: str | None = None) -> float:
     small, large = 2000, 6000
-    proxied = _instructions(large, False) - _instructions(small, False)
+    proxied = (_instructions(large, False, access_format)
+               - _instructions(small, False, access_format))
     direct = _instructions(large, True) - _instructions(small, True)
     return (proxied - direct) / (large - small)
 
 
+def _access_format() -> str | None:
+    if "--access-log" not in sys.argv:
+        return None
+    at = sys.argv.index("--access-log") + 1
+    if at >= len(sys.argv) or sys.argv[at] not in ("logfmt", "json"):
+        raise SystemExit("--access-log takes logfmt or json")
+    return sys.argv[at]
+
+
 if __name__ == "__main__":
+    access = _access_format()
     if "--instructions" in sys.argv:
-        print(f"{instructions_per_request():,.0f} instructions per request in the proxy "
-              "(callgrind; client and backend subtracted)")
+        with_log = f", access log on ({access})" if access else ""
+        print(f"{instructions_per_request(access):,.0f} instructions per request in the proxy "
+              f"(callgrind; client and backend subtracted{with_log})")
         raise SystemExit(0)
     n = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 20000
     c = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 10
     if "--cprofile" in sys.argv:
         prof = cProfile.Profile()
         prof.enable()
-        rate = uvloop.run(main(n, c))
+        rate = uvloop.run(main(n, c, access_format=access))
         prof.disable()
         stats = pstats.Stats(prof)
         stats.sort_stats("tottime").print_stats(25)
     else:
-        rate = uvloop.run(main(n, c, direct="--direct" in sys.argv))
+        rate = uvloop.run(main(n, c, direct="--direct" in sys.argv, access_format=access))
     print(f"{rate:,.0f} requests/s (client, proxy and backend in one loop)")

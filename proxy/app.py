@@ -11,8 +11,17 @@ Signals (SPEC):
   place, so its listener keeps its connections and its instances keep their state (the
   watcher restarts only when what it asks the catalog changed). A config that does not
   load is rejected with one log line and the running one stays.
-- SIGTERM/SIGINT close every listener at once, give in-flight work up to the largest
-  `drain_timeout`, and exit 0.
+- SIGTERM/SIGINT (and SIGQUIT, nginx's graceful stop) close every listener at once, give
+  in-flight work up to the largest `drain_timeout`, and exit 0.
+- SIGUSR1 reopens the access log file (logrotate renames it, then signals, as for nginx).
+- SIGUSR2 is ignored with a log line: no signal a user may send by habit kills sdproxy
+  without draining.
+
+Logging (`[log]`): the level (`--log-level`, through $SDPROXY_LOG_LEVEL, wins over the
+file, across reloads and in every worker) and format of sdproxy's own lines, and the access log, which every listener gets as
+`listener.access` (None when off). A reload that changes `[log]` applies it: a new access
+log replaces the old one in every listener, and the old one writes what it holds, then
+closes.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ import uvloop
 
 from proxy import config as config_mod
 from proxy import logs
-from proxy.config import Config, UpstreamConfig
+from proxy.accesslog import AccessLog
+from proxy.config import ACCESS_OFF, Config, LogConfig, UpstreamConfig
 from proxy.discovery import Rereadable
 from proxy.discovery.consul_register import SelfRegistration, start_self_registration
 from proxy.discovery.registry import UnsupportedDiscovery, make_watcher
@@ -44,6 +54,7 @@ from proxy.upstream.manager import UpstreamRuntime
 log = logging.getLogger("sdproxy.app")
 
 FIRST_ANSWER_WAIT = 3.0  # seconds to wait for first catalog answers before listening
+ACCESS_CLOSE_TIMEOUT = 2.0  # seconds the access log gets to write what it holds at a stop
 DRAIN_POLL = 0.02  # how often a drain looks whether in-flight work has finished
 
 # Upstream keys that change what the watcher asks the catalog: a change restarts it.
@@ -82,9 +93,11 @@ class ProxyApp:
         self.stop_requested = asyncio.Event()
         self.retiring: set[asyncio.Task[None]] = set()
         self.self_registration: SelfRegistration | None = None  # [consul] register = true
+        self.access: AccessLog | None = None  # what every listener writes its lines to
 
     # -- start --------------------------------------------------------------------------
     async def start(self) -> None:
+        self.access = open_access_log(self.config.log)
         for up in self.config.upstreams:
             self.served[up.name] = self._watch(up, UpstreamRuntime(up))
         self._publish()
@@ -113,6 +126,8 @@ class ProxyApp:
             listener = make_listener(runtime, loop)
         except KeyError as e:
             raise StartupError(f"upstream {name}: {e.args[0]}") from None
+        if hasattr(listener, "access"):
+            listener.access = self.access
         addr = runtime.config.listen
         try:
             server = await loop.create_server(listener.protocol_factory, addr.host, addr.port,
@@ -160,6 +175,8 @@ class ProxyApp:
                       "; ".join(p.replace('"', "'") for p in e.problems))
             return
         old, self.config = self.config, new
+        if new.log != old.log:
+            self._apply_log(new.log)
         wanted = {up.name: up for up in new.upstreams}
         shared_changed = {"consul": old.consul != new.consul, "dns": old.dns != new.dns,
                           "etcd": old.etcd != new.etcd,
@@ -203,6 +220,29 @@ class ProxyApp:
         log.info("event=reloaded config=%s added=%s removed=%s changed=%s failed=%s",
                  new.path, ",".join(added) or "-", ",".join(removed) or "-",
                  ",".join(changed) or "-", ",".join(failed) or "-")
+
+    def _apply_log(self, cfg: LogConfig) -> None:
+        """A reload changed [log]: the event log's level and format now; the access log is
+        replaced in every listener (new lines go to the new one at once) and the old one
+        closes once it wrote what it holds, off the event loop."""
+        logs.setup(cfg.level, cfg.format)
+        old = self.access
+        if old is not None and (old.destination, old.format) == (cfg.access, cfg.access_format):
+            return
+        self.access = open_access_log(cfg)
+        for served in self.served.values():
+            if served.listener is not None and hasattr(served.listener, "access"):
+                served.listener.access = self.access
+        if old is not None:
+            self._close_access_later(old)
+        log.info("event=access_log_configured access=%s format=%s", cfg.access,
+                 cfg.access_format)
+
+    def _close_access_later(self, access: AccessLog) -> None:
+        task = asyncio.get_running_loop().create_task(close_access_log(access),
+                                                      name="access-log-close")
+        self.retiring.add(task)  # keep a reference until it ends; stop() awaits it
+        task.add_done_callback(self.retiring.discard)
 
     def _reconfigure(self, served: Served, up: UpstreamConfig,
                      shared_changed: dict[str, bool]) -> None:
@@ -264,12 +304,17 @@ class ProxyApp:
         await asyncio.gather(*list(self.retiring), return_exceptions=True)
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()  # type: ignore[attr-defined]
+        access, self.access = self.access, None
+        if access is not None:  # the drained requests' lines are queued: write them
+            await close_access_log(access)
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_reopen_signal)
+        loop.add_signal_handler(signal.SIGUSR2, ignore_signal, signal.SIGUSR2)
         try:
             await self.start()
             await self.stop_requested.wait()
@@ -281,11 +326,41 @@ class ProxyApp:
         log.info("event=stopping signal=%s", signal.Signals(sig).name)
         self.stop_requested.set()
 
+    def _on_reopen_signal(self) -> None:
+        access = self.access
+        log.info("event=reopening_logs signal=SIGUSR1 access=%s",
+                 access.destination if access is not None else ACCESS_OFF)
+        if access is not None:
+            access.reopen()  # the writer thread reopens the path; this returns at once
+
     def _on_reload_signal(self) -> None:
         log.info("event=reloading signal=SIGHUP config=%s", self.config.path)
         task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
         self.retiring.add(task)  # keep a reference until it ends
         task.add_done_callback(self.retiring.discard)
+
+
+# Signals that stop sdproxy with a drain. SIGQUIT (Ctrl-\) would otherwise kill it on
+# the spot; nginx reads it as a graceful stop too.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def ignore_signal(sig: int) -> None:
+    log.info("event=signal_ignored signal=%s", signal.Signals(sig).name)
+
+
+def open_access_log(cfg: LogConfig) -> AccessLog | None:
+    """The access log [log] asks for, its writer thread started; None when off."""
+    if cfg.access == ACCESS_OFF:
+        return None
+    return AccessLog(cfg.access, cfg.access_format)
+
+
+async def close_access_log(access: AccessLog) -> None:
+    """Let `access` write what it holds and close, in a thread (it may wait on a disk)."""
+    if not await asyncio.to_thread(access.close, ACCESS_CLOSE_TIMEOUT):
+        log.warning("event=access_log_close_timeout path=%s timeout=%g", access.destination,
+                    ACCESS_CLOSE_TIMEOUT)
 
 
 def cannot_listen(what: str, addr: Address, error: OSError) -> StartupError:
@@ -356,7 +431,7 @@ def run_process(config: Config, *, reuse_port: bool, admin: bool) -> int:
 
 
 def main(config: Config, workers: int = 1) -> int:
-    logs.setup()
+    logs.setup(config.log.level, config.log.format)
     try:
         refuse_addresses_in_use(config)
     except StartupError as e:

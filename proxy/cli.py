@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("-c", "--config", required=True, metavar="FILE")
     run.add_argument("--workers", type=int, default=1, metavar="N")
+    run.add_argument("--log-level", choices=config_mod.LOG_LEVELS, default=None,
+                     help="level of sdproxy's own log lines; wins over [log] level "
+                          "(sets $SDPROXY_LOG_LEVEL)")
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("-c", "--config", required=True, metavar="FILE")
     demo = sub.add_parser("demo", help="start a registry, three backends and the proxy; "
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             print("sdproxy: --workers must be at least 1", file=sys.stderr)
             return 2
+        if args.log_level is not None:
+            # Through the environment, so that every load of the config (a reload, a
+            # worker's) keeps it: proxy.config reads it over [log] level.
+            os.environ[config_mod.LOG_LEVEL_ENV] = args.log_level
         cfg = load_config(args.config)
         if cfg is None:
             return 2

@@ -30,6 +30,12 @@ BALANCERS = ("round_robin", "least_conn", "random", "p2c", "hash")
 HTTP_PARSERS = ("httptools", "h11")
 DNS_TYPES = ("SRV", "A")
 RETRY_ON = ("connect-failure", "reset", "timeout", "502", "503", "504")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# `sdproxy run --log-level` sets it, so that workers and reloads keep the level; unlike
+# Consul's variables it wins over the file, as the command line does.
+LOG_LEVEL_ENV = "SDPROXY_LOG_LEVEL"
+LOG_FORMATS = ("logfmt", "json")
+ACCESS_OFF = "off"
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,16 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """sdproxy's own event log (stderr) and the access log (SPEC "Logging")."""
+
+    level: str = "info"  # `sdproxy run --log-level` ($SDPROXY_LOG_LEVEL) overrides it
+    format: str = "logfmt"
+    access: str = ACCESS_OFF  # off | stderr | stdout | a file path
+    access_format: str = "logfmt"
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -154,6 +170,7 @@ class Config:
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     zookeeper: ZooKeeperConfig = field(default_factory=ZooKeeperConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 class ConfigError(Exception):
@@ -186,6 +203,7 @@ def load(path: str, environ: Mapping[str, str]) -> Config:
         etcd=EtcdConfig(**top.get("etcd", {})),
         zookeeper=ZooKeeperConfig(**top.get("zookeeper", {})),
         upstreams=_read_upstreams(p, upstream_tables, top.get("defaults", {}), admin.listen),
+        log=_resolve_log(p, top.get("log", {}), environ),
     )
     if not cfg.dns.nameservers and any(u.discovery == "dns" for u in cfg.upstreams):
         p.add("dns.nameservers", 'must not be empty when an upstream uses discovery = "dns"')
@@ -546,7 +564,24 @@ _TOP: Schema = {
         "base": _znode_path,
     },
     "defaults": _DEFAULTS,
+    "log": {
+        "level": _choice(LOG_LEVELS),
+        "format": _choice(LOG_FORMATS),
+        # "off", "stderr", "stdout", or a file path (opened by the access log's writer, so
+        # a path that cannot be written costs log lines, never the start).
+        "access": _nonempty_string,
+        "access_format": _choice(LOG_FORMATS),
+    },
 }
+
+
+def _resolve_log(p: _Problems, log: dict[str, Any], environ: Mapping[str, str]) -> LogConfig:
+    level = environ.get(LOG_LEVEL_ENV, "")
+    if level in LOG_LEVELS:
+        log["level"] = level
+    elif level:
+        p.add(f"${LOG_LEVEL_ENV}", f'must be one of {", ".join(LOG_LEVELS)}; got "{level}"')
+    return LogConfig(**log)
 
 
 # --- [consul]: the file, then Consul's environment variables, then the default -----------

@@ -6,7 +6,9 @@ queued until the previous response ends. Owns the per-connection limits: the hea
 deadline (408), the head size and field count (431), malformed requests (400),
 `max_connections` (503), `idle_timeout` for a connection where nothing moves either way
 (408 for a stalled request body, else a reset), and which reasons currently pause
-reading from the client.
+reading from the client. With the access log on (`listener.access`), requests become
+`LoggedExchange`s, and the answers this module makes without an exchange (400, 408, 431,
+503) get their access-log lines here.
 """
 
 from __future__ import annotations
@@ -16,17 +18,21 @@ import fcntl
 import logging
 import struct
 import termios
+import time
 from collections import deque
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy.config import UpstreamConfig
 from proxy.l7.hashkey import key_function
 from proxy.l7.headers import REASONS, encode_error
 from proxy.l7.message import HeadTooLarge, MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
-from proxy.protocols.http_exchange import Exchange
+from proxy.protocols.http_exchange import OWN_REASONS, Exchange, LoggedExchange
 from proxy.protocols.relay import Relay, abort_with_reset
 from proxy.upstream.manager import UpstreamRuntime
+
+if TYPE_CHECKING:
+    from proxy.accesslog import AccessLog
 
 log: Final = logging.getLogger("sdproxy.http")
 
@@ -69,6 +75,7 @@ class HttpListener:
         self.default_host = runtime.name.encode()  # Host for an HTTP/1.0 request without one
         self.connections = 0
         self.rejected_connections = 0
+        self.access: AccessLog | None = None  # set by the app when [log] access is on
         self.open: set[HttpDownstream] = set()
         self.tick = sweep_interval(self.cfg)
         self._next_pool_sweep = loop.time() + POOL_SWEEP_INTERVAL
@@ -142,11 +149,16 @@ class _Refusal(asyncio.Protocol):
         listener.rejected_connections += 1
         transport = cast(asyncio.Transport, transport)
         runtime = listener.runtime
-        data = encode_error(503, REASONS[503], runtime.name, "too many connections", False)
+        answer = encode_error(503, REASONS[503], runtime.name, "too many connections", False)
         runtime.count_response(503)
-        runtime.bytes_out += len(data)
-        transport.write(data)
+        runtime.bytes_out += len(answer)
+        transport.write(answer)
         transport.close()
+        access = listener.access
+        if access is not None:
+            peer = transport.get_extra_info("peername") or ("", 0)
+            access.add((time.time(), listener.runtime.name, str(peer[0]).encode(), peer[1], b"",
+                        b"", 503, 0, len(answer), 0.0, "", 0, "max-connections", b""))
 
 
 class HttpDownstream(asyncio.Protocol):
@@ -158,6 +170,7 @@ class HttpDownstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = PARSERS[self.cfg.http_parser][0](self, self.cfg.max_header_size)
         self.client_ip = b"-"
+        self.client_port = 0
         self.exchange: Exchange | None = None
         self.starting: Exchange | None = None  # its head was parsed; starts after this read
         self.in_request = False  # the current exchange's request has not ended yet
@@ -184,6 +197,7 @@ class HttpDownstream(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
+            self.client_port = peer[1]
         listener = self.listener
         listener.connections += 1
         listener.open.add(self)
@@ -251,7 +265,10 @@ class HttpDownstream(asyncio.Protocol):
             return
         # _begin(head), written out: this runs once per request
         self.head_deadline = INFINITY
-        self.exchange = self.starting = Exchange(self, head)
+        if self.listener.access is None:
+            self.exchange = self.starting = Exchange(self, head)
+        else:
+            self.exchange = self.starting = LoggedExchange(self, head)
         self.in_request = True
 
     def on_body(self, data: bytes) -> None:
@@ -274,7 +291,10 @@ class HttpDownstream(asyncio.Protocol):
 
     def _begin(self, head: MessageHead) -> None:
         self.head_deadline = INFINITY
-        self.exchange = self.starting = Exchange(self, head)
+        if self.listener.access is None:
+            self.exchange = self.starting = Exchange(self, head)
+        else:
+            self.exchange = self.starting = LoggedExchange(self, head)
         self.in_request = True
 
     def _end_request(self) -> None:
@@ -390,6 +410,19 @@ class HttpDownstream(asyncio.Protocol):
     def _clear_header_deadline(self) -> None:
         self.head_deadline = INFINITY
 
+    def _log_rejected(self, access: AccessLog, status: int, size: int) -> None:
+        """The access-log line of a request answered before its head was complete."""
+        timeout = self.cfg.header_timeout
+        if status == 408:  # the deadline, armed when the head began, passed
+            waited = timeout
+            reason = "header-timeout"
+        else:
+            left = self.head_deadline - self.loop.time()
+            waited = 0.0 if left == INFINITY else max(0.0, timeout - left)
+            reason = OWN_REASONS[status]
+        access.add((time.time(), self.runtime.name, self.client_ip, self.client_port, b"", b"",
+                    status, self.head_bytes, size, waited, "", 0, reason, b""))
+
     def unsent_bytes(self) -> int:
         """Bytes written for the client that it has not taken yet: ours and the kernel's."""
         transport = self.transport
@@ -444,14 +477,19 @@ class HttpDownstream(asyncio.Protocol):
     def _reject(self, status: int, detail: str) -> None:
         """Answer a client error ourselves and close the connection."""
         exchange = self.exchange
+        answer = encode_error(status, REASONS[status], self.runtime.name, detail, False)
         if exchange is not None:
             started = exchange.response_started
+            if not started:
+                exchange.on_direct_write(len(answer), status)  # its access-log line says so
             exchange.on_client_lost()
             if started:
                 self.abort()
                 return
+        elif self.listener.access is not None:
+            self._log_rejected(self.listener.access, status, len(answer))
         self.runtime.count_response(status)
-        self.write(encode_error(status, REASONS[status], self.runtime.name, detail, False))
+        self.write(answer)
         self.closed = True
         self._clear_header_deadline()
         if self.transport is not None:

@@ -12,12 +12,17 @@ ABORTED or a failure kind (connect-failure, reset, timeout, or the status of a r
 5xx), handled by `_attempt_over` once the callback that reported it has returned (at the
 end of the instance's read, or on the next loop turn): finish, retry on an untried
 instance (`l7.exchange.may_retry`), or answer an error. `_finish` runs once.
+
+With the access log on, the listener makes `LoggedExchange`s instead: they also count
+bytes and failed attempts and hand a record to the access log at `_finish`. The plain
+Exchange does none of that, so with the log off the request path does no access-log work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -39,11 +44,14 @@ from proxy.l7.headers import (
     encode_response,
     encode_switching,
     is_upgrade_request,
+    next_request_id,
+    request_id_of,
 )
 from proxy.l7.message import CHUNKED, NO_BODY, UNTIL_CLOSE, MessageHead
 from proxy.protocols.http_upstream import UpstreamConnection, connect
 
 if TYPE_CHECKING:
+    from proxy.accesslog import Record
     from proxy.protocols.http import HttpDownstream
     from proxy.upstream.host import Host
 
@@ -53,6 +61,16 @@ INFINITY: Final = float("inf")
 DONE: Final = "done"
 ABORTED: Final = "aborted"
 
+# The access log's `reason` for the statuses sdproxy answers itself, when no failed
+# attempt explains them (a 502 or 504 after failed attempts is explained by those).
+OWN_REASONS: dict[int, str] = {
+    400: "bad-request",
+    408: "client-timeout",
+    431: "head-too-large",
+    502: "internal-error",
+    503: "no-instance",
+}
+CLIENT_CLOSED = "client-closed"  # the client left before its response was complete
 
 
 class Exchange:
@@ -80,6 +98,7 @@ class Exchange:
         "pending",
         "pending_bytes",
         "request_bytes",
+        "request_id",
         "response_head",
         "response_started",
         "runtime",
@@ -120,8 +139,16 @@ class Exchange:
         # A 101 hands both connections to a tunnel.
         self.upgrade = head.upgrade and is_upgrade_request(head)
         self.started = self.loop.time()
-        self.request_bytes = encode_request(head, client_ip=down.client_ip,
-                                            default_host=down.listener.default_host)
+        request_id = request_id_of(head)
+        if request_id is None:  # SPEC: one is added, whether or not the access log is on
+            self.request_id = next_request_id()
+            self.request_bytes = encode_request(head, client_ip=down.client_ip,
+                                                default_host=down.listener.default_host,
+                                                request_id=self.request_id)
+        else:
+            self.request_id = request_id
+            self.request_bytes = encode_request(head, client_ip=down.client_ip,
+                                                default_host=down.listener.default_host)
 
     # -- the attempts, driven by callbacks -----------------------------------------------
     def start(self) -> None:
@@ -364,7 +391,9 @@ class Exchange:
             self.response_head = head
             self.response_started = True
             self.runtime.count_response(101)
-            self.down.write(encode_switching(head))
+            switching = encode_switching(head)
+            self.down.write(switching)
+            self.on_direct_write(len(switching), 0)
             return  # the tunnel starts with on_upstream_switched
         key = str(status) if status >= 500 else ""
         if key and key in self.down.listener.retry_on:
@@ -506,6 +535,89 @@ class Exchange:
     def _respond_error(self, status: int, detail: str) -> bool:
         keep = self.client_keep and self.body_done
         self.runtime.count_response(status)
-        self.down.write(encode_error(status, REASONS[status], self.runtime.name, detail, keep))
+        answer = encode_error(status, REASONS[status], self.runtime.name, detail, keep)
+        self.down.write(answer)
         self.response_started = True
+        self.on_direct_write(len(answer), status)
         return keep
+
+    def on_direct_write(self, size: int, own_status: int) -> None:
+        """`size` bytes went to the client outside `flush`: sdproxy's own answer (its
+        `own_status`), or a 101 head (0). Counted by LoggedExchange; nothing here."""
+
+
+class LoggedExchange(Exchange):
+    """An Exchange that writes its access-log line when it finishes.
+
+    It counts what the plain Exchange never needs: request body bytes, bytes written to
+    the client, the outcome of each failed attempt, the status of sdproxy's own answer.
+    """
+
+    __slots__ = ("aborted", "began", "body_in", "bytes_out", "failures", "own_status")
+
+    def __init__(self, down: HttpDownstream, head: MessageHead) -> None:
+        super().__init__(down, head)
+        self.began = time.monotonic()  # the loop's clock counts whole milliseconds (uvloop)
+        self.body_in = 0
+        self.bytes_out = 0
+        self.failures: list[str] = []  # outcomes of failed attempts, in order
+        self.own_status = 0  # the status of an answer sdproxy made itself
+        self.aborted = False
+
+    def on_client_body(self, data: bytes) -> None:
+        self.body_in += len(data)
+        super().on_client_body(data)
+
+    def flush(self) -> None:
+        out = self.out
+        if out and not self.down.closed:
+            self.bytes_out += sum(map(len, out))
+        super().flush()
+
+    def on_direct_write(self, size: int, own_status: int) -> None:
+        self.bytes_out += size
+        if own_status:
+            self.own_status = own_status
+            if own_status in (502, 504) and self.failures:
+                return  # explained by the failed attempts
+            self.failures.append(OWN_REASONS.get(own_status, str(own_status)))
+
+    def _attempt_over(self, outcome: str) -> None:
+        if not self.finished:
+            if outcome == ABORTED:
+                self.aborted = True
+            elif outcome != DONE:
+                self.failures.append(outcome)
+        super()._attempt_over(outcome)
+
+    def _finish(self, keep: bool) -> None:
+        if self.finished:
+            return
+        access = self.down.listener.access
+        if access is not None:  # a reload may have turned it off meanwhile
+            access.add(self.record())  # before the connection's state moves on
+        super()._finish(keep)
+
+    def record(self) -> Record:
+        """This exchange's access-log record (see accesslog.Record)."""
+        head = self.head
+        response = self.response_head
+        failures = self.failures
+        status: int | None
+        if self.own_status:
+            status, instance = self.own_status, ""
+        elif response is not None and self.response_started:
+            status, instance = response.status, self.tried[-1].id
+        else:
+            status, instance = None, ""
+        down = self.down
+        if not self.own_status and (self.aborted or down.closed):
+            failures = [*failures, CLIENT_CLOSED]
+        # The head as received, counted as it is forwarded: request line, fields, CRLFs.
+        head_size = len(head.method) + len(head.target) + 12
+        for name, value in head.headers:
+            head_size += len(name) + len(value) + 4
+        return (time.time(), self.runtime.name, down.client_ip, down.client_port,
+                head.method, head.target, status, head_size + 2 + self.body_in,
+                self.bytes_out, time.monotonic() - self.began, instance, len(self.tried),
+                ",".join(failures), self.request_id)

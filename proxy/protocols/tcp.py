@@ -22,6 +22,8 @@ Invariants:
   HOLD_HIGH_WATER, then reading pauses) and delivered first once the relay starts.
 - A connection to an instance removed from the catalog goes on for `drain_timeout`,
   then is closed (SPEC "Routing rules": in-flight work finishes within drain_timeout).
+- With the access log on (`listener.access`), every accepted connection, refused ones
+  included, gets one line when it ends (`_finish`).
 
 Byte movers: every connection starts on relay.py. With `ZERO_COPY` (read once per
 listener; on by default where splice(2) exists) a connection whose relay reports bulk
@@ -33,14 +35,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+import time
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.config import UpstreamConfig
 from proxy.l7.exchange import CONNECT_FAILURE, may_retry
 from proxy.protocols import splice
-from proxy.protocols.relay import Holding, Relay, abort_with_reset
+from proxy.protocols.relay import Holding, Relay, Traffic, abort_with_reset
 from proxy.upstream.host import Host
 from proxy.upstream.manager import UpstreamRuntime
+
+if TYPE_CHECKING:
+    from proxy.accesslog import AccessLog
 
 log = logging.getLogger("sdproxy.tcp")
 
@@ -77,6 +83,7 @@ class TcpListener:
         self.connections = 0  # open client connections (connecting or relayed)
         self.rejected_connections = 0  # closed at once: max_connections reached
         self.spliced_connections = 0  # taken over by splice(2) after a bulk read
+        self.access: AccessLog | None = None  # set by the app when [log] access is on
         self.open: set[TcpClient] = set()
         # Draining Host objects (by identity, as the runtime keys them) -> first seen.
         self._drain_seen: dict[int, float] = {}
@@ -138,11 +145,41 @@ def record_connected(host: Host) -> None:
     host.breaker.record_success()
 
 
+class ConnectionTraffic:
+    """One connection's bytes, for its access-log line, added to its upstream's as well
+    (a relay counts into one Traffic; this one passes every addition on)."""
+
+    __slots__ = ("_in", "_out", "_upstream")
+
+    def __init__(self, upstream: Traffic) -> None:
+        self._upstream = upstream
+        self._in = 0
+        self._out = 0
+
+    @property
+    def bytes_in(self) -> int:
+        return self._in
+
+    @bytes_in.setter
+    def bytes_in(self, value: int) -> None:
+        self._upstream.bytes_in += value - self._in
+        self._in = value
+
+    @property
+    def bytes_out(self) -> int:
+        return self._out
+
+    @bytes_out.setter
+    def bytes_out(self, value: int) -> None:
+        self._upstream.bytes_out += value - self._out
+        self._out = value
+
+
 class TcpClient(Holding):
     """One client connection: held while its instance is connected, then relayed."""
 
-    __slots__ = ("drain_timeout", "finished", "host", "key", "listener", "mover", "rejected",
-                 "task")
+    __slots__ = ("drain_timeout", "finished", "host", "key", "listener", "mover", "peer",
+                 "rejected", "started", "task", "traffic", "tried")
 
     def __init__(self, listener: TcpListener) -> None:
         super().__init__()
@@ -154,15 +191,25 @@ class TcpClient(Holding):
         self.finished = False
         self.key: bytes | None = None  # what a hash balancer hashes: the client's address
         self.drain_timeout = listener.cfg.drain_timeout
+        self.tried: list[Host] = []  # instances picked for this connection, in order
+        # For the access log only (when on): the client's address and the accept time.
+        self.peer: tuple[str, int] = ("", 0)
+        self.started = 0.0
+        self.traffic: ConnectionTraffic | None = None  # this connection's bytes, once relayed
 
     # -- asyncio.Protocol (until the relay takes the transport over) --------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         listener = self.listener
+        if listener.access is not None:
+            self.started = time.monotonic()  # uvloop's clock counts whole milliseconds
+            self.peer = transport.get_extra_info("peername") or self.peer
         if listener.connections >= listener.cfg.max_connections:
             listener.rejected_connections += 1
             self.rejected = True
             transport.close()
+            if listener.access is not None:
+                self._log(listener.access, "max-connections")
             return
         listener.connections += 1
         listener.open.add(self)
@@ -194,7 +241,7 @@ class TcpClient(Holding):
         listener = self.listener
         rt = listener.runtime
         cfg = listener.cfg  # this connection keeps the config it was accepted under
-        tried: list[Host] = []
+        tried = self.tried
         while True:
             host = rt.pick(tried, self.key)
             if host is None:
@@ -255,12 +302,15 @@ class TcpClient(Holding):
             rt.release(host)
             return
         self.host = host
+        traffic: Traffic = rt
+        if listener.access is not None:  # its line gets this connection's own counts
+            traffic = self.traffic = ConnectionTraffic(rt)
         relay = Relay(listener.loop, client, up, idle_timeout=idle_timeout,
                       on_done=self._on_mover_done,
-                      on_bulk=self._on_bulk if listener.zero_copy else None, traffic=rt)
+                      on_bulk=self._on_bulk if listener.zero_copy else None, traffic=traffic)
         self.mover = relay
-        rt.bytes_in += self.held_bytes  # read before the relay: counted here
-        rt.bytes_out += upstream.held_bytes
+        traffic.bytes_in += self.held_bytes  # read before the relay: counted here
+        traffic.bytes_out += upstream.held_bytes
         held, self.held, self.held_bytes = self.held, [], 0
         relay.start(a_data=held, a_eof=self.eof, b_data=upstream.held, b_eof=upstream.eof)
 
@@ -301,3 +351,25 @@ class TcpClient(Holding):
         listener.connections -= 1
         listener.open.discard(self)
         listener.runtime.in_flight -= 1
+        if listener.access is not None:
+            self._log(listener.access, self._reason())
+
+    def _reason(self) -> str:
+        """Why this connection was not relayed, or needed more than one attempt."""
+        if self.mover is None:
+            if self.lost:
+                return "client-closed"
+            return "connect-failure" if self.tried else "no-instance"
+        return "connect-failure" if len(self.tried) > 1 else ""
+
+    def _log(self, access: AccessLog, reason: str) -> None:
+        """This connection's access-log line: no method, path or status in TCP mode; the
+        bytes relayed each way (0 when it never was)."""
+        ip, port = self.peer[0], self.peer[1]
+        host = self.host
+        traffic = self.traffic
+        bytes_in, bytes_out = (traffic.bytes_in, traffic.bytes_out) if traffic else (0, 0)
+        duration = time.monotonic() - self.started if self.started else 0.0
+        access.add((time.time(), self.listener.runtime.name, str(ip).encode(), port, b"", b"",
+                    None, bytes_in, bytes_out, duration, host.id if host is not None else "",
+                    len(self.tried), reason, b""))
