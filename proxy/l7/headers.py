@@ -144,8 +144,9 @@ os.register_at_fork(after_in_child=_fresh_ids_after_fork)
 
 
 def next_request_id() -> bytes:
-    """128 random bits as 32 lowercase hex digits (os.urandom, read in blocks: about a
-    third of the cost of one os.urandom(16) per request)."""
+    """128 random bits as 32 lowercase hex digits, from os.urandom read in blocks: per
+    request, a generator step instead of a system call (measured under callgrind: the
+    cheapest of a generator, a list of ids, os.urandom(16) and random.getrandbits)."""
     return next(_ids)
 
 

@@ -174,6 +174,29 @@ async def test_access_log_stdout_json_and_own_errors(
     print("access stdout (json):", json.dumps(failed))
 
 
+async def test_sighup_turns_the_access_log_on_and_off(
+        start_backend: Callable[..., Backend], start_proxy: Callable[..., ProxyProcess],
+        tmp_path: Path) -> None:
+    backend = start_backend("a")
+    path = tmp_path / "access.log"
+    proxy = start_proxy({"web": static(backend)})
+    addr = proxy.listen("web")
+    await fetch(addr, "GET", "/off")
+    original = proxy.config_path.read_text()
+    proxy.config_path.write_text(f"{original}\n{toml_table('[log]', {'access': str(path)})}")
+    proxy.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: proxy.events("reloaded"), 1, "reloaded lines")
+    async with await RawConnection.open(addr) as conn:  # a connection opened before...
+        await conn.request("GET", "/on")
+        proxy.config_path.write_text(original)
+        proxy.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: proxy.events("reloaded"), 2, "reloaded lines")
+        await conn.request("GET", "/off-again")  # ...follows the reload too
+    await fetch(addr, "GET", "/off-again")
+    assert [line["path"] for line in wait_for(file_lines(path), 1)] == ["/on"]
+    assert [e["access"] for e in proxy.events("access_log_configured")] == [str(path), "off"]
+
+
 # -- SIGUSR1 (logrotate), an unwritable path ----------------------------------------------
 
 
@@ -335,3 +358,33 @@ async def test_tcp_connection_gets_a_line_at_close(
     assert int(line["bytes_in"]) > 0 and int(line["bytes_out"]) > len("a")
     assert float(line["duration_ms"]) > 0
     print("TCP line:", path.read_text().strip())
+
+
+# -- workers ------------------------------------------------------------------------------
+
+
+async def test_workers_share_the_file_and_reopen_on_sigusr1(
+        start_backend: Callable[..., Backend], start_proxy: Callable[..., ProxyProcess],
+        tmp_path: Path) -> None:
+    """`--workers 2 --log-level debug`: both workers append to one file (whole lines), the
+    level reaches them, and the supervisor's SIGUSR1 makes each reopen it."""
+    backend = start_backend("a")
+    path = tmp_path / "access.log"
+    rotated = tmp_path / "access.log.1"
+    proxy = start_proxy(with_log({"access": str(path), "level": "warning"},
+                                 {"web": static(backend)}),
+                        workers=2, extra_args=("--log-level", "debug"))
+    addr = proxy.listen("web")
+    for i in range(40):  # fresh connections: the kernel spreads them over both workers
+        assert (await fetch(addr, "GET", f"/{i}")).status == 200
+    lines = wait_for(file_lines(path), 40)
+    assert sorted(line["path"] for line in lines) == sorted(f"/{i}" for i in range(40))
+    assert {e.get("worker") for e in proxy.events("listening")} == {"0", "1"}  # info shown
+    path.rename(rotated)
+    proxy.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: proxy.events("access_log_reopened"), 2, "reopen lines (one per worker)")
+    for i in range(10):
+        assert (await fetch(addr, "GET", f"/after/{i}")).status == 200
+    after = wait_for(file_lines(path), 10)
+    assert sorted(line["path"] for line in after) == sorted(f"/after/{i}" for i in range(10))
+    assert len(file_lines(rotated)()) == 40

@@ -105,3 +105,15 @@ def test_log_problems_name_their_keys(tmp_path: Path) -> None:
 def test_example_config_spells_out_the_defaults() -> None:
     example = Path(__file__).resolve().parents[2] / "config" / "example.toml"
     assert load(str(example), {}).log == LogConfig()
+
+
+def test_log_level_from_the_environment_wins_over_the_file(tmp_path: Path) -> None:
+    """`sdproxy run --log-level` sets $SDPROXY_LOG_LEVEL, so that reloads and workers keep it."""
+    path = tmp_path / "sdproxy.toml"
+    path.write_text('[log]\nlevel = "error"\n')
+    assert load(str(path), {"SDPROXY_LOG_LEVEL": "debug"}).log.level == "debug"
+    assert load(str(path), {"SDPROXY_LOG_LEVEL": ""}).log.level == "error"
+    with pytest.raises(ConfigError) as e:
+        load(str(path), {"SDPROXY_LOG_LEVEL": "loud"})
+    assert e.value.problems == [
+        f'{path}: $SDPROXY_LOG_LEVEL: must be one of debug, info, warning, error; got "loud"']
