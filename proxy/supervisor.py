@@ -12,7 +12,7 @@ Rules:
   service manager (systemd's Restart=on-failure) takes over. So does a worker of the
   first start that could not start (exit STARTUP_FAILED, its reason logged by it): the
   run fails at once, as it does without workers.
-- SIGTERM/SIGINT: every worker gets SIGTERM and drains; exit 0 once all exited 0 (a clean
+- SIGTERM/SIGINT/SIGQUIT: every worker gets SIGTERM and drains; exit 0 once all exited 0 (a clean
   stop), else 1. Bounded: STOP_GRACE past the largest drain_timeout the workers left get
   SIGKILL.
 - SIGHUP re-reads the config, so that a worker restarted later starts with the latest
@@ -200,7 +200,7 @@ class Supervisor:
     def _on_signal(self, number: int) -> None:
         if number == signal.SIGCHLD:
             self._reap()
-        elif number in (signal.SIGTERM, signal.SIGINT):
+        elif number in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):  # QUIT drains, as nginx
             if not self.stopping:
                 log.info("event=stopping signal=%s workers=%d", signal.Signals(number).name,
                          len(self._running()))

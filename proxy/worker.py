@@ -33,8 +33,8 @@ log = logging.getLogger("sdproxy.app")
 
 # What the supervisor takes itself (sigtimedwait) and so keeps blocked in its children
 # until they can handle them.
-SUPERVISED_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                                signal.SIGUSR1, signal.SIGUSR2})
+SUPERVISED_SIGNALS = frozenset({signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                                signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 

@@ -275,3 +275,15 @@ async def test_workers_drain_and_exit_when_their_supervisor_is_killed(
     stopped = [e for e in proxy.events("stopping") if e.get("worker") in ("0", "1")]
     assert sorted(e["worker"] for e in stopped) == ["0", "1"]
     assert all(e["signal"] == "SIGTERM" for e in stopped)
+
+
+async def test_sigquit_to_the_supervisor_drains_every_worker_and_exits_0(
+        start_backend: Callable[..., Backend],
+        start_proxy: Callable[..., ProxyProcess]) -> None:
+    """No signal a user may send by habit kills sdproxy without draining (SPEC)."""
+    backend = start_backend("q")
+    proxy = start_proxy({"web": static(backend)}, workers=2)
+    workers = [worker_pid(proxy, 0), worker_pid(proxy, 1)]
+    proxy.proc.send_signal(signal.SIGQUIT)
+    assert await asyncio.to_thread(wait_exit, proxy, 10) == 0
+    assert not any(alive(pid) for pid in workers)
