@@ -17,16 +17,16 @@ import base64
 import contextlib
 import http.client
 import json
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
-from loadtest.procs import Child, ScenarioError, Sdproxy, http_get, say, sdproxy_config, wait_until
-from loadtest.tomlwrite import toml_table
-from proxy import devconsul, devetcd
+from loadtest.procs import (
+    Sdproxy,
+    say,
+    start_sdproxy_on_registry,
+)
+from proxy import devetcd
 
 
 def start_etcd(stack: contextlib.ExitStack) -> devetcd.EtcdServer:
@@ -40,27 +40,8 @@ def start_sdproxy_etcd(stack: contextlib.ExitStack, etcd_url: str, prefix: str, 
                        expect: Iterable[str]) -> Sdproxy:
     """sdproxy with one upstream `service` from etcd; stopped first by `stack` (SIGTERM:
     it drains) since it is started after etcd."""
-    admin = ("127.0.0.1", devconsul.free_port())
-    listen = ("127.0.0.1", devconsul.free_port())
-    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sdproxy-load-")))
-    # sdproxy_config writes a [consul] table too; nothing here uses it.
-    text = (sdproxy_config(admin, listen, "http://127.0.0.1:8500", service,
-                           {"discovery": "etcd"})
-            + "\n" + toml_table("[etcd]", {"endpoints": [etcd_url], "prefix": prefix}))
-    path = workdir / "sdproxy.toml"
-    path.write_text(text)
-    child = Child("sdproxy", [sys.executable, "-m", "proxy", "run", "-c", str(path)])
-    stack.callback(child.stop, 10.0)
-    child.wait_for("event=listening", f"upstream={service}")
-    proxy = Sdproxy(child, service, listen, f"http://127.0.0.1:{admin[1]}", text)
-    want = set(expect)
-    try:
-        wait_until("sdproxy /ready", lambda: child.alive() and
-                   http_get(f"{proxy.admin}/ready")[0] == 200)
-        wait_until(f"sdproxy pool {sorted(want)}", lambda: proxy.endpoint_ids() == want)
-    except ScenarioError as e:
-        raise ScenarioError(f"{e}\n{child.output()}") from None
-    return proxy
+    return start_sdproxy_on_registry(stack, service, expect, "etcd", "[etcd]",
+                                     {"endpoints": [etcd_url], "prefix": prefix})
 
 
 def _b64(data: bytes) -> str:

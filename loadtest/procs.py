@@ -376,3 +376,32 @@ def run_scenario(name: str, body: Callable[[contextlib.ExitStack], int]) -> int:
             signal.signal(signal.SIGINT, previous_int)
             signal.signal(signal.SIGTERM, previous_term)
 
+
+def start_sdproxy_on_registry(stack: contextlib.ExitStack, service: str, expect: Iterable[str],
+                              discovery: str, section: str,
+                              keys: Mapping[str, Any]) -> Sdproxy:
+    """sdproxy with one upstream `service` found through `discovery` (etcd, zookeeper),
+    configured by the table `section` with `keys`; returned once it listens, `/ready`
+    answers and its pool is `expect`; stopped first by `stack` (SIGTERM: it drains), since
+    it is started after the registry."""
+    admin = ("127.0.0.1", devconsul.free_port())
+    listen = ("127.0.0.1", devconsul.free_port())
+    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sdproxy-load-")))
+    # sdproxy_config writes a [consul] table too; nothing here uses it.
+    text = (sdproxy_config(admin, listen, "http://127.0.0.1:8500", service,
+                           {"discovery": discovery})
+            + "\n" + toml_table(section, dict(keys)))
+    path = workdir / "sdproxy.toml"
+    path.write_text(text)
+    child = Child("sdproxy", [sys.executable, "-m", "proxy", "run", "-c", str(path)])
+    stack.callback(child.stop, 10.0)
+    child.wait_for("event=listening", f"upstream={service}")
+    proxy = Sdproxy(child, service, listen, f"http://127.0.0.1:{admin[1]}", text)
+    want = set(expect)
+    try:
+        wait_until("sdproxy /ready", lambda: child.alive() and
+                   http_get(f"{proxy.admin}/ready")[0] == 200)
+        wait_until(f"sdproxy pool {sorted(want)}", lambda: proxy.endpoint_ids() == want)
+    except ScenarioError as e:
+        raise ScenarioError(f"{e}\n{child.output()}") from None
+    return proxy

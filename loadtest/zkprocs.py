@@ -17,17 +17,17 @@ Every wait is bounded; every process is pushed on the stack the moment it exists
 from __future__ import annotations
 
 import contextlib
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
-from loadtest.procs import Child, ScenarioError, Sdproxy, http_get, say, sdproxy_config, wait_until
-from loadtest.tomlwrite import toml_table
-from proxy import devconsul, devzk
+from loadtest.procs import (
+    Sdproxy,
+    say,
+    start_sdproxy_on_registry,
+)
+from proxy import devzk
 
 
 def start_zookeeper(stack: contextlib.ExitStack) -> devzk.ZooKeeperServer:
@@ -52,27 +52,8 @@ def start_sdproxy_zookeeper(stack: contextlib.ExitStack, hosts: str, base: str, 
                             expect: Iterable[str]) -> Sdproxy:
     """sdproxy with one upstream `service` from ZooKeeper; stopped first by `stack`
     (SIGTERM: it drains) since it is started after ZooKeeper."""
-    admin = ("127.0.0.1", devconsul.free_port())
-    listen = ("127.0.0.1", devconsul.free_port())
-    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sdproxy-load-")))
-    # sdproxy_config writes a [consul] table too; nothing here uses it.
-    text = (sdproxy_config(admin, listen, "http://127.0.0.1:8500", service,
-                           {"discovery": "zookeeper"})
-            + "\n" + toml_table("[zookeeper]", {"hosts": [hosts], "base": base}))
-    path = workdir / "sdproxy.toml"
-    path.write_text(text)
-    child = Child("sdproxy", [sys.executable, "-m", "proxy", "run", "-c", str(path)])
-    stack.callback(child.stop, 10.0)
-    child.wait_for("event=listening", f"upstream={service}")
-    proxy = Sdproxy(child, service, listen, f"http://127.0.0.1:{admin[1]}", text)
-    want = set(expect)
-    try:
-        wait_until("sdproxy /ready", lambda: child.alive() and
-                   http_get(f"{proxy.admin}/ready")[0] == 200)
-        wait_until(f"sdproxy pool {sorted(want)}", lambda: proxy.endpoint_ids() == want)
-    except ScenarioError as e:
-        raise ScenarioError(f"{e}\n{child.output()}") from None
-    return proxy
+    return start_sdproxy_on_registry(stack, service, expect, "zookeeper", "[zookeeper]",
+                                     {"hosts": [hosts], "base": base})
 
 
 class ChildWatcher:
