@@ -26,6 +26,7 @@ from setuptools import Extension, setup
 # parser (`http_parser = "h11"`): off the default path, and the reference the
 # differential tests hold llhttp to, so it stays the plain Python it was reviewed as.
 HOT_MODULES = [
+    "proxy/l7/collect.py",
     "proxy/l7/exchange.py",
     "proxy/l7/framing.py",
     "proxy/l7/hashkey.py",

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from typing import Final
 
+from proxy.l7.collect import CLOSE_TOKENS, KEEP_ALIVE_TOKENS
 from proxy.l7.framing import connection_tokens
 from proxy.l7.message import (
     CHUNKED,
@@ -89,25 +90,55 @@ _CLOSE: Final = b"close"
 _COLON_SPACE: Final = b": "
 
 
-def _plain_lines(head: MessageHead) -> list[bytes] | None:
-    """The header lines to forward when the parser's notes suffice, else None."""
+def _plain(head: MessageHead) -> bool:
+    """Whether forwarding the head drops its hop-by-hop fields and changes nothing else."""
     kinds = head.kinds
     if kinds is None or kinds & _NEEDS_FULL_PASS:
-        return None
-    headers = head.headers
+        return False
     tokens = head.connection
     if tokens:
-        if not tokens <= _PLAIN_TOKENS:
-            return None
+        if (tokens is not KEEP_ALIVE_TOKENS and tokens is not CLOSE_TOKENS
+                and not tokens <= _PLAIN_TOKENS):
+            return False
         # `Connection: close` would drop a field named Close too: leave that to the full pass.
-        if _CLOSE in tokens and any(len(n) == 5 and n.lower() == _CLOSE for n, _v in headers):
-            return None
-    lines = list(map(_COLON_SPACE.join, headers))
+        if _CLOSE in tokens and any(len(n) == 5 and n.lower() == _CLOSE
+                                    for n, _v in head.headers):
+            return False
+    return True
+
+
+def _plain_lines(head: MessageHead) -> list[bytes] | None:
+    """The header lines to forward when the parser's notes suffice, else None."""
+    if not _plain(head):
+        return None
+    lines = list(map(_COLON_SPACE.join, head.headers))
     drop_at = head.drop_at
     if drop_at is not None:
         for i in reversed(drop_at):
             del lines[i]
     return lines
+
+
+def _kept(head: MessageHead, raw: bytes) -> bytes:
+    """The head as received without its hop-by-hop lines and its final CRLF (`_plain`
+    heads only: `raw` is `head.raw`)."""
+    end = len(raw) - 2
+    drop_at = head.drop_at
+    drop_from = head.drop_from
+    if drop_at is None or drop_from is None:
+        return raw[:end]
+    headers = head.headers
+    pieces: list[bytes] = []
+    at = 0
+    for i, index in enumerate(drop_at):
+        line_at = drop_from[i]
+        name, value = headers[index]
+        pieces.append(raw[at:line_at])
+        at = line_at + len(name) + len(value) + 4
+    if at == end and len(pieces) == 1:  # one hop-by-hop line, the last (Connection, often)
+        return pieces[0]
+    pieces.append(raw[at:end])
+    return b"".join(pieces)
 
 
 _X_REQUEST_ID: Final = b"x-request-id"
@@ -154,6 +185,16 @@ def encode_request(head: MessageHead, *, client_ip: bytes, default_host: bytes,
                    request_id: bytes = b"") -> bytes:
     """The request head as sent upstream; `request_id`, when given, is added as
     X-Request-Id (the caller found none in the request)."""
+    raw = head.raw
+    if raw is not None and _plain(head):  # the head as received, hop-by-hop lines cut out
+        kinds = head.kinds or 0
+        proto = b"" if kinds & FORWARDED_PROTO else b"X-Forwarded-Proto: http\r\n"
+        host = b"" if kinds & HOST else b"Host: " + default_host + _CRLF
+        if request_id:
+            return b"".join((_kept(head, raw), b"X-Forwarded-For: ", client_ip, _CRLF, proto,
+                             host, _REQUEST_ID_LINE, request_id, b"\r\n\r\n"))
+        return b"".join((_kept(head, raw), b"X-Forwarded-For: ", client_ip, _CRLF, proto,
+                         host, _CRLF))
     lines = _plain_lines(head)
     if lines is not None:  # no X-Forwarded-For, Upgrade or Transfer-Encoding to act on
         kinds = head.kinds or 0
@@ -188,7 +229,16 @@ def encode_request(head: MessageHead, *, client_ip: bytes, default_host: bytes,
 def encode_response(head: MessageHead, *, request_version: bytes,
                     request_keep_alive: bool) -> tuple[bytes, bool, bool]:
     """(head bytes, chunk-encode the body?, keep the client connection?)."""
-    rechunk = head.framing in (CHUNKED, UNTIL_CLOSE)
+    framing = head.framing
+    rechunk = framing == CHUNKED or framing == UNTIL_CLOSE
+    raw = head.raw
+    if raw is not None and not rechunk and _plain(head):
+        # The head as received, hop-by-hop lines cut out, its persistence said anew.
+        if not request_keep_alive:
+            return _kept(head, raw) + b"Connection: close\r\n\r\n", False, False
+        if request_version != b"1.1":
+            return _kept(head, raw) + b"Connection: keep-alive\r\n\r\n", False, True
+        return _kept(head, raw) + _CRLF, False, True
     lines = None if rechunk else _plain_lines(head)
     if lines is None:
         lines, _seen = _forwardable(head, drop_length=rechunk)

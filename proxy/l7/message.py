@@ -37,11 +37,13 @@ class MessageHead:
         "connection",
         "content_length",
         "drop_at",
+        "drop_from",
         "framing",
         "headers",
         "keep_alive",
         "kinds",
         "method",
+        "raw",
         "reason",
         "status",
         "target",
@@ -54,7 +56,8 @@ class MessageHead:
                  headers: list[tuple[bytes, bytes]] | None = None, keep_alive: bool = True,
                  framing: int = NO_BODY, content_length: int | None = None,
                  upgrade: bool = False, connection: frozenset[bytes] | None = None,
-                 kinds: int | None = None, drop_at: list[int] | None = None) -> None:
+                 kinds: int | None = None, drop_at: list[int] | None = None,
+                 raw: bytes | None = None, drop_from: list[int] | None = None) -> None:
         self.method = method
         # Tokens of the Connection fields, lowercased, when the parser collected them
         # (None: not known, derive from `headers`).
@@ -73,6 +76,12 @@ class MessageHead:
         # hop-by-hop fields among them.
         self.kinds = kinds
         self.drop_at = drop_at
+        # The head's bytes as received, when each of its lines is exactly as forwarding
+        # writes it (start line as HTTP/1.1, `Name: value` CRLF fields): forwarding then
+        # copies them and cuts out the hop-by-hop lines, which start at `drop_from` (in
+        # the order of `drop_at`). None: the head is written from `headers`.
+        self.raw = raw
+        self.drop_from = drop_from
 
     def __repr__(self) -> str:
         first = (f"{self.method!r} {self.target!r}" if self.method else f"{self.status}")

@@ -9,7 +9,7 @@ syntax, and what it accepts between messages. A head is held until its end; each
 checked as it arrives (a bad byte is refused as soon as llhttp would refuse it, a head that
 never ends meets the 431 bound), then h11 parses the head as well (its refusal is a 400
 too). Bodies are framed here by count and never scanned. Framing, Host, target and head-size
-rules are the shared ones of `parsers.py`; the differential tests
+rules are the shared ones of `collect.py`; the differential tests
 (tests/unit/test_parser_differential_fuzz.py) hold both parsers to the same events.
 """
 
@@ -20,8 +20,8 @@ from typing import Final
 
 import h11
 
+from proxy.l7.collect import HeadCollector, request_head, response_head
 from proxy.l7.message import NO_BODY, HeadTooLarge, MessageHead, MessageSink, ParseError
-from proxy.l7.parsers import _HeadCollector, _request_head, _response_head
 
 # The request methods llhttp 9 accepts with an "HTTP/x.y" version (its METHODS_HTTP1, as
 # httptools 0.9 reports them); any other word, lowercase spellings included, is a 400.
@@ -114,7 +114,7 @@ class _Llhttp:
     def _new_message(self) -> None:
         self._flags = 0
         self._content_length = 0
-        self._c = _HeadCollector(self._max_head, self._what)
+        self._c = HeadCollector(self._max_head, self._what)
         self._pending: tuple[bytes, bytes] | None = None  # a field not yet counted
         self._fields: list[tuple[bytes, bytes]] = []
         self._url_counted = 0
@@ -396,17 +396,17 @@ class _Llhttp:
         if self._request:
             method, target, version = line
             _confirm(b"%s %s HTTP/1.0\r\n" % (method, target), self._fields, True)
-            head = _request_head(method, target, version, c)
+            head = request_head(method, target, version, c)
             self._sink.on_head(head)
-            self._after_request_head(head)
+            self._afterrequest_head(head)
         else:
             status = int(line[0])
             _confirm(b"HTTP/1.1 200 OK\r\n", self._fields, False)
-            head = _response_head(status, line[1], line[2], self._method, c)
+            head = response_head(status, line[1], line[2], self._method, c)
             self._sink.on_head(head)
-            self._after_response_head(head, status)
+            self._afterresponse_head(head, status)
 
-    def _after_request_head(self, head: MessageHead) -> None:
+    def _afterrequest_head(self, head: MessageHead) -> None:
         flags = self._flags
         has_body = flags & _F_CHUNKED or self._content_length > 0
         # httptools stops at the head of an upgrade offer (and of CONNECT); parsers.py serves
@@ -427,7 +427,7 @@ class _Llhttp:
         else:
             self._message_done()
 
-    def _after_response_head(self, head: MessageHead, status: int) -> None:
+    def _afterresponse_head(self, head: MessageHead, status: int) -> None:
         flags = self._flags
         if status == 101:  # llhttp leaves HTTP; httptools reports it only for an upgrade
             self._sink.on_end()
@@ -496,7 +496,7 @@ class _Llhttp:
             self._remaining = size
         else:
             self._state = _TRAILERS
-            self._c = _HeadCollector(self._max_head, self._what)
+            self._c = HeadCollector(self._max_head, self._what)
             self._pending = None
         return m.end() - shift
 
