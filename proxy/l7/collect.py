@@ -4,7 +4,7 @@ A parser hands each field of a head to `HeadCollector.on_header` and, at the hea
 builds the `MessageHead` with `request_head` / `response_head`, which hold it to the
 request rules of `parsers.py` (version, Host, target, framing per `framing.py`). The
 collector notes the few fields that framing or forwarding act on (`MessageHead.kinds`),
-and, when the parser names the bytes the head arrived in (`start_raw`), whether every
+and, when the parser names the bytes the head arrived in (`raw`), whether every
 field line is exactly as `headers.py` would write it, so that the head can be forwarded
 as it came, with only its hop-by-hop lines cut out. Neither parser module imports the
 other: both import this one.
@@ -77,8 +77,9 @@ class HeadCollector:
 
     `raw` is the bytes the head arrived in, from its first byte, while every field line so
     far reads `Name: value` CRLF there (one space, no trailing whitespace); `raw_at` is
-    where the next line starts in it. A parser that cannot say where its head began leaves
-    `raw` None.
+    where the next line starts in it. The parser sets both when a head begins a read and
+    takes `raw[:raw_at + 2]` at the head's end; one that cannot say where its head began
+    leaves `raw` None.
     """
 
     __slots__ = ("connection", "content_lengths", "drop_at", "drop_from", "head_size",
@@ -103,33 +104,34 @@ class HeadCollector:
         self.hosts = 0
         self.head_size = 0
 
-    def start_raw(self, data: bytes, fields_at: int) -> None:
-        """The head begins at data[0]; its field lines begin at `fields_at`."""
-        self.raw = data
-        self.raw_at = fields_at
-
     def on_header(self, name: bytes, value: bytes) -> None:
         name_length = len(name)
-        size = self.head_size = self.head_size + name_length + len(value) + 4
+        value_length = len(value)
+        size = self.head_size = self.head_size + name_length + value_length + 4
         if size > self.max_head:
             raise HeadTooLarge(f"{self.what} head larger than {self.max_head} bytes")
         trailing_ows = False
-        if value:
+        if value_length:
             last = value[-1]
             if last == _SP or last == _HTAB:  # llhttp keeps trailing OWS; h11 does not
                 value = value.rstrip(b" \t")
                 trailing_ows = True
-        line_at = self.raw_at
+                self.raw = None  # the line is not as it is forwarded
         raw = self.raw
+        line_at = 0
         if raw is not None:
+            line_at = self.raw_at
             # llhttp took `name` from the line's start, skipped the whitespace before the
-            # value and stopped the value at CR: one space before it and CR right after it
+            # value and ended the value at CR: one space before it and CR right after it
             # leave no other spelling of this line.
             space = line_at + name_length + 1
-            cr = space + 1 + len(value)
-            if cr < len(raw) and raw[space] == _SP and raw[cr] == _CR:
-                self.raw_at = cr + 2
-            else:
+            cr = space + 1 + value_length
+            try:
+                if raw[space] == _SP and raw[cr] == _CR:
+                    self.raw_at = cr + 2
+                else:
+                    self.raw = None
+            except IndexError:
                 self.raw = None
         headers = self.headers
         if name_length > _LONGEST_KIND or not (_KIND_LENGTHS >> name_length) & 1:
@@ -154,23 +156,19 @@ class HeadCollector:
         if kind == HOST:
             self.hosts += 1
         elif kind == CONTENT_LENGTH:
-            self.content_lengths = _appended(self.content_lengths, value)
+            if self.content_lengths is None:
+                self.content_lengths = [value]
+            else:
+                self.content_lengths.append(value)
         elif kind & TRANSFER_ENCODING:
             if trailing_ows:  # llhttp does not read `chunked<TAB>` as chunked: no agreement
                 raise ParseError("Transfer-Encoding with trailing whitespace")
             self.transfer_encodings = _appended(self.transfer_encodings, value)
         elif kind & CONNECTION:
-            self.connection = _appended(self.connection, value)
-
-    def take_raw(self) -> bytes | None:
-        """The head's bytes when every line of it is as it would be forwarded, else None;
-        the collector forgets them (a later head does not begin at the same place)."""
-        raw = self.raw
-        if raw is None:
-            return None
-        self.raw = None
-        end = self.raw_at + 2
-        return raw if len(raw) == end else raw[:end]
+            if self.connection is None:
+                self.connection = [value]
+            else:
+                self.connection.append(value)
 
 
 def _appended(values: list[bytes] | None, value: bytes) -> list[bytes]:
@@ -237,15 +235,15 @@ def _authority(authority: bytes, scheme: bytes) -> bytes:
 
 def request_head(method: bytes, target: bytes, version: bytes, c: HeadCollector,
                  raw: bytes | None = None) -> MessageHead:
-    """The request head the collector gathered (`raw`: its bytes, when `take_raw` gave
+    """The request head the collector gathered (`raw`: its bytes, when the collector kept
     them and its request line reads `method SP target SP HTTP/1.1` CRLF)."""
     if version != b"1.1" and version != b"1.0":
         raise ParseError(f"unsupported HTTP version {version.decode(errors='replace')}")
     if c.hosts > 1 or (not c.hosts and version == b"1.1"):
         raise ParseError("more than one Host" if c.hosts else "missing Host")
-    # find(), not `in`: bytes.__contains__ tries an int needle first, and the TypeError it
-    # raises and clears costs more than the scan.
-    if target[:1] != b"/" or target.find(b"#") >= 0:
+    # partition(), not `in`: bytes.__contains__ tries an int needle first, and the TypeError
+    # it raises and clears costs more than the scan; find() parses its arguments as a tuple.
+    if target[:1] != b"/" or target.partition(b"#")[1]:
         _check_target(method, target, c.headers)
     if not (c.content_lengths or c.transfer_encodings or c.connection):
         # The common request (no body, no Connection field): nothing to decide.
@@ -277,7 +275,7 @@ _COMMON_REASONS: Final = frozenset((b"OK", b"Created", b"No Content", b"Not Modi
 
 def response_head(status: int, reason: bytes, version: bytes, method: bytes,
                   c: HeadCollector, raw: bytes | None = None) -> MessageHead:
-    """The response head the collector gathered (`raw`: its bytes, when `take_raw` gave
+    """The response head the collector gathered (`raw`: its bytes, when the collector kept
     them and its status line reads `HTTP/1.1 SP status SP reason` CRLF, reason not empty)."""
     if version != b"1.1" and version != b"1.0":
         raise ParseError(f"unsupported HTTP version {version.decode(errors='replace')}")
@@ -299,8 +297,18 @@ def response_head(status: int, reason: bytes, version: bytes, method: bytes,
     else:
         framing, length = response_framing(status, method, lengths or _NO_VALUES,
                                            c.transfer_encodings or _NO_VALUES)
-    tokens = _tokens(c.connection)
+    values = c.connection
+    if values is None:
+        tokens = NO_TOKENS
+    elif len(values) == 1 and values[0] == b"keep-alive":  # _tokens(values), the usual case
+        tokens = KEEP_ALIVE_TOKENS
+    else:
+        tokens = _tokens(values)
+    if tokens is KEEP_ALIVE_TOKENS or (tokens is NO_TOKENS and version == b"1.1"):
+        keep_alive = True
+    else:
+        keep_alive = wants_keep_alive(version, tokens)
     return MessageHead(status=status, reason=reason, version=version, headers=c.headers,
-                       keep_alive=wants_keep_alive(version, tokens), framing=framing,
+                       keep_alive=keep_alive, framing=framing,
                        content_length=length, upgrade=status == 101, connection=tokens,
                        kinds=c.kinds, drop_at=c.drop_at, raw=raw, drop_from=c.drop_from)

@@ -186,15 +186,19 @@ def encode_request(head: MessageHead, *, client_ip: bytes, default_host: bytes,
     """The request head as sent upstream; `request_id`, when given, is added as
     X-Request-Id (the caller found none in the request)."""
     raw = head.raw
-    if raw is not None and _plain(head):  # the head as received, hop-by-hop lines cut out
-        kinds = head.kinds or 0
+    kinds = head.kinds
+    tokens = head.connection
+    if (raw is not None and kinds is not None and not kinds & _NEEDS_FULL_PASS
+            and (not tokens or _plain(head))):
+        # The head as received, hop-by-hop lines cut out (`_plain`, the usual case inline).
         proto = b"" if kinds & FORWARDED_PROTO else b"X-Forwarded-Proto: http\r\n"
         host = b"" if kinds & HOST else b"Host: " + default_host + _CRLF
         if request_id:
-            return b"".join((_kept(head, raw), b"X-Forwarded-For: ", client_ip, _CRLF, proto,
-                             host, _REQUEST_ID_LINE, request_id, b"\r\n\r\n"))
-        return b"".join((_kept(head, raw), b"X-Forwarded-For: ", client_ip, _CRLF, proto,
-                         host, _CRLF))
+            return b"".join((raw[:len(raw) - 2] if head.drop_at is None else _kept(head, raw),
+                             b"X-Forwarded-For: ", client_ip, _CRLF, proto, host,
+                             _REQUEST_ID_LINE, request_id, b"\r\n\r\n"))
+        return b"".join((raw[:len(raw) - 2] if head.drop_at is None else _kept(head, raw),
+                         b"X-Forwarded-For: ", client_ip, _CRLF, proto, host, _CRLF))
     lines = _plain_lines(head)
     if lines is not None:  # no X-Forwarded-For, Upgrade or Transfer-Encoding to act on
         kinds = head.kinds or 0
@@ -232,13 +236,18 @@ def encode_response(head: MessageHead, *, request_version: bytes,
     framing = head.framing
     rechunk = framing == CHUNKED or framing == UNTIL_CLOSE
     raw = head.raw
-    if raw is not None and not rechunk and _plain(head):
-        # The head as received, hop-by-hop lines cut out, its persistence said anew.
+    kinds = head.kinds
+    tokens = head.connection
+    if (raw is not None and not rechunk and kinds is not None and not kinds & _NEEDS_FULL_PASS
+            and (not tokens or tokens is KEEP_ALIVE_TOKENS or _plain(head))):
+        # The head as received, hop-by-hop lines cut out (`_plain`, the usual case inline),
+        # its persistence said anew.
+        kept = raw[:len(raw) - 2] if head.drop_at is None else _kept(head, raw)
         if not request_keep_alive:
-            return _kept(head, raw) + b"Connection: close\r\n\r\n", False, False
+            return kept + b"Connection: close\r\n\r\n", False, False
         if request_version != b"1.1":
-            return _kept(head, raw) + b"Connection: keep-alive\r\n\r\n", False, True
-        return _kept(head, raw) + _CRLF, False, True
+            return kept + b"Connection: keep-alive\r\n\r\n", False, True
+        return kept + _CRLF, False, True
     lines = None if rechunk else _plain_lines(head)
     if lines is None:
         lines, _seen = _forwardable(head, drop_length=rechunk)

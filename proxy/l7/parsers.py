@@ -41,34 +41,42 @@ class ResponseParser(Protocol):
 
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
+_SP: Final = 32
+_CR: Final = 13
 
 
-def _http_version(parser: httptools.HttpRequestParser | httptools.HttpResponseParser,
-                  known_11: bool) -> bytes:
+def _http_version(parser: httptools.HttpRequestParser | httptools.HttpResponseParser) -> bytes:
     """The message's version. httptools formats it as text on every call (a tenth of the
-    parsing cost of a small request), so a message that starts a read and shows
-    ` HTTP/1.1` ending its first line, which llhttp has just accepted, skips the call."""
-    if known_11:
-        return b"1.1"
+    parsing cost of a small request), so the parsers skip the call for a message that
+    starts a read and shows ` HTTP/1.1` ending its first line, which llhttp has just
+    accepted."""
     text = parser.get_http_version()
     return _VERSIONS.get(text) or text.encode()
 
 
 def _feed_httptools(parser: httptools.HttpRequestParser | httptools.HttpResponseParser,
                     data: bytes) -> int | None:
+    """Feed llhttp: None, or where an upgrade left HTTP. (The parsers' `feed` has these
+    lines written out: they run once per read.)"""
     try:
         parser.feed_data(data)
     # One name per exception type: mypyc types an `except ... as` name once, so a name
     # reused for another type fails at run time when compiled.
     except httptools.HttpParserUpgrade as upgrade:
         return int(upgrade.args[0])
-    except httptools.HttpParserCallbackError as callback_error:
-        cause = callback_error.__context__
-        raise (cause if isinstance(cause, ParseError)
-               else ParseError(str(callback_error))) from None
     except httptools.HttpParserError as parser_error:
-        raise ParseError(str(parser_error)) from None
+        raise _parse_error(parser_error) from None
     return None
+
+
+def _parse_error(error: httptools.HttpParserError) -> ParseError:
+    """What llhttp refused, as ours: a ParseError raised in a callback comes out of
+    httptools as the context of an HttpParserCallbackError."""
+    if isinstance(error, httptools.HttpParserCallbackError):
+        cause = error.__context__
+        if isinstance(cause, ParseError):
+            return cause
+    return ParseError(str(error))
 
 
 class _HttptoolsParser(HeadCollector):
@@ -123,9 +131,15 @@ class HttptoolsRequestParser(_HttptoolsParser):
             eol = data.find(b"\n")
             self._v11 = eol >= 10 and data[eol - 10:eol] == b" HTTP/1.1\r"
             if self._v11:
-                self._line_end = eol + 1
-                self.start_raw(data, eol + 1)
-        offset = _feed_httptools(self._parser, data)
+                self.raw = data  # the head begins here (see HeadCollector)
+                self.raw_at = self._line_end = eol + 1
+        try:  # _feed_httptools(self._parser, data), written out: once per read
+            self._parser.feed_data(data)
+            offset = None
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = int(upgrade.args[0])
+        except httptools.HttpParserError as parser_error:
+            raise _parse_error(parser_error) from None
         if offset is not None and self._resume is not None:
             return self._resume_body(data, offset)
         if self._in_head:
@@ -165,16 +179,22 @@ class HttptoolsRequestParser(_HttptoolsParser):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        raw = self.take_raw()
+        raw = self.raw
+        self.raw = None  # a later head does not begin at data[0]
         if self._resuming:
             self.reset()
             return
         p = self._parser
         method = p.get_method()
         url = self._url
-        if raw is not None and len(method) + len(url) + 11 != self._line_end:
-            raw = None  # more than one space between the words of the request line
-        head = request_head(method, url, _http_version(p, self._v11), self, raw)
+        if raw is not None:
+            end = self.raw_at + 2
+            if len(method) + len(url) + 12 != self._line_end:
+                raw = None  # more than one space between the words of the request line
+            elif len(raw) != end:
+                raw = raw[:end]
+        version = b"1.1" if self._v11 else _http_version(p)
+        head = request_head(method, url, version, self, raw)
         self.reset()  # trailers must not join the head
         if (not head.upgrade and head.framing != NO_BODY and head.method != b"CONNECT"
                 and p.should_upgrade()):
@@ -224,11 +244,14 @@ class HttptoolsResponseParser(_HttptoolsParser):
         if self._idle:
             self._v11 = data.startswith(b"HTTP/1.1 ")
             if self._v11:
-                eol = data.find(b"\n")
-                if eol > 0:
-                    self._line_end = eol + 1
-                    self.start_raw(data, eol + 1)
-        offset = _feed_httptools(self._parser, data)
+                self.raw = data  # the head begins here; on_status says where its fields do
+        try:  # _feed_httptools(self._parser, data), written out: once per read
+            self._parser.feed_data(data)
+            offset = None
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = int(upgrade.args[0])
+        except httptools.HttpParserError as parser_error:
+            raise _parse_error(parser_error) from None
         if self._in_head:
             self.raw = None  # the head goes on in the next read: not in one piece
             self._check_head_bound(carried, data, self.head_size + len(self._reason))
@@ -244,17 +267,24 @@ class HttptoolsResponseParser(_HttptoolsParser):
         self._fed_in_head = 0
 
     def on_status(self, status: bytes) -> None:
-        self._reason += status
+        reason = self._reason = self._reason + status
+        # `HTTP/1.1 NNN reason` CRLF, if the head began this read (llhttp takes three digits)
+        self.raw_at = len(reason) + 15
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         reason = self._reason
-        raw = self.take_raw()
-        if raw is not None and (not reason or len(reason) + 15 != self._line_end):
-            raw = None  # the status line is not `HTTP/1.1 NNN reason`: it is rewritten
+        raw = self.raw
+        self.raw = None  # a later head does not begin at data[0]
+        if raw is not None:
+            end = self.raw_at + 2
+            if not reason or raw[len(reason) + 13] != _CR or raw[12] != _SP:
+                raw = None  # the status line is not `HTTP/1.1 NNN reason`: it is rewritten
+            elif len(raw) != end:
+                raw = raw[:end]
         p = self._parser
-        head = response_head(p.get_status_code(), reason, _http_version(p, self._v11),
-                             self._method, self, raw)
+        version = b"1.1" if self._v11 else _http_version(p)
+        head = response_head(p.get_status_code(), reason, version, self._method, self, raw)
         self.reset()  # trailers must not join the head
         self._sink.on_head(head)
         if self._method == b"HEAD" and head.status >= 200:
