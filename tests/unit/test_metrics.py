@@ -238,9 +238,7 @@ def test_catalog_metrics_and_staleness_with_an_injected_clock() -> None:
 
 def test_listener_failover_and_no_instance_counters() -> None:
     web, api = runtime("web"), runtime("api")
-    web.count_failover("connect-failure")
-    web.count_failover("connect-failure")
-    web.count_failover("503")
+    web.failovers.update({"connect-failure": 2, "503": 1})  # as should_retry counts them
     web.no_host_responses = 4
     state = State({"web": web, "api": api},
                   listeners={"web": Listener(connections=3, rejected_connections=2)})

@@ -666,7 +666,9 @@ def test_listener_retries_a_refused_connect_and_releases_everything() -> None:
 
 def test_listener_with_no_reachable_instance_closes_the_client_without_a_byte() -> None:
     async def main() -> None:
-        # retries = 2 by default: both instances fail, then none is left to pick.
+        # retries = 2 by default: both instances fail, then none is left to try. As in
+        # HTTP mode (a 502 naming the failed instance), that is a failed connect, not a
+        # connection closed for want of an instance: no third attempt is begun.
         listener = make_listener([closed_port(), closed_port()])
         server, addr = await serve(listener)
         reader, writer = await asyncio.open_connection(*addr)
@@ -679,8 +681,9 @@ def test_listener_with_no_reachable_instance_closes_the_client_without_a_byte() 
         await settled(listener)
         assert_released(listener)
         rt = listener.runtime
-        assert rt.no_host_responses == 1
+        assert rt.no_host_responses == 0 and rt.failovers == {"connect-failure": 1}
         assert sum(h.failures for h in rt.all_hosts()) == 2
+        assert sum(h.requests for h in rt.all_hosts()) == 2
         server.close()
 
     run(main)
