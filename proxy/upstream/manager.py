@@ -141,13 +141,11 @@ class LatencyHistogram:
 class UpstreamRuntime:
     """One upstream's live state: snapshot, hosts, catalog freshness and counters."""
 
-    # Slots: the request path reads these attributes on every request, and CPython 3.11
-    # reads instance-dict attributes fast only while an object has fewer than 30 (at 30
-    # a request cost ~0.5 % more instructions, bench/profile_http.py --instructions).
-    # `__dict__` stays, so tests may still replace a method on one instance; an
-    # attribute missing from this list still works, only more slowly.
+    # Compiled by mypyc (setup.py's HOT_MODULES); slots keep the interpreted fallback
+    # fast (CPython 3.11 reads instance-dict attributes fast only while an object has
+    # fewer than 30) and as strict as the compiled class: no attribute outside this
+    # list, no method replaced on one instance.
     __slots__ = (
-        "__dict__",
         "_config",
         "answered",
         "balancer",
@@ -375,8 +373,10 @@ class UpstreamRuntime:
         but the instance stays busy with it until `release(host)`."""
         if host is not tried[0]:  # never the same instance twice: a retry
             self.retries_in_flight -= 1
-        if not holds_host:
-            self.release(host)
+        if not holds_host:  # release(host), written out: this runs on every request
+            host.active -= 1
+            if host.draining and host.active <= 0:
+                self.draining.pop(id(host), None)
 
     def should_retry(self, outcome: int, method: bytes, replayable: bool,
                      tried: Collection[Host]) -> bool:

@@ -712,24 +712,23 @@ def test_listener_closes_connections_beyond_max_connections_at_once() -> None:
     run(main)
 
 
-def test_a_client_leaving_while_connecting_stops_the_connect_and_releases_the_host() -> None:
+def test_a_client_leaving_while_connecting_stops_the_connect_and_releases_the_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         # A listener whose accept queue is full (backlog 0 holds one connection, which
         # nobody accepts): further SYNs are dropped and connects hang.
         blackhole = socket.create_server(("127.0.0.1", 0), backlog=0)
         filler = [socket.create_connection(blackhole.getsockname(), timeout=WAIT)]
         listener = make_listener([blackhole.getsockname()[1]], connect_timeout=30.0)
-        rt = listener.runtime
         picked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        real_pick = rt.pick
+        real_open = tcp.TcpClient._open
 
-        def pick(tried: Any, key: Any = None) -> Any:
-            host = real_pick(tried, key)
-            if not picked.done():
+        async def open_(client: tcp.TcpClient, host: Any, timeout: float) -> Holding:
+            if not picked.done():  # the attempt has begun: the connect starts now
                 picked.set_result(host)
-            return host
+            return await real_open(client, host, timeout)
 
-        rt.pick = pick  # type: ignore[method-assign]
+        monkeypatch.setattr(tcp.TcpClient, "_open", open_)
         server, addr = await serve(listener)
         try:
             _reader, writer = await asyncio.open_connection(*addr)
