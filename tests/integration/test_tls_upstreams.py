@@ -145,9 +145,14 @@ async def test_tls_to_instances_and_from_clients(
                                                        .split('"')[0])
     assert {name: len(ports) for name, ports in peers.items()} == {"a": 1, "b": 1}, peers
     # Probes over TLS: both instances pass them and stay in the pool.
-    eps = await poll(lambda: [ep for ep in proxy.endpoints(UPSTREAM)
-                              if ep["health_checks"].get("pass", 0) >= 2], "probes pass")
-    assert len(eps) == 2 and all(ep["state"] == "healthy" for ep in eps), eps
+    def probed_twice() -> list[dict[str, Any]]:
+        eps = proxy.endpoints(UPSTREAM)
+        return eps if all(ep["health_checks"].get("pass", 0) >= 2 for ep in eps) else []
+
+    eps = await poll(probed_twice, "two passed probes of each instance")
+    assert [ep["state"] for ep in eps] == ["healthy", "healthy"], eps
+    assert not any(ep["health_checks"].get("fail", 0) or ep["health_checks"].get("error", 0)
+                   for ep in eps), eps
 
     # A certificate without the name: failed over, charged, logged; 502 when alone.
     failover = proxy.listen("tls-failover")
@@ -185,6 +190,7 @@ async def test_tls_to_instances_and_from_clients(
     # A plain client of a TLS listener gets no HTTP answer.
     with pytest.raises((ConnectionError, OSError, asyncio.IncompleteReadError)):
         await fetch(proxy.listen("tls-listen-http"), timeout=3.0)
+    assert "Traceback" not in proxy.stderr_text(), proxy.stderr_tail()
     print(f"test ran {time.monotonic() - started:.1f}s")
 
 
