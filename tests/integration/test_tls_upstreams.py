@@ -237,4 +237,16 @@ async def test_sighup_reloads_the_listener_certificate(
         assert resp.status == 200
     finally:
         await before.close()
+
+    # listen_tls taken out by a reload: a new, plain listener on the same address.
+    proxy.config_path.write_text(build_config(
+        {"reloading": {**static(plain), "listen": f"127.0.0.1:{addr[1]}"}},
+        admin_listen=f"127.0.0.1:{proxy.admin_addr[1]}",
+        consul={"address": f"127.0.0.1:{free_port()}"}))
+    reloads = len(proxy.events("reloaded"))
+    proxy.proc.send_signal(signal.SIGHUP)
+    (reloaded,) = await poll(lambda: proxy.events("reloaded")[reloads:], "the second reload")
+    assert reloaded["added"] == "reloading", reloaded  # replaced: retired, then added
+    resp = await fetch(addr)
+    assert (resp.status, resp.text) == (200, "plain")
     print(f"test ran {time.monotonic() - started:.1f}s")
