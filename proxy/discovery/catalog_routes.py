@@ -35,7 +35,8 @@ token, TLS files, 403 and JSON rules; `describe_error`):
 - An answer is read incrementally (`handle_answer`): only services whose tag list
   changed are read again, so with 500 services an answer costs the event loop well
   under a millisecond, most of it JSON (`bench/tag_routes.py` measures it).
-- Errors (agent unreachable, 403 — the token lacks `service:read` —, any other status, a
+- Errors (agent unreachable, 403 — the token lacks `service:read` —, an empty service
+  list — ACLs hide every service, as there is always "consul" —, any other status, a
   bad answer, TLS) are logged `event=tag_routes_error` and go to the optional
   `on_error`; they never change the map: the last one given stays in force.
 - A malformed tag (or one with ignored options) is logged when it appears in an answer,
@@ -65,11 +66,13 @@ from proxy.discovery.consul import (
     PACE_BURST,
     PACE_INTERVAL,
     TIMEOUT_MARGIN,
+    ConsulACLError,
     ConsulTLS,
     base_url,
     describe_error,
     format_wait,
     get_json,
+    token_hint,
 )
 from proxy.discovery.consul_decode import (
     DecodeError,
@@ -313,7 +316,17 @@ class CatalogRoutesWatch:
                                            tls=self._tls, params=self._params(),
                                            timeout=self.timeout,
                                            acl_lacks=ACL_LACKS_SERVICE_READ)
-            return self.handle_answer(decode_services(body), headers.get("X-Consul-Index"))
+            services = decode_services(body)
+            if not services:
+                # Every catalog lists "consul" (its servers register it), so an empty list
+                # is ACLs hiding every service from this token, not a catalog without
+                # routes: an error, which keeps the last map (Consul 1.8 answers so
+                # instead of 403, and sends no X-Consul-Results-Filtered-By-ACLs).
+                raise ConsulACLError(
+                    f"{ACL_LACKS_SERVICE_READ} (Consul listed no service at all, not even "
+                    f'"consul": ACLs hide every service from this token'
+                    f"{token_hint(self.consul)})")
+            return self.handle_answer(services, headers.get("X-Consul-Index"))
         except asyncio.CancelledError:
             raise
         # Never crash (DESIGN habit 10): whatever failed, report it, back off, try again.

@@ -247,7 +247,7 @@ async def test_agent_stopped_keeps_the_last_map_then_resumes() -> None:
         agent.cleanup()
 
 
-async def test_403_names_service_read_and_gives_no_map() -> None:
+async def test_acl_errors_name_service_read_and_give_no_map() -> None:
     master = str(uuid.uuid4())
     svc = unique_service("acl")
     agent = ConsulAgent(node="tag-routes-acl", acl_master_token=master)
@@ -263,5 +263,12 @@ async def test_403_names_service_read_and_gives_no_map() -> None:
             assert "no token set" not in error
             assert watch.routes is None and rec.calls == 0
             print(f"\nunknown token: {json.dumps(error)}")
+        # A token that may read no service gets an empty list from Consul, not a 403.
+        no_services = await asyncio.to_thread(agent.create_token,
+                                              'node_prefix "" { policy = "read" }')
+        async with watching(agent.http_addr, token=no_services) as (watch, rec):
+            error = await rec.error()
+            assert "ACL: token lacks service:read (Consul listed no service" in error, error
+            assert watch.routes is None and rec.calls == 0
     finally:
         agent.cleanup()
