@@ -14,12 +14,13 @@ Tag syntax, with `tag_prefix = "urlprefix-"` (Fabio's; the prefix is case-sensit
 The host is lowercased and a `:port` dropped, as routing ignores both. Whatever follows
 the first blank is a Fabio option (`strip=/api`, `proto=https`, `weight=0.5`, ...):
 sdproxy ignores options — tag routes never strip a prefix — and logs that it did
-(`event=tag_route_options_ignored`). A tag whose route has no `/`, or an empty, invalid
-or wildcard-in-the-middle host, or a path with a `?`, `#` or control character is
-malformed: it gives no route and is logged (`event=tag_route_malformed service=... tag=...
-reason=...`). Fabio's TCP routes (`urlprefix-:3306 proto=tcp`) are among those. A
-service's routes are deduplicated and sorted, so that the map does not change when only
-the order of the catalog's tags does. Services without a route tag are absent.
+(`event=tag_route_options_ignored`). A tag whose route has no `/`, or an invalid host
+(a wildcard other than a leading `*.`, a bad port), or a path with `?`, `#`, a backslash,
+a blank or a control character is malformed: it gives no route and is logged
+(`event=tag_route_malformed service=... tag=... reason=...`); Fabio's TCP routes
+(`urlprefix-:3306 proto=tcp`) are among those. A service's routes are deduplicated and
+sorted, so that the map does not change when only the order of the catalog's tags does.
+Services without a route tag are absent.
 
 The watch follows `consul.ConsulWatcher`'s rules and shares its request code (`get_json`:
 token, TLS files, 403 and JSON rules; `describe_error`):
@@ -27,8 +28,8 @@ token, TLS files, 403 and JSON rules; `describe_error`):
   comes from `next_index` (an index that goes backwards, or none, reads afresh with 0);
   after an error the index is 0 and the retry waits a full-jitter backoff; unchanged
   answers that come back at once are paced by a token bucket.
-- `on_change` is called with the map of the first good answer (even an empty one; not
-  before Consul has answered once), then only when the map differs from the last one
+- `on_change` is called with the map of the first good answer (even a map without any
+  route; never before Consul has answered once), then only when the map differs from the last one
   given: a wake-up for a service without a route tag, or for a health change, gives
   nothing. If `on_change` raises, the map counts as not given (logged as an error, given
   again at the next answer, after backoff and a fresh read).
