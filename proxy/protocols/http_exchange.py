@@ -11,7 +11,7 @@ Each attempt ends exactly once (`_resolve`, or the connect task's callback) with
 ABORTED or a failure kind (connect-failure, reset, timeout, or the status of a retried
 5xx), handled by `_attempt_over` once the callback that reported it has returned (at the
 end of the instance's read, or on the next loop turn): finish, retry on an untried
-instance (`l7.exchange.may_retry`), or answer an error. `_finish` runs once.
+instance (`UpstreamRuntime.should_retry`), or answer an error. `_finish` runs once.
 
 With the access log on, the listener makes `LoggedExchange`s instead: they also count
 bytes and failed attempts and hand a record to the access log at `_finish`. The plain
