@@ -23,11 +23,12 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy.config import UpstreamConfig
+from proxy.l7.exchange_core import OWN_REASONS, ExchangePolicy
 from proxy.l7.hashkey import key_function
 from proxy.l7.headers import REASONS, encode_error
 from proxy.l7.message import HeadTooLarge, MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
-from proxy.protocols.http_exchange import OWN_REASONS, Exchange, LoggedExchange
+from proxy.protocols.http_exchange import ClientSide, Exchange, LoggedExchange
 from proxy.protocols.relay import Relay, abort_with_reset
 from proxy.upstream.manager import UpstreamRuntime
 
@@ -73,6 +74,8 @@ class HttpListener:
         self.retry_on = frozenset(self.cfg.retry_on)
         self.hash_key = key_function(self.cfg.balance, self.cfg.hash_key)
         self.default_host = runtime.name.encode()  # Host for an HTTP/1.0 request without one
+        # What each exchange is handed: the upstream it works for, its limits and rules.
+        self.policy = ExchangePolicy(runtime)
         self.connections = 0
         self.rejected_connections = 0
         self.access: AccessLog | None = None  # set by the app when [log] access is on
@@ -91,6 +94,7 @@ class HttpListener:
         self.cfg = cfg
         self.retry_on = frozenset(cfg.retry_on)
         self.hash_key = key_function(cfg.balance, cfg.hash_key)
+        self.policy = ExchangePolicy(self.runtime)
         self.tick = sweep_interval(cfg)
 
     def busy(self) -> bool:
@@ -161,7 +165,7 @@ class _Refusal(asyncio.Protocol):
                         b"", 503, 0, len(answer), 0.0, "", 0, "max-connections", b""))
 
 
-class HttpDownstream(asyncio.Protocol):
+class HttpDownstream(asyncio.Protocol, ClientSide):
     def __init__(self, listener: HttpListener) -> None:
         self.listener = listener
         self.runtime = listener.runtime
@@ -229,7 +233,7 @@ class HttpDownstream(asyncio.Protocol):
             # Started once the whole read is parsed, so that a request's end (or a bad byte
             # after it) is known first; within this callback, not a loop turn later.
             self.starting = None
-            exchange.start()
+            exchange.start(self.last_activity)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed and self not in self.listener.open:
@@ -265,10 +269,13 @@ class HttpDownstream(asyncio.Protocol):
             return
         # _begin(head), written out: this runs once per request
         self.head_deadline = INFINITY
-        if self.listener.access is None:
-            self.exchange = self.starting = Exchange(self, head)
+        listener = self.listener
+        if listener.access is None:
+            self.exchange = self.starting = Exchange(self, head, listener.policy, self.loop,
+                                                     self.last_activity)
         else:
-            self.exchange = self.starting = LoggedExchange(self, head)
+            self.exchange = self.starting = LoggedExchange(self, head, listener.policy,
+                                                           self.loop, self.last_activity)
         self.in_request = True
 
     def on_body(self, data: bytes) -> None:
@@ -283,7 +290,7 @@ class HttpDownstream(asyncio.Protocol):
             self.in_request = False
             exchange = self.exchange
             assert exchange is not None
-            exchange.on_client_end()
+            exchange.on_client_end(self.last_activity)
             if not exchange.head.keep_alive:
                 self.final = True  # the connection closes after this response
         else:
@@ -291,17 +298,20 @@ class HttpDownstream(asyncio.Protocol):
 
     def _begin(self, head: MessageHead) -> None:
         self.head_deadline = INFINITY
-        if self.listener.access is None:
-            self.exchange = self.starting = Exchange(self, head)
+        listener = self.listener
+        now = self.loop.time()
+        if listener.access is None:
+            self.exchange = self.starting = Exchange(self, head, listener.policy, self.loop, now)
         else:
-            self.exchange = self.starting = LoggedExchange(self, head)
+            self.exchange = self.starting = LoggedExchange(self, head, listener.policy,
+                                                           self.loop, now)
         self.in_request = True
 
     def _end_request(self) -> None:
         self.in_request = False
         exchange = self.exchange
         assert exchange is not None
-        exchange.on_client_end()
+        exchange.on_client_end(self.loop.time())
         if not exchange.head.keep_alive:
             self.final = True  # the connection closes after this response
 
@@ -383,7 +393,7 @@ class HttpDownstream(asyncio.Protocol):
             # Its turn comes on the next loop turn, so that a run of requests answered at
             # once (503s, say) does not recurse.
             self.starting = None
-            self.loop.call_soon(pipelined.start)
+            self.loop.call_soon(self._start_pipelined, pipelined)
         if self.exchange is None:
             self.head_deadline = self.loop.time() + self.cfg.header_timeout
         if not self.queue:
@@ -391,6 +401,12 @@ class HttpDownstream(asyncio.Protocol):
                 self._set_paused(_PAUSE_PIPELINE, False)
         elif self.transport is not None and not self.paused:
             self.transport.resume_reading()
+
+    def _start_pipelined(self, exchange: Exchange) -> None:
+        exchange.start(self.loop.time())
+
+    def access_log(self) -> AccessLog | None:
+        return self.listener.access
 
     # -- helpers ------------------------------------------------------------------------
     def _set_paused(self, reason: int, on: bool) -> None:

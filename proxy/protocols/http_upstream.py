@@ -3,19 +3,58 @@
 A thin asyncio.Protocol around a response parser. While an exchange owns the connection,
 every parser event and transport callback is forwarded to it; while idle in its host's
 pool, any byte or close from the instance makes it unusable (it is then discarded).
+
+`ConnectionOwner` is the exchange as this connection sees it: the events it reports.
+http_exchange.Exchange implements them; declaring them here keeps this module free of
+any import from there (the layers import downwards only: http -> http_exchange ->
+http_upstream -> l7.exchange_core).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from proxy.l7.exchange_core import NO_OUTCOME, ExchangeCore
 from proxy.l7.message import MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
+from proxy.upstream.host import Host
 
-if TYPE_CHECKING:
-    from proxy.protocols.http_exchange import Exchange
-    from proxy.upstream.host import Host
+
+class ConnectionOwner(ExchangeCore):
+    """An exchange that owns an UpstreamConnection: what the connection reports to it.
+    A concrete class rather than a typing.Protocol, so that compiled calls bind."""
+
+    __slots__ = ()
+
+    def on_response_head(self, conn: UpstreamConnection, head: MessageHead) -> None:
+        raise NotImplementedError
+
+    def on_response_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_response_end(self, conn: UpstreamConnection) -> None:
+        raise NotImplementedError
+
+    def on_upstream_switched(self, conn: UpstreamConnection, leftover: bytes) -> None:
+        raise NotImplementedError
+
+    def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        raise NotImplementedError
+
+    def on_upstream_error(self, conn: UpstreamConnection, detail: str) -> None:
+        raise NotImplementedError
+
+    def on_upstream_paused(self, paused: bool) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Write what this read of the instance produced for the client."""
+        raise NotImplementedError
+
+    def settle(self) -> None:
+        """Handle the outcome `settled` during the read that just ended."""
+        raise NotImplementedError
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -37,7 +76,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.max_fields = max_fields
         self.transport: asyncio.Transport | None = None
         self.parser = PARSERS[parser_name][1](self, max_head)
-        self.exchange: Exchange | None = None
+        self.exchange: ConnectionOwner | None = None
         self.closed = False
         self.reused = False
         self.idle_since = 0.0  # when it was parked; the listener's sweep expires it
@@ -57,7 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def attach(self, exchange: Exchange, request_method: bytes, upgrade: bool = False) -> None:
+    def attach(self, exchange: ConnectionOwner, request_method: bytes, upgrade: bool = False) -> None:
         self.exchange = exchange
         self.parser.expect(request_method, upgrade)
 
@@ -84,16 +123,17 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is None:  # bytes from an idle instance: protocol violation, drop it
             self._drop()
             return
+        exchange.read_at = self.loop.time()  # the one clock read for this read
         try:
             offset = self.parser.feed(data)
-        except ParseError as e:
+        except ParseError as invalid:
             offset = None
             self.close()
-            exchange.on_upstream_error(self, f"invalid response: {e}")
+            exchange.on_upstream_error(self, f"invalid response: {invalid}")
         exchange.flush()
         if offset is not None:  # 101: what follows the head is the new protocol's
             exchange.on_upstream_switched(self, data[offset:])
-        if exchange.settled is not None:  # the response ended in this read
+        if exchange.settled != NO_OUTCOME:  # the response ended in this read
             exchange.settle()
 
     def eof_received(self) -> bool | None:
