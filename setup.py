@@ -27,6 +27,7 @@ from setuptools import Extension, setup
 # differential tests hold llhttp to, so it stays the plain Python it was reviewed as.
 HOT_MODULES = [
     "proxy/l7/exchange.py",
+    "proxy/l7/exchange_core.py",
     "proxy/l7/framing.py",
     "proxy/l7/hashkey.py",
     "proxy/l7/headers.py",
