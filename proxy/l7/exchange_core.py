@@ -178,6 +178,7 @@ class ExchangeCore:
         # A 101 hands both connections to a tunnel.
         self.upgrade = head.upgrade and is_upgrade_request(head)
         self.started = now
+        policy.runtime.in_flight += 1  # until `finish`, which runs exactly once
         self.read_at = now  # when the instance's read being handled was read (its clock)
         # Off the success path: what the access log says of failures.
         self.failures: list[str] | None = None  # failed attempts and own answers, in order
@@ -419,7 +420,12 @@ class ExchangeCore:
             return NOTHING
         if self.chunk_response:
             self.out.append(LAST_CHUNK)
-        self.resolve(DONE, settle_after_read=True)
+        # resolve(DONE, settle_after_read=True), written out: this runs once per request
+        self.deadline = INFINITY
+        self.connected = False
+        if self.attempt_open:
+            self.attempt_open = False
+            self.settled = DONE
         if head.keep_alive and self.body_done and head.framing != UNTIL_CLOSE:
             return PARK
         return CLOSE

@@ -233,7 +233,7 @@ class HttpDownstream(asyncio.Protocol, ClientSide):
             # Started once the whole read is parsed, so that a request's end (or a bad byte
             # after it) is known first; within this callback, not a loop turn later.
             self.starting = None
-            exchange.start(self.last_activity)
+            exchange.start()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed and self not in self.listener.open:
@@ -290,7 +290,9 @@ class HttpDownstream(asyncio.Protocol, ClientSide):
             self.in_request = False
             exchange = self.exchange
             assert exchange is not None
-            exchange.on_client_end(self.last_activity)
+            last = exchange.client_end(self.last_activity)
+            if last is not None:
+                exchange.write_upstream(last)
             if not exchange.head.keep_alive:
                 self.final = True  # the connection closes after this response
         else:
@@ -311,7 +313,9 @@ class HttpDownstream(asyncio.Protocol, ClientSide):
         self.in_request = False
         exchange = self.exchange
         assert exchange is not None
-        exchange.on_client_end(self.loop.time())
+        last = exchange.client_end(self.loop.time())
+        if last is not None:
+            exchange.write_upstream(last)
         if not exchange.head.keep_alive:
             self.final = True  # the connection closes after this response
 
@@ -393,7 +397,7 @@ class HttpDownstream(asyncio.Protocol, ClientSide):
             # Its turn comes on the next loop turn, so that a run of requests answered at
             # once (503s, say) does not recurse.
             self.starting = None
-            self.loop.call_soon(self._start_pipelined, pipelined)
+            self.loop.call_soon(pipelined.start)
         if self.exchange is None:
             self.head_deadline = self.loop.time() + self.cfg.header_timeout
         if not self.queue:
@@ -401,9 +405,6 @@ class HttpDownstream(asyncio.Protocol, ClientSide):
                 self._set_paused(_PAUSE_PIPELINE, False)
         elif self.transport is not None and not self.paused:
             self.transport.resume_reading()
-
-    def _start_pipelined(self, exchange: Exchange) -> None:
-        exchange.start(self.loop.time())
 
     def access_log(self) -> AccessLog | None:
         return self.listener.access

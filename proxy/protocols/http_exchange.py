@@ -4,9 +4,10 @@
 object per request). The core decides (which instance, what to write, retry or answer an
 error); this module does the I/O it asks for: takes a pooled connection or opens a new
 one, writes to the instance and to the client, pauses either side, hands both
-connections to a tunnel after a 101, and schedules the end of an attempt outside the
-callback that reported it (at the end of the instance's read via `settle`, or on the next
-loop turn).
+connections to a tunnel after a 101, and hands the end of an attempt back to the core
+outside the callback that reported it (at the end of the instance's read,
+`end_of_read`, or on the next loop turn). The response's head, body and end go from the
+upstream connection straight to the core (http_upstream.py carries out their answers).
 
 Driven by callbacks, with no task of its own: `start()` picks an instance and sends on a
 pooled connection at once; only opening a new connection runs a task (`connect`). From
@@ -38,14 +39,9 @@ from proxy.l7.exchange_core import (
     DONE,
     FINISH,
     NO_OUTCOME,
-    NOTHING,
-    PARK,
-    REJECT,
     RESET,
     RETRY,
-    RETRY_5XX,
     TIMEOUT,
-    ExchangeCore,
     ExchangePolicy,
 )
 from proxy.l7.message import MessageHead
@@ -90,27 +86,48 @@ class ClientSide:
 
 
 class Exchange(ConnectionOwner):
-    __slots__ = ("conn", "connecting", "down", "loop")
+    __slots__ = ("connecting", "down", "loop")
 
     def __init__(self, down: ClientSide, head: MessageHead, policy: ExchangePolicy,
                  loop: asyncio.AbstractEventLoop, now: float) -> None:
-        ExchangeCore.__init__(self, policy, head, down.client_ip, now)
+        ConnectionOwner.__init__(self, policy, head, down.client_ip, now)
         self.down = down
         self.loop = loop
-        self.conn: UpstreamConnection | None = None
         self.connecting: asyncio.Task[UpstreamConnection] | None = None
 
     # -- the attempts --------------------------------------------------------------------
-    def start(self, now: float) -> None:
-        """Begin the exchange (after the read, at `now`, that completed the request head)."""
-        self.runtime.in_flight += 1
-        self.read_at = now
+    def start(self) -> None:
+        """Begin the exchange (after the read that completed its request head), or its
+        next attempt after one failed: send on a pooled connection at once, or open one."""
         try:
-            self._next_attempt()
+            if self.finished:
+                return
+            if self.down.closed:
+                if self.finish(False) == FINISH:
+                    self._finished()
+                return
+            if self.begin_attempt() != ATTEMPT:
+                self._finished()  # answered: no instance (left) to try
+                return
+            host = self.host
+            assert host is not None
+            conn = host.pool.take()
+            if conn is not None:
+                self._send(conn)  # type: ignore[arg-type]
+                return
+            cfg = self.runtime.config
+            # Only a new connection needs a task; a pooled one is used from this callback.
+            task = self.loop.create_task(connect(host, cfg.http_parser, cfg.max_header_size,
+                                                 cfg.max_header_count, cfg.connect_timeout))
+            self.connecting = task
+            task.add_done_callback(self._on_connected)
         except Exception:  # noqa: BLE001 -- _failed logs it
             self._failed()
 
-    def settle(self) -> None:
+    def end_of_read(self) -> None:
+        self.down.last_activity = self.read_at
+        if self.out:
+            self.flush()
         outcome = self.settled
         if outcome != NO_OUTCOME:
             self.settled = NO_OUTCOME
@@ -130,29 +147,6 @@ class Exchange(ConnectionOwner):
         log.exception("event=exchange_error upstream=%s", self.runtime.name)
         if self.internal_error() == FINISH:
             self._finished()
-
-    def _next_attempt(self) -> None:
-        if self.finished:
-            return
-        if self.down.closed:
-            if self.finish(False) == FINISH:
-                self._finished()
-            return
-        if self.begin_attempt() != ATTEMPT:
-            self._finished()  # answered: no instance (left) to try
-            return
-        host = self.host
-        assert host is not None
-        conn = host.pool.take()
-        if conn is not None:
-            self._send(conn)  # type: ignore[arg-type]
-            return
-        cfg = self.runtime.config
-        # Only a new connection needs a task; a pooled one is used from this callback.
-        task = self.loop.create_task(connect(host, cfg.http_parser, cfg.max_header_size,
-                                             cfg.max_header_count, cfg.connect_timeout))
-        self.connecting = task
-        task.add_done_callback(self._on_connected)
 
     def _on_connected(self, task: asyncio.Task[UpstreamConnection]) -> None:
         self.connecting = None
@@ -198,7 +192,7 @@ class Exchange(ConnectionOwner):
         if action == FINISH:
             self._finished()
         elif action == RETRY:
-            self._guarded(self._next_attempt)
+            self.start()
         elif action == ABORT_CLIENT:
             self.out.clear()
             self.down.abort()
@@ -206,12 +200,17 @@ class Exchange(ConnectionOwner):
 
     def _over_soon(self, outcome: int) -> None:
         """End the attempt on the next loop turn, outside the callback reporting it."""
-        self.loop.call_soon(self._guarded, self._over, outcome)
+        self.loop.call_soon(self._over_later, outcome)
+
+    def _over_later(self, outcome: int) -> None:
+        self.read_at = self.loop.time()  # a retry's request_timeout counts from now
+        self._guarded(self._over, outcome)
 
     def _finished(self) -> None:
         """The core finished the exchange: its last bytes go to the client, the
         connections are let go and the client connection handed back."""
-        self.flush()
+        if self.out:
+            self.flush()
         if self.connecting is not None:
             self.connecting.cancel()
         conn = self.conn
@@ -224,16 +223,12 @@ class Exchange(ConnectionOwner):
     def on_client_body(self, data: bytes) -> None:
         framed = self.client_body(data)
         if framed is not None:
-            self._write_upstream(framed)
+            self.write_upstream(framed)
         elif self.body_paused:
             self.down.pause_for_body(True)
 
-    def on_client_end(self, now: float) -> None:
-        framed = self.client_end(now)
-        if framed is not None:
-            self._write_upstream(framed)
-
-    def _write_upstream(self, data: bytes) -> None:
+    def write_upstream(self, data: bytes) -> None:
+        """Request bytes for the instance the current attempt is connected to."""
         conn = self.conn
         if conn is not None and conn.transport is not None:
             conn.transport.write(data)
@@ -250,34 +245,6 @@ class Exchange(ConnectionOwner):
             self.on_client_lost()
 
     # -- events from the upstream connection --------------------------------------------
-    def on_response_head(self, conn: UpstreamConnection, head: MessageHead) -> None:
-        if conn is not self.conn:
-            return
-        now = self.down.last_activity = self.read_at
-        action = self.response_head_received(head, now)
-        if action == REJECT:
-            self.on_upstream_error(conn, "101 without an upgrade on offer")
-            conn.close()
-        elif action == RETRY_5XX:
-            self.conn = None
-            conn.exchange = None
-            conn.close()
-
-    def on_response_body(self, data: bytes) -> None:
-        self.down.last_activity = self.read_at
-        self.response_body(data)
-
-    def on_response_end(self, conn: UpstreamConnection) -> None:
-        if conn is not self.conn:
-            return
-        action = self.response_end()
-        if action == NOTHING:
-            return
-        self.conn = None
-        conn.exchange = None  # what the instance sends after this is owed to nobody
-        if action != PARK or not conn.park():
-            conn.close()
-
     def on_upstream_switched(self, conn: UpstreamConnection, leftover: bytes) -> None:
         """The instance switched protocols: both connections become one byte tunnel."""
         if conn is not self.conn or self.response_head is None:

@@ -15,7 +15,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from proxy.l7.exchange_core import NO_OUTCOME, ExchangeCore
+from proxy.l7.exchange_core import (
+    NOTHING,
+    PARK,
+    REJECT,
+    RETRY_5XX,
+    ExchangeCore,
+    ExchangePolicy,
+)
 from proxy.l7.message import MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
 from proxy.upstream.host import Host
@@ -23,18 +30,16 @@ from proxy.upstream.host import Host
 
 class ConnectionOwner(ExchangeCore):
     """An exchange that owns an UpstreamConnection: what the connection reports to it.
-    A concrete class rather than a typing.Protocol, so that compiled calls bind."""
+    A concrete class rather than a typing.Protocol, so that compiled calls bind. The
+    response's head, body and end go straight to the core's methods; the connection
+    carries out what they return (close, park) itself."""
 
-    __slots__ = ()
+    __slots__ = ("conn",)
 
-    def on_response_head(self, conn: UpstreamConnection, head: MessageHead) -> None:
-        raise NotImplementedError
-
-    def on_response_body(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def on_response_end(self, conn: UpstreamConnection) -> None:
-        raise NotImplementedError
+    def __init__(self, policy: ExchangePolicy, head: MessageHead, client_ip: bytes,
+                 now: float) -> None:
+        ExchangeCore.__init__(self, policy, head, client_ip, now)
+        self.conn: UpstreamConnection | None = None  # the one carrying the attempt
 
     def on_upstream_switched(self, conn: UpstreamConnection, leftover: bytes) -> None:
         raise NotImplementedError
@@ -49,11 +54,12 @@ class ConnectionOwner(ExchangeCore):
         raise NotImplementedError
 
     def flush(self) -> None:
-        """Write what this read of the instance produced for the client."""
+        """Write what the core queued for the client (`out`)."""
         raise NotImplementedError
 
-    def settle(self) -> None:
-        """Handle the outcome `settled` during the read that just ended."""
+    def end_of_read(self) -> None:
+        """A read of the instance was handled: write what it produced for the client, in
+        one write, and carry out the attempt's outcome if it was `settled` meanwhile."""
         raise NotImplementedError
 
 
@@ -130,11 +136,10 @@ class UpstreamConnection(asyncio.Protocol):
             offset = None
             self.close()
             exchange.on_upstream_error(self, f"invalid response: {invalid}")
-        exchange.flush()
         if offset is not None:  # 101: what follows the head is the new protocol's
+            exchange.flush()
             exchange.on_upstream_switched(self, data[offset:])
-        if exchange.settled != NO_OUTCOME:  # the response ended in this read
-            exchange.settle()
+        exchange.end_of_read()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -155,26 +160,46 @@ class UpstreamConnection(asyncio.Protocol):
         if self.exchange is not None:
             self.exchange.on_upstream_paused(False)
 
-    # -- parser sink: forwarded to the owning exchange ----------------------------------
+    # -- parser sink: to the owning exchange's core; its answers carried out here -------
     def on_head(self, head: MessageHead) -> None:
         if len(head.headers) > self.max_fields:
             raise ParseError(f"response head with more than {self.max_fields} fields")
-        if self.exchange is not None:
-            self.exchange.on_response_head(self, head)
-        else:  # a response nobody asked for (after the one that ended): out of step
+        exchange = self.exchange
+        if exchange is None:  # a response nobody asked for (after the one that ended)
             self._drop()
+            return
+        if exchange.conn is not self:
+            return
+        action = exchange.response_head_received(head, exchange.read_at)
+        if action == REJECT:
+            exchange.on_upstream_error(self, "101 without an upgrade on offer")
+            self.close()
+        elif action == RETRY_5XX:  # its body is not read: the connection goes
+            exchange.conn = None
+            self.exchange = None
+            self.close()
 
     def on_body(self, data: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.on_response_body(data)
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.response_body(data)
         else:  # bytes after the response ended (SPEC: never forwarded): out of step
             self._drop()
 
     def on_end(self) -> None:
-        if self.exchange is not None:
-            self.exchange.on_response_end(self)
-        else:
+        exchange = self.exchange
+        if exchange is None:
             self._drop()
+            return
+        if exchange.conn is not self:
+            return
+        action = exchange.response_end()
+        if action == NOTHING:
+            return
+        exchange.conn = None
+        self.exchange = None  # what the instance sends after this is owed to nobody
+        if action != PARK or not self.park():
+            self.close()
 
 
 async def connect(host: Host, parser_name: str, max_head: int, max_fields: int,
