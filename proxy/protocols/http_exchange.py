@@ -118,7 +118,8 @@ class Exchange(ConnectionOwner):
             cfg = self.runtime.config
             # Only a new connection needs a task; a pooled one is used from this callback.
             task = self.loop.create_task(connect(host, cfg.http_parser, cfg.max_header_size,
-                                                 cfg.max_header_count, cfg.connect_timeout))
+                                                 cfg.max_header_count, cfg.connect_timeout,
+                                                 cfg.tls))
             self.connecting = task
             task.add_done_callback(self._on_connected)
         except Exception:  # noqa: BLE001 -- _failed logs it
