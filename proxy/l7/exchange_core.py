@@ -58,7 +58,7 @@ OUTCOME_NAMES: Final[tuple[str, ...]] = ("done", "aborted", "connect-failure", "
 # What the driver does after an event (returned by the event methods).
 NOTHING: Final = 0
 ATTEMPT: Final = 1  # connect to `host` (or take one of its pooled connections) and send
-FINISH: Final = 2  # write `out` to the client, then hand the connection back (`keep`)
+FINISH: Final = 2  # write `out` to the client, then hand the connection back (`client_keep`)
 RETRY: Final = 3  # the attempt failed and is retried: begin the next attempt
 ABORT_CLIENT: Final = 4  # cut the client's connection (a response failed midway), finish
 FORWARD: Final = 5  # a response head was accepted: its body follows
@@ -116,7 +116,6 @@ class ExchangeCore:
         "body_done",
         "body_log",
         "body_log_bytes",
-        "body_paused",
         "body_sent",
         "chunk_response",
         "chunked_request",
@@ -128,7 +127,6 @@ class ExchangeCore:
         "finished",
         "head",
         "host",
-        "keep",
         "out",
         "own_status",
         "pending",
@@ -156,7 +154,6 @@ class ExchangeCore:
         self.chunked_request = head.framing == CHUNKED
         self.pending: list[bytes] = []  # framed body chunks not yet written to an instance
         self.pending_bytes = 0
-        self.body_paused = False  # `pending` grew past BODY_HIGH_WATER: stop the client
         self.body_log: list[bytes] | None = []  # every framed chunk, while replayable
         self.body_log_bytes = 0
         self.body_sent = False  # some body bytes reached some instance
@@ -167,12 +164,13 @@ class ExchangeCore:
         self.attempt_started = 0.0
         self.attempt_open = False  # an attempt's outcome is still to come
         self.finished = False
-        self.keep = False  # when finished: whether the client connection stays open
         self.settled = NO_OUTCOME  # an outcome reported within a read of the instance
         self.deadline = INFINITY  # of the current attempt's response head
         self.response_head: MessageHead | None = None
         self.response_started = False
         self.chunk_response = False
+        # Whether the client connection may stay open after this response; once
+        # `finished`, whether it does.
         self.client_keep = head.keep_alive
         self.out: list[bytes] = []  # for the client, written once per read of the instance
         # A 101 hands both connections to a tunnel.
@@ -266,7 +264,11 @@ class ExchangeCore:
             return NOTHING
         if outcome == DONE:
             rt.latency.observe(now - self.started)
-            return self.finish(self.client_keep)
+            # finish(self.client_keep), written out: this runs once per request
+            self.finished = True
+            rt.in_flight -= 1
+            self.connected = False
+            return FINISH
         self._note_failure(outcome)
         if outcome == ABORTED:
             return self.finish(False)
@@ -305,7 +307,7 @@ class ExchangeCore:
         if self.finished:
             return NOTHING
         self.finished = True
-        self.keep = keep
+        self.client_keep = keep
         self.runtime.in_flight -= 1
         self.deadline = INFINITY
         self.connected = False
@@ -322,7 +324,7 @@ class ExchangeCore:
     # -- the request body, from the client ----------------------------------------------
     def client_body(self, data: bytes) -> bytes | None:
         """Request body bytes: what to write to the instance now, if anything (else they
-        are held while connecting; past BODY_HIGH_WATER `body_paused` says to stop
+        are held while connecting; past BODY_HIGH_WATER `holds_too_much` says to stop
         reading the client)."""
         return self._add_body(chunk(data) if self.chunked_request else data)
 
@@ -352,9 +354,11 @@ class ExchangeCore:
             return None  # answered already: the rest of the body is read and dropped
         self.pending.append(framed)
         self.pending_bytes += len(framed)
-        if self.pending_bytes > BODY_HIGH_WATER:
-            self.body_paused = True
         return None
+
+    def holds_too_much(self) -> bool:
+        """The body held while connecting grew past BODY_HIGH_WATER: stop the client."""
+        return self.pending_bytes > BODY_HIGH_WATER
 
     def client_stalled(self) -> None:
         """The client sent no byte of its request for idle_timeout: 408 (in `out`), and

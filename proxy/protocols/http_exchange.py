@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from proxy.l7.exchange import BODY_HIGH_WATER
 from proxy.l7.exchange_core import (
     ABORT_CLIENT,
     ABORTED,
@@ -39,9 +40,11 @@ from proxy.l7.exchange_core import (
     DONE,
     FINISH,
     NO_OUTCOME,
+    NOTHING,
     RESET,
     RETRY,
     TIMEOUT,
+    ExchangeCore,
     ExchangePolicy,
 )
 from proxy.l7.message import MessageHead
@@ -90,7 +93,8 @@ class Exchange(ConnectionOwner):
 
     def __init__(self, down: ClientSide, head: MessageHead, policy: ExchangePolicy,
                  loop: asyncio.AbstractEventLoop, now: float) -> None:
-        ConnectionOwner.__init__(self, policy, head, down.client_ip, now)
+        ExchangeCore.__init__(self, policy, head, down.client_ip, now)
+        self.conn: UpstreamConnection | None = None
         self.down = down
         self.loop = loop
         self.connecting: asyncio.Task[UpstreamConnection] | None = None
@@ -126,14 +130,27 @@ class Exchange(ConnectionOwner):
             self._failed()
 
     def end_of_read(self) -> None:
-        self.down.last_activity = self.read_at
-        if self.out:
-            self.flush()
+        down = self.down
+        down.last_activity = self.read_at
+        out = self.out
+        if out:
+            # flush(), written out: this runs once per read of the instance
+            self.out = []
+            transport = down.transport
+            if not down.closed and transport is not None:
+                data = out[0] if len(out) == 1 else b"".join(out)
+                self.runtime.bytes_out += len(data)
+                transport.write(data)
         outcome = self.settled
         if outcome != NO_OUTCOME:
             self.settled = NO_OUTCOME
             try:
-                self._over(outcome)
+                # _over(outcome), written out: this runs once per request
+                action = self.attempt_over(outcome, self.read_at)
+                if action == FINISH:
+                    self._finished()
+                elif action != NOTHING:
+                    self._carry_out(action)
             except Exception:  # noqa: BLE001 -- _failed logs it
                 self._failed()
 
@@ -182,7 +199,7 @@ class Exchange(ConnectionOwner):
         assert transport is not None
         if self.down.write_paused:
             transport.pause_reading()
-        was_paused = self.body_paused
+        was_paused = self.pending_bytes > BODY_HIGH_WATER
         transport.write(self.request_data(self.read_at))
         if was_paused:
             self.down.pause_for_body(False)
@@ -192,7 +209,12 @@ class Exchange(ConnectionOwner):
         action = self.attempt_over(outcome, self.read_at)
         if action == FINISH:
             self._finished()
-        elif action == RETRY:
+        elif action != NOTHING:
+            self._carry_out(action)
+
+    def _carry_out(self, action: int) -> None:
+        """RETRY or ABORT_CLIENT, from `attempt_over`."""
+        if action == RETRY:
             self.start()
         elif action == ABORT_CLIENT:
             self.out.clear()
@@ -218,14 +240,14 @@ class Exchange(ConnectionOwner):
         if conn is not None:
             self.conn = None
             conn.abort()
-        self.down.on_exchange_done(self, self.keep)
+        self.down.on_exchange_done(self, self.client_keep)
 
     # -- request body from the client ---------------------------------------------------
     def on_client_body(self, data: bytes) -> None:
         framed = self.client_body(data)
         if framed is not None:
             self.write_upstream(framed)
-        elif self.body_paused:
+        elif self.holds_too_much():
             self.down.pause_for_body(True)
 
     def write_upstream(self, data: bytes) -> None:
@@ -355,6 +377,12 @@ class LoggedExchange(Exchange):
         if out and not self.down.closed:
             self.bytes_out += sum(map(len, out))
         Exchange.flush(self)
+
+    def end_of_read(self) -> None:
+        out = self.out
+        if out and not self.down.closed:
+            self.bytes_out += sum(map(len, out))
+        Exchange.end_of_read(self)
 
     def on_direct_write(self, size: int, own_status: int) -> None:
         self.bytes_out += size

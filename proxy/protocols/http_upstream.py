@@ -22,7 +22,6 @@ from proxy.l7.exchange_core import (
     REJECT,
     RETRY_5XX,
     ExchangeCore,
-    ExchangePolicy,
 )
 from proxy.l7.message import MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
@@ -41,10 +40,7 @@ class ConnectionOwner(ExchangeCore):
 
     __slots__ = ("conn",)
 
-    def __init__(self, policy: ExchangePolicy, head: MessageHead, client_ip: bytes,
-                 now: float) -> None:
-        ExchangeCore.__init__(self, policy, head, client_ip, now)
-        self.conn: UpstreamConnection | None = None  # the one carrying the attempt
+    conn: UpstreamConnection | None  # the one carrying the attempt (set by the subclass)
 
     def on_upstream_switched(self, conn: UpstreamConnection, leftover: bytes) -> None:
         raise NotImplementedError

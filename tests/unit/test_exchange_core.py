@@ -195,7 +195,7 @@ def test_a_response_cut_midway_cuts_the_client_connection() -> None:
     assert exchange.response_head_received(response(OK), T) == FORWARD
     assert exchange.upstream_lost() == RESET
     assert exchange.attempt_over(RESET, T) == ABORT_CLIENT
-    assert exchange.finished and not exchange.keep
+    assert exchange.finished and not exchange.client_keep
 
 
 # -- framing and reuse ------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_a_keep_alive_response_parks_its_connection_and_a_closing_one_does_not()
     exchange.response_body(b"ok")
     assert exchange.response_end() == PARK
     assert exchange.settled == DONE
-    assert exchange.attempt_over(DONE, T) == FINISH and exchange.keep
+    assert exchange.attempt_over(DONE, T) == FINISH and exchange.client_keep
     assert b"".join(exchange.out).endswith(b"\r\n\r\nok")
     closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     exchange = core(runtime("a"))
@@ -220,7 +220,7 @@ def test_a_body_held_while_connecting_goes_with_the_head_and_pauses_the_client()
     exchange = core(runtime("a"), post)
     assert exchange.begin_attempt() == ATTEMPT
     assert exchange.client_body(b"x" * 300_000) is None
-    assert exchange.body_paused
+    assert exchange.holds_too_much()
     assert exchange.client_end(T) is None
     data = exchange.request_data(T)
     assert data.endswith(b"x" * 10 + b"\r\n0\r\n\r\n") and not exchange.pending
