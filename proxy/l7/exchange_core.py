@@ -38,22 +38,23 @@ from proxy.l7.headers import (
     next_request_id,
     request_id_of,
 )
-from proxy.l7.message import CHUNKED, IDEMPOTENT_METHODS, NO_BODY, UNTIL_CLOSE, MessageHead
+from proxy.l7.message import CHUNKED, NO_BODY, UNTIL_CLOSE, MessageHead
+from proxy.outcomes import (
+    ABORTED,
+    BY_STATUS,
+    DONE,
+    LABELS,
+    RESET,
+    STATUS_502,
+    TIMEOUT,
+)
 from proxy.upstream.host import Host
 from proxy.upstream.manager import UpstreamRuntime
 
 INFINITY: Final = float("inf")
 
-# How an attempt ended. A retried 5xx ends its attempt with the status itself (500-599).
-DONE: Final = 0
-ABORTED: Final = 1  # the client left, or the exchange was finished under the attempt
-CONNECT_FAILURE: Final = 2
-RESET: Final = 3
-TIMEOUT: Final = 4
+# How an attempt ended: proxy.outcomes' codes (DONE, RESET, STATUS_503, ...), or none yet.
 NO_OUTCOME: Final = -1  # `settled` when no outcome waits
-# The names metrics, the access log and [upstreams] retry_on use for outcomes.
-OUTCOME_NAMES: Final[tuple[str, ...]] = ("done", "aborted", "connect-failure", "reset",
-                                         "timeout")
 
 # What the driver does after an event (returned by the event methods).
 NOTHING: Final = 0
@@ -79,28 +80,15 @@ OWN_REASONS: Final[dict[int, str]] = {
 }
 
 
-def outcome_name(outcome: int) -> str:
-    """`reset`, `timeout`, ... or the status of a retried 5xx (`503`)."""
-    return str(outcome) if outcome >= 500 else OUTCOME_NAMES[outcome]
-
-
-def outcome_of(name: str) -> int:
-    """The outcome a `retry_on` entry names (`connect-failure`, `502`, ...)."""
-    return int(name) if name.isdigit() else OUTCOME_NAMES.index(name)
-
-
 class ExchangePolicy:
     """What an exchange needs from its upstream's configuration, built once per upstream
     (and per reload), not per request: the runtime it works for and the limits."""
 
-    __slots__ = ("default_host", "hash_key", "idle_timeout", "request_timeout", "retries",
-                 "retry_on", "runtime")
+    __slots__ = ("default_host", "hash_key", "idle_timeout", "request_timeout", "runtime")
 
     def __init__(self, runtime: UpstreamRuntime) -> None:
         cfg = runtime.config
         self.runtime = runtime
-        self.retries: int = cfg.retries
-        self.retry_on: frozenset[int] = frozenset(outcome_of(name) for name in cfg.retry_on)
         self.request_timeout: float = cfg.request_timeout
         self.idle_timeout: float = cfg.idle_timeout
         self.hash_key = key_function(cfg.balance, cfg.hash_key)
@@ -110,7 +98,6 @@ class ExchangePolicy:
 class ExchangeCore:
     __slots__ = (
         "aborted",
-        "attempt",
         "attempt_open",
         "attempt_started",
         "body_done",
@@ -159,7 +146,6 @@ class ExchangeCore:
         self.body_sent = False  # some body bytes reached some instance
         self.connected = False  # the current attempt has a connection to write to
         self.host: Host | None = None
-        self.attempt = 0
         self.tried: list[Host] = []
         self.attempt_started = 0.0
         self.attempt_open = False  # an attempt's outcome is still to come
@@ -195,24 +181,16 @@ class ExchangeCore:
     def begin_attempt(self) -> int:
         """Pick an untried instance: ATTEMPT (it is `host`), or FINISH with an error in
         `out` when none is left (503 if none was tried, else 502)."""
-        rt = self.runtime
         tried = self.tried
-        self.attempt += 1
-        host = rt.pick(tried, self.policy.hash_key(self.head, self.client_ip))
+        host = self.runtime.begin_attempt(tried, self.policy.hash_key(self.head, self.client_ip))
         if host is None:
-            rt.no_host_responses += 1
             if tried:
                 names = ", ".join(h.id for h in tried)
                 keep = self.answer_error(502, f"no instance could be reached (tried {names})")
             else:
                 keep = self.answer_error(503, "no passing instance")
             return self.finish(keep)
-        tried.append(host)
-        host.active += 1
-        host.requests += 1
         self.host = host
-        if len(tried) > 1:
-            rt.retries_in_flight += 1
         return ATTEMPT
 
     def request_data(self, now: float) -> bytes:
@@ -257,9 +235,7 @@ class ExchangeCore:
         host = self.host
         if host is not None:
             self.host = None
-            rt.release(host)
-            if len(self.tried) > 1:
-                rt.retries_in_flight -= 1
+            rt.end_attempt(host, self.tried)
         if self.finished:
             return NOTHING
         if outcome == DONE:
@@ -275,31 +251,21 @@ class ExchangeCore:
         if self.response_started:  # failed mid-response: the client sees a cut body
             self.finish(False)
             return ABORT_CLIENT
-        if self._may_retry(outcome):
-            rt.count_failover(outcome_name(outcome))
+        # A retried 5xx gets here only after should_retry said yes when its head came.
+        if outcome >= STATUS_502 or rt.should_retry(outcome, self.head.method,
+                                                    self.replayable(), self.tried):
             return RETRY
         failed = host.id if host is not None else "?"
         if outcome == TIMEOUT:
             keep = self.answer_error(504, f"instance {failed} did not answer within "
                                           f"{self.policy.request_timeout:g}s")
         else:
-            keep = self.answer_error(502, f"instance {failed} failed: {outcome_name(outcome)}")
+            keep = self.answer_error(502, f"instance {failed} failed: {LABELS[outcome]}")
         return self.finish(keep)
 
-    def _may_retry(self, outcome: int) -> bool:
-        """Whether a failed attempt is retried on an untried instance (SPEC, "HTTP mode"):
-        a failed connect for any method; a reset, timeout or listed 5xx only for an
-        idempotent method whose body can still be replayed; within `retries`, the
-        untried instances and the retry budget."""
-        policy = self.policy
-        if self.attempt > policy.retries or outcome not in policy.retry_on:
-            return False
-        if outcome != CONNECT_FAILURE and not (
-                (self.body_log is not None or not self.body_sent)
-                and self.head.method in IDEMPOTENT_METHODS):
-            return False
-        rt = self.runtime
-        return rt.has_untried(self.tried) and rt.retry_allowed(outcome_name(outcome))
+    def replayable(self) -> bool:
+        """Whether the request can be sent again: its body is all kept, or none was sent."""
+        return self.body_log is not None or not self.body_sent
 
     def finish(self, keep: bool) -> int:
         """End the exchange (once): the driver writes `out`, releases the connections
@@ -391,10 +357,12 @@ class ExchangeCore:
             self.runtime.count_response(101)
             self.out.append(encode_switching(head))
             return SWITCH
-        if status >= 500 and status in self.policy.retry_on:
+        code = BY_STATUS.get(status, 0) if status >= 500 else 0
+        if code and self.runtime.retry_on >> code & 1:  # a 5xx listed in retry_on
             host.on_failure(status)
-            if self._may_retry(status):
-                self.resolve(status, settle_after_read=True)
+            if self.runtime.should_retry(code, self.head.method, self.replayable(),
+                                         self.tried):
+                self.resolve(code, settle_after_read=True)
                 return RETRY_5XX
         else:
             host.on_success(status)
@@ -498,7 +466,7 @@ class ExchangeCore:
         if outcome == ABORTED:
             self.aborted = True
         else:
-            self._note(outcome_name(outcome))
+            self._note(LABELS[outcome])
 
     def _note(self, reason: str) -> None:
         failures = self.failures

@@ -34,20 +34,16 @@ from typing import TYPE_CHECKING, Final
 from proxy.l7.exchange import BODY_HIGH_WATER
 from proxy.l7.exchange_core import (
     ABORT_CLIENT,
-    ABORTED,
     ATTEMPT,
-    CONNECT_FAILURE,
-    DONE,
     FINISH,
     NO_OUTCOME,
     NOTHING,
-    RESET,
     RETRY,
-    TIMEOUT,
     ExchangeCore,
     ExchangePolicy,
 )
 from proxy.l7.message import MessageHead
+from proxy.outcomes import ABORTED, CONNECT_FAILURE, DONE, RESET, TIMEOUT
 from proxy.protocols.http_upstream import ConnectionOwner, UpstreamConnection, connect
 
 if TYPE_CHECKING:
