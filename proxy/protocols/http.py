@@ -1,7 +1,8 @@
 """The client side of HTTP mode: one asyncio.Protocol per client connection.
 
 Feeds bytes to the configured request parser and hands each request to an `Exchange`
-(http_exchange.py). Requests are served one at a time; a pipelined request's events are
+(http_exchange.py) with the ExchangePolicy of the upstream it is for (today the
+listener's one, `listener.policy`; a route table would pick one per request). Requests are served one at a time; a pipelined request's events are
 queued until the previous response ends. Owns the per-connection limits: the header
 deadline (408), the head size and field count (431), malformed requests (400),
 `max_connections` (503), `idle_timeout` for a connection where nothing moves either way
