@@ -28,6 +28,7 @@ from setuptools import Extension, setup
 HOT_MODULES = [
     "proxy/l7/collect.py",
     "proxy/l7/exchange.py",
+    "proxy/l7/exchange_core.py",
     "proxy/l7/framing.py",
     "proxy/l7/hashkey.py",
     "proxy/l7/headers.py",

@@ -1,7 +1,8 @@
 """The client side of HTTP mode: one asyncio.Protocol per client connection.
 
 Feeds bytes to the configured request parser and hands each request to an `Exchange`
-(http_exchange.py). Requests are served one at a time; a pipelined request's events are
+(http_exchange.py) with the ExchangePolicy of the upstream it is for (today the
+listener's one, `listener.policy`; a route table would pick one per request). Requests are served one at a time; a pipelined request's events are
 queued until the previous response ends. Owns the per-connection limits: the header
 deadline (408), the head size and field count (431), malformed requests (400),
 `max_connections` (503), `idle_timeout` for a connection where nothing moves either way
@@ -23,11 +24,12 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy.config import UpstreamConfig
+from proxy.l7.exchange_core import OWN_REASONS, ExchangePolicy
 from proxy.l7.hashkey import key_function
 from proxy.l7.headers import REASONS, encode_error
 from proxy.l7.message import HeadTooLarge, MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
-from proxy.protocols.http_exchange import OWN_REASONS, Exchange, LoggedExchange
+from proxy.protocols.http_exchange import ClientSide, Exchange, LoggedExchange
 from proxy.protocols.relay import Relay, abort_with_reset
 from proxy.upstream.manager import UpstreamRuntime
 
@@ -73,6 +75,8 @@ class HttpListener:
         self.retry_on = frozenset(self.cfg.retry_on)
         self.hash_key = key_function(self.cfg.balance, self.cfg.hash_key)
         self.default_host = runtime.name.encode()  # Host for an HTTP/1.0 request without one
+        # What each exchange is handed: the upstream it works for, its limits and rules.
+        self.policy = ExchangePolicy(runtime)
         self.connections = 0
         self.rejected_connections = 0
         self.access: AccessLog | None = None  # set by the app when [log] access is on
@@ -91,6 +95,7 @@ class HttpListener:
         self.cfg = cfg
         self.retry_on = frozenset(cfg.retry_on)
         self.hash_key = key_function(cfg.balance, cfg.hash_key)
+        self.policy = ExchangePolicy(self.runtime)
         self.tick = sweep_interval(cfg)
 
     def busy(self) -> bool:
@@ -161,7 +166,7 @@ class _Refusal(asyncio.Protocol):
                         b"", 503, 0, len(answer), 0.0, "", 0, "max-connections", b""))
 
 
-class HttpDownstream(asyncio.Protocol):
+class HttpDownstream(asyncio.Protocol, ClientSide):
     def __init__(self, listener: HttpListener) -> None:
         self.listener = listener
         self.runtime = listener.runtime
@@ -265,10 +270,13 @@ class HttpDownstream(asyncio.Protocol):
             return
         # _begin(head), written out: this runs once per request
         self.head_deadline = INFINITY
-        if self.listener.access is None:
-            self.exchange = self.starting = Exchange(self, head)
+        listener = self.listener
+        if listener.access is None:
+            self.exchange = self.starting = Exchange(self, head, listener.policy, self.loop,
+                                                     self.last_activity)
         else:
-            self.exchange = self.starting = LoggedExchange(self, head)
+            self.exchange = self.starting = LoggedExchange(self, head, listener.policy,
+                                                           self.loop, self.last_activity)
         self.in_request = True
 
     def on_body(self, data: bytes) -> None:
@@ -283,7 +291,9 @@ class HttpDownstream(asyncio.Protocol):
             self.in_request = False
             exchange = self.exchange
             assert exchange is not None
-            exchange.on_client_end()
+            last = exchange.client_end(self.last_activity)
+            if last is not None:
+                exchange.write_upstream(last)
             if not exchange.head.keep_alive:
                 self.final = True  # the connection closes after this response
         else:
@@ -291,17 +301,22 @@ class HttpDownstream(asyncio.Protocol):
 
     def _begin(self, head: MessageHead) -> None:
         self.head_deadline = INFINITY
-        if self.listener.access is None:
-            self.exchange = self.starting = Exchange(self, head)
+        listener = self.listener
+        now = self.loop.time()
+        if listener.access is None:
+            self.exchange = self.starting = Exchange(self, head, listener.policy, self.loop, now)
         else:
-            self.exchange = self.starting = LoggedExchange(self, head)
+            self.exchange = self.starting = LoggedExchange(self, head, listener.policy,
+                                                           self.loop, now)
         self.in_request = True
 
     def _end_request(self) -> None:
         self.in_request = False
         exchange = self.exchange
         assert exchange is not None
-        exchange.on_client_end()
+        last = exchange.client_end(self.loop.time())
+        if last is not None:
+            exchange.write_upstream(last)
         if not exchange.head.keep_alive:
             self.final = True  # the connection closes after this response
 
@@ -391,6 +406,9 @@ class HttpDownstream(asyncio.Protocol):
                 self._set_paused(_PAUSE_PIPELINE, False)
         elif self.transport is not None and not self.paused:
             self.transport.resume_reading()
+
+    def access_log(self) -> AccessLog | None:
+        return self.listener.access
 
     # -- helpers ------------------------------------------------------------------------
     def _set_paused(self, reason: int, on: bool) -> None:

@@ -336,7 +336,7 @@ def test_a_due_trial_is_found_on_the_runtime_clock() -> None:
 # -- the protocols keep no attempt bookkeeping of their own ------------------------------
 
 
-@pytest.mark.parametrize("module", ["protocols/tcp.py", "protocols/http_exchange.py"])
+@pytest.mark.parametrize("module", ["protocols/tcp.py", "l7/exchange_core.py"])
 def test_protocols_leave_attempt_counting_and_retry_decisions_to_the_runtime(
         module: str) -> None:
     tree = ast.parse((PROXY / module).read_text())
