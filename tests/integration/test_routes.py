@@ -1,0 +1,152 @@
+"""One listener, many services (SPEC "Routing several upstreams on one listener"), end to
+end: a real Consul agent, real backends (each answers with its name), the real proxy.
+
+Requests go over one keep-alive connection where the test can, so that a route change
+or a 404 is seen not to cost the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from support.consul import Registration, wait_passing
+from support.http import RawConnection
+from support.procs import Backend, ProxyProcess
+from support.tomlconf import toml_table
+
+from proxy.devconsul import ConsulAgent, free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+StartBackends = Callable[..., list[Backend]]
+Register = Callable[..., Registration]
+StartProxy = Callable[..., ProxyProcess]
+
+
+def listeners_toml(listen: str, routes: list[dict[str, Any]], **keys: Any) -> str:
+    """A [[listeners]] table (inline route tables, as a user writes them)."""
+    lines = ["[[listeners]]", f'listen = "{listen}"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    lines.append("routes = [")
+    for r in routes:
+        inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in r.items())
+        lines.append(f"  {{ {inner} }},")
+    lines.append("]")
+    return "\n".join(lines) + "\n"
+
+
+def route_views(proxy: ProxyProcess) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Every route /upstreams lists, by (upstream, host, path_prefix)."""
+    return {(up["name"], r["host"], r["path_prefix"]): r
+            for up in proxy.upstreams() for r in up.get("routes", [])}
+
+
+async def test_routes_by_host_wildcard_longest_prefix_strip_and_404(
+        consul: ConsulAgent, start_backends: StartBackends, register: Register,
+        service_name: Callable[[str], str], start_proxy: StartProxy) -> None:
+    a, b, c = start_backends("a", "b", "c")
+    names = {n: service_name(n) for n in ("a", "b", "c")}
+    for backend in (a, b, c):
+        register(backend, names[backend.name])
+    for backend in (a, b, c):
+        wait_passing(consul, names[backend.name], {f"{names[backend.name]}-{backend.name}"})
+    listen = f"127.0.0.1:{free_port()}"
+    text = "\n".join([
+        toml_table("[[upstreams]]", {"name": names["a"]}),  # reached only through routes
+        toml_table("[[upstreams]]", {"name": names["b"]}),
+        toml_table("[[upstreams]]", {"name": names["c"], "listen": f"127.0.0.1:{free_port()}"}),
+        listeners_toml(listen, [
+            {"host": "api.test", "path_prefix": "/", "upstream": names["a"]},
+            {"host": "*.test", "path_prefix": "/", "upstream": names["b"]},
+            {"host": "api.test", "path_prefix": "/strip/", "upstream": names["c"],
+             "strip_prefix": True},
+            {"path_prefix": "/static/", "upstream": names["c"]},
+            {"path_prefix": "/static/deep/", "upstream": names["a"]},
+        ]),
+    ])
+    proxy = start_proxy(text)
+    host, port = listen.rsplit(":", 1)
+    conn = await RawConnection.open((host, int(port)))
+    try:
+        async def who(host_header: str, path: str) -> tuple[int, str]:
+            resp = await conn.request("GET", path, host=host_header)
+            return resp.status, resp.text
+
+        assert await who("api.test", "/anything") == (200, "a")
+        assert await who("API.Test:8080", "/x") == (200, "a")  # case and port ignored
+        assert await who("www.test", "/x") == (200, "b")  # wildcard
+        assert await who("x.y.test", "/static/x") == (200, "b")  # its host group first
+        assert await who("other.example", "/static/x") == (200, "c")
+        assert await who("other.example", "/static/deep/x") == (200, "a")  # longest prefix
+        status, body = await who("other.example", "/nothing/here")
+        assert status == 404
+        assert "no route for host other.example and path /nothing/here" in body
+        assert body.startswith("sdproxy: ")
+        # The 404 kept the connection: the next request on it is served.
+        resp = await conn.request("GET", "/strip/headers?q=1", host="api.test:8080")
+        assert resp.status == 200 and resp.header("X-Backend") == "c"
+        seen = json.loads(resp.body)
+        assert seen["_path"] == "/headers?q=1"
+        assert seen["x-forwarded-prefix"] == "/strip"
+        assert seen["x-forwarded-host"] == "api.test:8080"
+        assert seen["host"] == "api.test:8080"  # Host kept (SPEC "HTTP mode")
+        # Without strip_prefix the path goes as sent: /static/headers is not the
+        # backend's /headers, so it answers with its name.
+        assert await who("other.example", "/static/headers") == (200, "c")
+        # A strip route adds X-Forwarded-Host only when the client sent none.
+        resp = await conn.request("GET", "/strip/headers", host="api.test",
+                                  headers=[("X-Forwarded-Host", "front.example"),
+                                           ("X-Forwarded-Prefix", "/client")])
+        seen = json.loads(resp.body)
+        assert seen["x-forwarded-host"] == "front.example"
+        assert seen["x-forwarded-prefix"] == "/strip"  # what this route took off
+    finally:
+        await conn.close()
+
+    routes = route_views(proxy)
+    assert set(routes) == {
+        (names["a"], "api.test", "/"), (names["b"], "*.test", "/"),
+        (names["c"], "api.test", "/strip/"), (names["c"], "", "/static/"),
+        (names["a"], "", "/static/deep/")}
+    assert routes[(names["a"], "api.test", "/")]["requests"] == 2
+    assert routes[(names["c"], "api.test", "/strip/")]["strip_prefix"] is True
+    assert all(r["listen"] == listen and r["source"] == "config" for r in routes.values())
+    status, body = proxy.admin_get("/metrics")
+    metrics = body.decode()
+    assert (f'sdproxy_route_requests_total{{host="api.test",listen="{listen}",'
+            f'path_prefix="/",upstream="{names["a"]}"}} 2.0') in metrics
+    assert f'sdproxy_route_not_found_total{{listen="{listen}"}} 1.0' in metrics
+    status, page = proxy.admin_get("/")
+    assert status == 200 and b"/static/deep/" in page
+
+
+def test_check_names_the_key_of_a_bad_route(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "routes.toml"
+    path.write_text('[[upstreams]]\nname = "api"\n' + listeners_toml("127.0.0.1:18080", [
+        {"path_prefix": "/a/", "upstream": "api"},
+        {"path_prefix": "/b/", "upstream": "nope"},
+        {"path_prefix": "/a/", "upstream": "api"},
+    ]))
+    proc = subprocess.run([sys.executable, "-m", "proxy", "check", "-c", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f'{path}: listeners[0].routes[1].upstream: no upstream named "nope"' in proc.stderr
+    assert f"{path}: listeners[0].routes[2]: same host and path_prefix as " \
+           f"listeners[0].routes[0]" in proc.stderr
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll until `predicate()`; the seconds it took. Bounded by `timeout`."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(0.01)
+    return time.monotonic() - t0
