@@ -179,9 +179,14 @@ class ProxyApp:
         log.info("event=admin_listening listen=%s", listen)
 
     def _publish(self) -> None:
+        # A routed listener is listed too, as "listener ADDR": its connections, its own
+        # answers (404) and its routes (proxy.admin.state.routes_of).
         self.upstreams = {n: s.runtime for n, s in [*self.served.items(),
                                                     *self.catalog_served.items()]}
         self.listeners = {n: s.listener for n, s in self.served.items() if s.listener}
+        for routed in self.routed.values():
+            self.upstreams[routed.runtime.name] = routed.runtime
+            self.listeners[routed.runtime.name] = routed.listener
 
     async def _wait_first_answers(self, timeout: float, names: list[str]) -> None:
         loop = asyncio.get_running_loop()
@@ -335,7 +340,7 @@ class ProxyApp:
 
     async def _open_routed(self, lc: ListenerConfig) -> None:
         loop = asyncio.get_running_loop()
-        cfg = dataclasses.replace(lc.defaults, name=f"listener {lc.listen}")
+        cfg = dataclasses.replace(lc.defaults, name=f"listener {lc.listen}", discovery="none")
         runtime = UpstreamRuntime(cfg)
         runtime.answered = True  # nothing to wait for: it has no catalog
         routed = RoutedListener(lc, runtime, HttpListener(runtime, loop))
@@ -464,8 +469,8 @@ class ProxyApp:
                 continue
             before, routed.config = routed.config, lc
             if lc.defaults != before.defaults:
-                routed.runtime.config = dataclasses.replace(lc.defaults,
-                                                            name=routed.runtime.name)
+                routed.runtime.config = dataclasses.replace(
+                    lc.defaults, name=routed.runtime.name, discovery="none")
                 routed.listener.reconfigure(routed.runtime.config)
             if (lc.catalog_routes, lc.tag_prefix) != (before.catalog_routes, before.tag_prefix) \
                     or new.consul != self.config.consul:

@@ -20,7 +20,7 @@ from proxy.admin.merge import Reading, merge_views
 from proxy.admin.operator import sync_operator_drains
 from proxy.admin.rates import Counters, counters_from_views, counters_of
 from proxy.admin.readings import read_all
-from proxy.admin.state import AppState, listener_counts, upstreams_of, workers_of
+from proxy.admin.state import AppState, listener_counts, routes_of, upstreams_of, workers_of
 from proxy.upstream.host import Host
 from proxy.upstream.manager import Listed, UpstreamRuntime
 
@@ -112,8 +112,8 @@ def process_reading(state: AppState) -> list[dict[str, Any]]:
     reading is also this worker's look at what its siblings share: it first takes up the
     drains an operator made through another worker's admin (proxy.admin.operator)."""
     sync_operator_drains(state)
-    return [upstream_reading(rt, *listener_counts(state, rt.name))
-            for rt in upstreams_of(state)]
+    return [{**upstream_reading(rt, *listener_counts(state, rt.name)),
+             "routes": routes_of(state, rt.name)} for rt in upstreams_of(state)]
 
 
 def readings(state: AppState) -> list[Reading]:
@@ -141,7 +141,8 @@ def upstream_views(state: AppState) -> list[dict[str, Any]]:
     the workers, see proxy.admin.merge)."""
     if workers_of(state) is not None:
         return merge_views(readings(state))
-    return [upstream_view(rt, *listener_counts(state, rt.name)) for rt in upstreams_of(state)]
+    return [{**upstream_view(rt, *listener_counts(state, rt.name)),
+             "routes": routes_of(state, rt.name)} for rt in upstreams_of(state)]
 
 
 def missing_upstreams(state: AppState) -> list[str]:

@@ -40,8 +40,9 @@ def listeners_toml(listen: str, routes: list[dict[str, Any]], **keys: Any) -> st
 
 
 def route_views(proxy: ProxyProcess) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """Every route /upstreams lists, by (upstream, host, path_prefix)."""
-    return {(up["name"], r["host"], r["path_prefix"]): r
+    """Every route /upstreams lists (under its listener's entry), by (upstream, host,
+    path_prefix)."""
+    return {(r["upstream"], r["host"], r["path_prefix"]): r
             for up in proxy.upstreams() for r in up.get("routes", [])}
 
 
@@ -119,7 +120,8 @@ async def test_routes_by_host_wildcard_longest_prefix_strip_and_404(
     metrics = body.decode()
     assert (f'sdproxy_route_requests_total{{host="api.test",listen="{listen}",'
             f'path_prefix="/",upstream="{names["a"]}"}} 2.0') in metrics
-    assert f'sdproxy_route_not_found_total{{listen="{listen}"}} 1.0' in metrics
+    assert (f'sdproxy_responses_total{{code="404",upstream="listener {listen}"}} 1.0'
+            in metrics)
     status, page = proxy.admin_get("/")
     assert status == 200 and b"/static/deep/" in page
 
