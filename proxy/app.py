@@ -44,6 +44,7 @@ from proxy import logs
 from proxy.accesslog import AccessLog
 from proxy.config import ACCESS_OFF, Config, ListenerConfig, LogConfig, UpstreamConfig
 from proxy.discovery import Rereadable
+from proxy.discovery.catalog_routes import CatalogRoutesWatch, TagRoute
 from proxy.discovery.consul_register import SelfRegistration, start_self_registration
 from proxy.discovery.registry import UnsupportedDiscovery, make_watcher
 from proxy.model import Address
@@ -92,7 +93,7 @@ class RoutedListener:
     server: asyncio.base_events.Server | None = None
     # catalog_routes: the watch, and the tag routes it last reported, by service.
     catalog_task: asyncio.Task[None] | None = None
-    tag_routes: dict[str, tuple[object, ...]] = field(default_factory=dict)
+    tag_routes: dict[str, tuple[TagRoute, ...]] = field(default_factory=dict)
     tags_seen: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -313,7 +314,11 @@ class ProxyApp:
         listener = served.listener
         loop = asyncio.get_running_loop()
         deadline = loop.time() + served.runtime.config.drain_timeout
-        while listener is not None and listener.busy() and loop.time() < deadline:
+        runtime = served.runtime
+        # An upstream reached only through routes has no listener of its own: its own
+        # requests in flight are what the drain waits for.
+        while ((listener.busy() if listener is not None else runtime.in_flight > 0)
+               and loop.time() < deadline):
             await asyncio.sleep(DRAIN_POLL)  # bounded by drain_timeout
         if listener is not None:
             listener.close_all()
@@ -381,8 +386,7 @@ class ProxyApp:
             if runtime is None or not runtime.answered:
                 continue
             for tag in tag_routes:
-                host = getattr(tag, "host", None) or ""
-                routes.append((Route(host, str(getattr(tag, "path_prefix", "/")), service,
+                routes.append((Route(tag.host or "", tag.path_prefix, service,
                                      source="catalog"), runtime))
         routed.listener.set_routes(routes)
 
@@ -395,9 +399,7 @@ class ProxyApp:
             self._set_routes(routed)
 
     def _start_catalog_routes(self, routed: RoutedListener) -> None:
-        from proxy.discovery.catalog_routes import CatalogRoutesWatch
-
-        def on_change(mapping: dict[str, tuple[object, ...]]) -> None:
+        def on_change(mapping: dict[str, tuple[TagRoute, ...]]) -> None:
             if self.routed.get(routed.config.listen) is not routed:
                 return  # closed or replaced meanwhile
             routed.tag_routes = dict(mapping)

@@ -65,7 +65,7 @@ def upstream_view(rt: UpstreamRuntime, connections: int = 0,
     return {
         "name": rt.name,
         "mode": cfg.mode,
-        "listen": str(cfg.listen),
+        "listen": str(cfg.listen) if cfg.listen is not None else None,  # None: routes only
         "discovery": cfg.discovery,
         "balance": cfg.balance,
         "answered": bool(rt.answered),

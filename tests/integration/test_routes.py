@@ -7,6 +7,7 @@ or a 404 is seen not to cost the connection.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -152,3 +153,72 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> float:
             raise AssertionError(f"{what}: not within {timeout}s")
         time.sleep(0.01)
     return time.monotonic() - t0
+
+
+async def _until_status(conn: RawConnection, host: str, path: str, status: int,
+                        timeout: float = 10.0) -> tuple[float, str]:
+    """Send GET `path` on `conn` until it answers `status`; (seconds taken, last body).
+    Bounded by `timeout`; every try reuses the one connection."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    while True:
+        resp = await conn.request("GET", path, host=host)
+        if resp.status == status:
+            return loop.time() - t0, resp.text
+        if loop.time() - t0 > timeout:
+            raise AssertionError(f"{host}{path}: still {resp.status} {resp.text!r} after "
+                                 f"{timeout}s")
+        await asyncio.sleep(0.01)
+
+
+async def test_catalog_routes_follow_the_tags_without_dropping_a_connection(
+        consul: ConsulAgent, start_backends: StartBackends, register: Register,
+        service_name: Callable[[str], str], start_proxy: StartProxy) -> None:
+    one, two = start_backends("one", "two")
+    svc_one, svc_two = service_name("tagged"), service_name("tagged")
+    listen = f"127.0.0.1:{free_port()}"
+    proxy = start_proxy(f'[[listeners]]\nlisten = "{listen}"\ncatalog_routes = true\n')
+    host, port = listen.rsplit(":", 1)
+    conn = await RawConnection.open((host, int(port)))
+    path = f"/{svc_one}/x"
+    vhost = f"{svc_two}.test"
+    try:
+        assert (await conn.request("GET", path)).status == 404
+        # A service registers with a route tag: routable on the connection already open.
+        register(one, svc_one, tags=[f"urlprefix-{path.rsplit('/', 1)[0]}", "other"])
+        register(two, svc_two, tags=[f"urlprefix-{vhost}/"])
+        took, body = await _until_status(conn, "any.example", path, 200)
+        assert body == "one"
+        _, body = await _until_status(conn, vhost, "/anything", 200)
+        assert body == "two"
+        assert took < 5.0
+        routes = route_views(proxy)
+        assert routes[(svc_one, "", f"/{svc_one}")]["source"] == "catalog"
+        assert routes[(svc_one, "", f"/{svc_one}")]["strip_prefix"] is False  # never strips
+        assert (svc_two, vhost, "/") in routes
+        assert {svc_one, svc_two} <= {up["name"] for up in proxy.upstreams()}
+
+        # The tag removed (re-registered without it): the route goes, the connection stays.
+        register(one, svc_one, tags=["other"])
+        await _until_status(conn, "any.example", path, 404)
+        # The service deregistered while a request to it is in flight on another
+        # connection: its route goes, the request still gets its whole answer.
+        slow = await RawConnection.open((host, int(port)))
+        try:
+            in_flight = asyncio.create_task(
+                slow.request("GET", "/slow?seconds=1.5", host=vhost, timeout=10))
+            await asyncio.sleep(0.3)
+            consul.deregister(f"{svc_two}-two")
+            await _until_status(conn, vhost, "/anything", 404)
+            assert not in_flight.done()
+            answer = await in_flight
+            assert answer.status == 200 and answer.header("X-Backend") == "two"
+        finally:
+            await slow.close()
+        assert not conn.writer.is_closing()
+    finally:
+        await conn.close()
+    deadline = time.monotonic() + 10
+    while {svc_one, svc_two} & {up["name"] for up in proxy.upstreams()}:
+        assert time.monotonic() < deadline, "catalog upstreams not stopped"
+        await asyncio.sleep(0.05)
