@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,3 +225,56 @@ async def test_catalog_routes_follow_the_tags_without_dropping_a_connection(
     while {svc_one, svc_two} & {up["name"] for up in proxy.upstreams()}:
         assert time.monotonic() < deadline, "catalog upstreams not stopped"
         await asyncio.sleep(0.05)
+
+
+def _static(name: str, backend: Backend) -> str:
+    return toml_table("[[upstreams]]", {"name": name, "discovery": "static",
+                                        "endpoints": [f"127.0.0.1:{backend.port}"]})
+
+
+def _refuses(addr: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(addr, timeout=0.5).close()
+    except OSError:
+        return True
+    return False
+
+
+async def test_sighup_changes_routes_and_listeners_keeping_connections(
+        start_backends: StartBackends, start_proxy: StartProxy) -> None:
+    a, b = start_backends("a", "b")
+    first, second = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    proxy = start_proxy(_static("ua", a) + listeners_toml(first, [
+        {"path_prefix": "/a/", "upstream": "ua"}]))
+    config = Path(proxy.config_path)
+    head = config.read_text().split("[[upstreams]]")[0]
+    host, port = first.rsplit(":", 1)
+    addr_first = (host, int(port))
+    host2, port2 = second.rsplit(":", 1)
+    addr_second = (host2, int(port2))
+    async with await RawConnection.open(addr_first) as kept:
+        assert (await kept.request("GET", "/a/x")).text == "a"
+        assert (await kept.request("GET", "/b/x")).status == 404
+        # A new upstream reached only by a new route, and a second listener.
+        config.write_text(head + _static("ua", a) + _static("ub", b) + listeners_toml(first, [
+            {"path_prefix": "/a/", "upstream": "ua"},
+            {"path_prefix": "/b/", "upstream": "ub", "strip_prefix": True}])
+            + listeners_toml(second, [{"path_prefix": "/", "upstream": "ub"}]))
+        proxy.proc.send_signal(signal.SIGHUP)
+        await _until_status(kept, "h", "/b/x", 200)
+        assert (await kept.request("GET", "/b/headers")).header("X-Backend") == "b"
+        assert json.loads((await kept.request("GET", "/b/headers")).body)["_path"] == \
+            "/headers"
+        assert (await kept.request("GET", "/a/x")).text == "a"
+        async with await RawConnection.open(addr_second) as other:
+            assert (await other.request("GET", "/anything")).text == "b"
+        # The second listener removed: it stops accepting; the first keeps its client.
+        config.write_text(head + _static("ua", a) + listeners_toml(first, [
+            {"path_prefix": "/a/", "upstream": "ua"}]))
+        proxy.proc.send_signal(signal.SIGHUP)
+        await _until_status(kept, "h", "/b/x", 404)
+        deadline = time.monotonic() + 5
+        while not await asyncio.to_thread(_refuses, addr_second):
+            assert time.monotonic() < deadline, "the removed listener still accepts"
+            await asyncio.sleep(0.05)
+        assert (await kept.request("GET", "/a/x")).text == "a"
