@@ -182,8 +182,8 @@ class ProxyApp:
     def _publish(self) -> None:
         # A routed listener is listed too, as "listener ADDR": its connections, its own
         # answers (404) and its routes (proxy.admin.state.routes_of).
-        self.upstreams = {n: s.runtime for n, s in [*self.served.items(),
-                                                    *self.catalog_served.items()]}
+        self.upstreams = {n: s.runtime for n, s in [*self.catalog_served.items(),
+                                                    *self.served.items()]}
         self.listeners = {n: s.listener for n, s in self.served.items() if s.listener}
         for routed in self.routed.values():
             self.upstreams[routed.runtime.name] = routed.runtime
@@ -389,6 +389,12 @@ class ProxyApp:
                 routes.append((Route(tag.host or "", tag.path_prefix, service,
                                      source="catalog"), runtime))
         routed.listener.set_routes(routes)
+
+    @property
+    def dynamic_upstreams(self) -> frozenset[str]:
+        """Upstreams made for catalog routes: /ready does not wait for them (a service
+        that registers must not make the proxy unready while its first answer comes)."""
+        return frozenset(self.catalog_served)
 
     def upstreams_by_name(self) -> dict[str, UpstreamRuntime]:
         return {**{n: s.runtime for n, s in self.catalog_served.items()},

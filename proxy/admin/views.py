@@ -146,8 +146,10 @@ def upstream_views(state: AppState) -> list[dict[str, Any]]:
 
 
 def missing_upstreams(state: AppState) -> list[str]:
-    """Names of the upstreams whose catalog has not answered yet (what /ready waits for)."""
-    return [rt.name for rt in upstreams_of(state) if not rt.answered]
+    """Names of the upstreams whose catalog has not answered yet (what /ready waits for);
+    not those catalog routes made (`dynamic_upstreams`): they come and go with tags."""
+    dynamic: frozenset[str] = getattr(state, "dynamic_upstreams", frozenset())
+    return [rt.name for rt in upstreams_of(state) if not rt.answered and rt.name not in dynamic]
 
 
 def rate_counters(state: AppState) -> dict[str, Counters]:
