@@ -20,7 +20,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -37,6 +36,7 @@ from urllib.parse import quote
 
 from proxy import devinstall
 from proxy.devinstall import InstallError, cache_dir, fetch_package
+from proxy.devprocess import DevServer
 
 KEYRING = devinstall.KEYRING  # still importable from here, where it used to live
 
@@ -132,7 +132,7 @@ class AgentTLS:
     verify_incoming: bool = True
 
 
-class ConsulAgent:
+class ConsulAgent(DevServer):
     """A `consul agent -dev` on loopback and free ports; a context manager that ends it.
 
     `ports` pins the ports (default: free ones); `join_wan` lists `host:port` Serf WAN
@@ -220,79 +220,12 @@ class ConsulAgent:
             args += ["-hcl", acl]
         return args
 
-    def spawn(self) -> ConsulAgent:
-        """Start the process without waiting for it (see `wait_ready`); a no-op while it
-        runs, so `with agent.start():` does not start a second process on the same ports."""
-        if self.alive():
-            return self
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        return self
+    NAME = "consul"
 
-    def wait_ready(self, timeout: float = 30.0) -> ConsulAgent:
-        """Wait until a leader is known and the agent's own node is in the catalog."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise RuntimeError(f"consul exited {code}: {self.log_tail()}")
-            try:
-                # The agent's own node must be in the catalog before registrations work.
-                if self.get("/v1/status/leader") and self.get(f"/v1/catalog/node/{self.node}"):
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"consul did not elect a leader within {timeout}s: {self.log_tail()}")
-
-    def start(self, timeout: float = 30.0) -> ConsulAgent:
-        return self.spawn().wait_ready(timeout)
-
-    def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL the agent (a crash: no leave, no graceful close) and reap it."""
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
-
-    def cleanup(self) -> None:
-        """Stop and remove what the agent left on disk (its log); idempotent."""
-        self.stop()
-        try:
-            self.log_path.unlink()
-        except OSError:
-            pass
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
+    def is_ready(self) -> bool:
+        """A leader is known and the agent's own node is in the catalog (registrations
+        fail before that)."""
+        return bool(self.get("/v1/status/leader") and self.get(f"/v1/catalog/node/{self.node}"))
 
     def wait_datacenters(self, names: Sequence[str], timeout: float = 15.0) -> list[str]:
         """Wait until `/v1/catalog/datacenters` lists every one of `names`; returns the list."""

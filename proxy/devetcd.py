@@ -37,6 +37,7 @@ from typing import Any, Self
 
 from proxy.devconsul import free_ports
 from proxy.devinstall import InstallError, cache_dir, fetch_package
+from proxy.devprocess import DevServer
 
 ETCD_SUITE = "bookworm"  # etcd-server 3.4: the /v3 gateway (bullseye's 3.3 has /v3beta)
 HEARTBEAT_MS = 50
@@ -130,7 +131,7 @@ class EtcdClient:
 
 
 
-class EtcdServer(EtcdClient):
+class EtcdServer(EtcdClient, DevServer):
     """A single-member etcd on 127.0.0.1; a context manager that ends it and removes its
     data dir. `client_port`/`peer_port` default to free ones and stay the same across
     `kill()` and `start()`; `url` is the client URL, as `[etcd] endpoints` lists it."""
@@ -160,90 +161,19 @@ class EtcdServer(EtcdClient):
             "--heartbeat-interval", str(HEARTBEAT_MS), "--election-timeout", str(ELECTION_MS),
         ]
 
-    def spawn(self) -> Self:
-        if self.alive():
-            return self
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        return self
+    NAME = "etcd"
+    START_TIMEOUT = 20.0
 
-    def wait_ready(self, timeout: float = 20.0) -> Self:
-        """Wait until `/health` says true (a leader, reads served)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise RuntimeError(f"etcd exited {code}: {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1.0) as resp:
-                    if json.load(resp).get("health") == "true":
-                        return self
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"etcd not healthy within {timeout}s: {self.log_tail()}")
-
-    def start(self, timeout: float = 20.0) -> Self:
-        return self.spawn().wait_ready(timeout)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def _signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        """SIGKILL (a crash) and reap; the data dir stays for `start()`."""
-        if self.proc is not None and self.proc.poll() is None:
-            self._signal(signal.SIGKILL)
-            self.proc.wait(5)
-        self.proc = None
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 5 s; the data dir stays."""
-        if self.proc is not None and self.proc.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self.proc.wait(5)
-        self.proc = None
-
-    def pause(self) -> None:
-        """SIGSTOP: the process keeps its sockets open but answers nothing (a hang)."""
-        self._signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self._signal(signal.SIGCONT)
+    def is_ready(self) -> bool:
+        """`/health` says true: a leader is known and reads are served."""
+        with urllib.request.urlopen(self.url + "/health", timeout=1.0) as resp:
+            return bool(json.load(resp).get("health") == "true")
 
     def cleanup(self) -> None:
-        """Stop (resuming a paused process first) and remove the data dir and log."""
-        self.resume()
-        self.stop()
+        """Stop and remove the data dir and log; the data dir survives `kill`/`stop`."""
+        super().cleanup()
         shutil.rmtree(self.data_dir, ignore_errors=True)
-        try:
-            self.log_path.unlink()
-        except OSError:
-            pass
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
 
 class EtcdCluster:
     """`size` etcd members on loopback forming one cluster; a context manager.

@@ -36,10 +36,11 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from proxy.devconsul import free_port
 from proxy.devinstall import InstallError, cache_dir, fetch_packages
+from proxy.devprocess import DevServer
 
 ZOOKEEPER_SUITE = "bookworm"  # ZooKeeper 3.8, built for the OpenJDK 17 it runs on here
 PACKAGES = ("libzookeeper-java", "libslf4j-java", "libdropwizard-metrics-java",
@@ -119,7 +120,7 @@ def srvr(host: str, port: int, timeout: float = 1.0) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-class ZooKeeperServer:
+class ZooKeeperServer(DevServer):
     """A standalone ZooKeeper on 127.0.0.1 and a free port; a context manager that ends it
     and removes its data dir and log."""
 
@@ -145,72 +146,16 @@ class ZooKeeperServer:
         return [self.java, *JVM_OPTIONS, "-cp", self.classpath, SERVER_MAIN,
                 str(self.cfg_path)]
 
-    def spawn(self) -> Self:
-        if self.alive():
-            return self
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        return self
+    NAME = "zookeeper"
 
-    def wait_ready(self, timeout: float = 30.0) -> Self:
-        """Wait until the server answers `srvr` (it serves clients from then on)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise RuntimeError(f"zookeeper exited {code}: {self.log_tail()}")
-            try:
-                if srvr("127.0.0.1", self.port).startswith("Zookeeper version"):
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"zookeeper did not serve within {timeout}s: {self.log_tail()}")
-
-    def start(self, timeout: float = 30.0) -> Self:
-        return self.spawn().wait_ready(timeout)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def kill(self) -> None:
-        """SIGKILL the server (a crash) and reap it; `start()` brings it back."""
-        if self.proc and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                self.proc.kill()
-            self.proc.wait(5)
-        self.proc = None
-
-    def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
+    def is_ready(self) -> bool:
+        """It answers `srvr` (it serves clients from then on)."""
+        return srvr("127.0.0.1", self.port).startswith("Zookeeper version")
 
     def cleanup(self) -> None:
         """Stop the server and remove its data dir and log; idempotent."""
-        self.stop()
+        super().cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
 
 
 def curator_instance(service: str, instance_id: str, address: str, port: int | None, *,

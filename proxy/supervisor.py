@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy import config as config_mod
+from proxy import logs
 from proxy.admin.readings import mark_dead
 from proxy.config import Config
 from proxy.worker import STARTUP_FAILED, SUPERVISED_SIGNALS
@@ -292,6 +293,11 @@ class Supervisor:
         """The config a restarted worker starts with: the latest that loads. A broken one
         is left to the workers to reject (each logs the problem)."""
         try:
-            self.config = config_mod.load(self.config.path, os.environ)
+            new = config_mod.load(self.config.path, os.environ)
         except config_mod.ConfigError:
-            pass
+            return
+        self.config = new
+        # The supervisor's own lines follow [log] as the workers' do (they apply it on the
+        # same SIGHUP), so one log stream never mixes two formats after a reload.
+        logs.setup(new.log.level, new.log.format)
+        log.info("event=config_reread config=%s workers=%d", new.path, len(self._running()))

@@ -8,6 +8,10 @@ at once unchanged) and the aiohttp session when none is handed in. What an answe
 `consul_decode`'s, which is pure. Must not know: pools, balancers, breakers; it only
 reports to its `CatalogSink`.
 
+One request to the agent (`get_json`: token, TLS via `ConsulTLS`, status and JSON rules)
+and the wording of its failures (`describe_error`) are shared with `catalog_routes`, the
+watch on the service list.
+
 Datacenter failover (SPEC "Routing rules"): with `datacenters = ["dc1", "dc2"]` there is
 one blocking query per datacenter (`dc=dc1`, `dc=dc2`, all through the configured agent,
 which forwards over the WAN), each with its own index, backoff and pacing, and each
@@ -54,7 +58,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -119,6 +123,69 @@ def consul_tls_context(consul: ConsulConfig) -> ssl.SSLContext | None:
     return context
 
 
+class ConsulTLS:
+    """The `ssl` argument of every request to one agent: the context built from the
+    `[consul]` files at first use and again after `reread()` (SIGHUP: renewed files);
+    True (aiohttp's default) for an `http://` address."""
+
+    def __init__(self, consul: ConsulConfig) -> None:
+        self.consul = consul
+        self._context: ssl.SSLContext | None = None
+
+    def reread(self) -> None:
+        self._context = None
+
+    def context(self) -> ssl.SSLContext | bool:
+        if not self.consul.tls:
+            return True
+        if self._context is None:
+            try:
+                self._context = consul_tls_context(self.consul)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise ConsulTLSSetupError(_ssl_reason(exc)) from exc
+        assert self._context is not None  # an https address always has one
+        return self._context
+
+
+# What a Consul request may fail with that is the network's or Consul's, not a bug of ours.
+CONSUL_ERRORS: tuple[type[Exception], ...] = (
+    aiohttp.ClientError, TimeoutError, ConsulHTTPError, DecodeError, ConsulACLError,
+    ConsulTLSSetupError)
+
+
+def token_hint(consul: ConsulConfig) -> str:
+    """Where the token came from, for an ACL error message."""
+    if consul.token_file:
+        return f"; token read from {consul.token_file}"
+    return "" if consul.token else "; no token set"
+
+
+async def get_json(session: aiohttp.ClientSession, url: str, *, consul: ConsulConfig,
+                   tls: ConsulTLS, params: dict[str, str], timeout: float,
+                   acl_lacks: str = ACL_LACKS) -> tuple[Any, Mapping[str, str]]:
+    """GET one Consul API resource: (decoded JSON body, response headers).
+
+    Sends `X-Consul-Token`, the TLS context and server name of `[consul]`. Raises
+    ConsulACLError for 403 (its message starts with `acl_lacks`, what the token needs
+    here), ConsulHTTPError for any other non-200, DecodeError for a body that is not
+    JSON, and whatever aiohttp raises for the network."""
+    headers = {"X-Consul-Token": consul.token} if consul.token else {}
+    client_timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=CONNECT_TIMEOUT)
+    async with session.get(url, params=params, headers=headers, timeout=client_timeout,
+                           ssl=tls.context(),
+                           server_hostname=consul.server_name or None) as resp:
+        text = await resp.text()
+        if resp.status != 200:
+            detail = " ".join(text.split())[:ERROR_BODY_CHARS]
+            if resp.status == 403:
+                raise ConsulACLError(f"{acl_lacks} (HTTP 403: {detail}{token_hint(consul)})")
+            raise ConsulHTTPError(resp.status, detail)
+        try:
+            return json.loads(text), resp.headers
+        except ValueError as exc:
+            raise DecodeError(f"invalid JSON: {exc}") from exc
+
+
 def format_wait(seconds: float) -> str:
     """Consul's `wait` as a Go duration: "55s", or milliseconds when fractional."""
     if seconds == int(seconds):
@@ -176,7 +243,7 @@ class ConsulWatcher:
         self.datacenter = self.datacenters[0]
         self.timeout = consul.wait + consul.wait / 16 + TIMEOUT_MARGIN
         self._headers = {"X-Consul-Token": consul.token} if consul.token else {}
-        self._tls: ssl.SSLContext | None = None  # built by _tls_context at first use
+        self._tls = ConsulTLS(consul)
         self._server_name = consul.server_name or None  # else the address's host
         self.watches: dict[str, DatacenterWatch] = {
             dc: DatacenterWatch(dc, TokenBucket(PACE_BURST, PACE_INTERVAL))
@@ -231,19 +298,7 @@ class ConsulWatcher:
 
     def reread(self) -> None:
         """SIGHUP: load the TLS files again at the next request (renewed certificates)."""
-        self._tls = None
-
-    def _tls_context(self) -> ssl.SSLContext | bool:
-        """The context for an https address; True (aiohttp's default) for http."""
-        if not self.consul.tls:
-            return True
-        if self._tls is None:
-            try:
-                self._tls = consul_tls_context(self.consul)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                raise ConsulTLSSetupError(_ssl_reason(exc)) from exc
-        assert self._tls is not None
-        return self._tls
+        self._tls.reread()
 
     async def poll_once(self, session: aiohttp.ClientSession,
                         datacenter: str | None = None) -> float:
@@ -274,22 +329,10 @@ class ConsulWatcher:
 
     async def _fetch(self, session: aiohttp.ClientSession,
                      watch: DatacenterWatch) -> tuple[Any, str | None]:
-        timeout = aiohttp.ClientTimeout(total=self.timeout, sock_connect=CONNECT_TIMEOUT)
         # No `passing=1`: decode decides, so that warning instances can be included.
-        async with session.get(self.url, params=self._params(watch), headers=self._headers,
-                               timeout=timeout, ssl=self._tls_context(),
-                               server_hostname=self._server_name) as resp:
-            text = await resp.text()
-            if resp.status != 200:
-                detail = " ".join(text.split())[:ERROR_BODY_CHARS]
-                if resp.status == 403:
-                    raise ConsulACLError(f"{ACL_LACKS} (HTTP 403: {detail}{self._token_hint()})")
-                raise ConsulHTTPError(resp.status, detail)
-            try:
-                body = json.loads(text)
-            except ValueError as exc:
-                raise DecodeError(f"invalid JSON: {exc}") from exc
-            index = resp.headers.get("X-Consul-Index")
+        body, headers = await get_json(session, self.url, consul=self.consul, tls=self._tls,
+                                       params=self._params(watch), timeout=self.timeout)
+        index = headers.get("X-Consul-Index")
         # Empty: no instance, or ACLs filtered them all out. Asked once per turn to empty.
         if body == [] and watch.answer != () and await self._service_read_denied(session,
                                                                                  watch):
@@ -307,7 +350,7 @@ class ConsulWatcher:
         timeout = aiohttp.ClientTimeout(total=AUTHORIZE_TIMEOUT, sock_connect=CONNECT_TIMEOUT)
         async with session.post(self.address + AUTHORIZE_PATH, json=question, params=params,
                                 headers=self._headers, timeout=timeout,
-                                ssl=self._tls_context(),
+                                ssl=self._tls.context(),
                                 server_hostname=self._server_name) as resp:
             if resp.status != 200:
                 return False
@@ -318,9 +361,7 @@ class ConsulWatcher:
                 return False
 
     def _token_hint(self) -> str:
-        if self.consul.token_file:
-            return f"; token read from {self.consul.token_file}"
-        return "" if self.consul.token else "; no token set"
+        return token_hint(self.consul)
 
     # -- outcomes ---------------------------------------------------------------------
     def _on_answer(self, watch: DatacenterWatch, endpoints: tuple[Endpoint, ...],
@@ -404,8 +445,7 @@ class ConsulWatcher:
         delay = backoff_delay(watch.failures, self._rng, base=BACKOFF_BASE, cap=BACKOFF_CAP)
         first_failure = watch.failures == 0
         watch.failures += 1
-        if not isinstance(exc, (aiohttp.ClientError, TimeoutError, ConsulHTTPError,
-                                DecodeError, ConsulACLError, ConsulTLSSetupError)):
+        if not isinstance(exc, CONSUL_ERRORS):
             # Not the network, not Consul: a bug (in decode or the sink). Keep the trace.
             self._log.error("event=catalog_bug upstream=%s", self.upstream.name,
                             exc_info=exc)
@@ -425,30 +465,35 @@ class ConsulWatcher:
         return delay
 
     def _describe(self, exc: Exception) -> str:
-        if isinstance(exc, ConsulACLError):
-            return str(exc)
-        if isinstance(exc, ConsulTLSSetupError):
-            return f"TLS: cannot load the CA, certificate or key file: {exc}"
-        tls_failure = _ssl_error_in(exc) if isinstance(exc, aiohttp.ClientError) else None
-        if tls_failure is not None:
-            return _describe_tls(tls_failure)
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            if isinstance(exc.os_error, ConnectionRefusedError):
-                return "connection refused"
-            return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
-        if isinstance(exc, aiohttp.ServerTimeoutError):  # connect or read step timed out
-            return f"timeout: {exc}"
-        if isinstance(exc, TimeoutError):  # the whole request passed wait + jitter + margin
-            return f"timeout after {self.timeout:g}s"
-        if isinstance(exc, aiohttp.ServerDisconnectedError):
-            return "server disconnected"
-        if isinstance(exc, ConsulHTTPError):
-            return str(exc)
-        if isinstance(exc, DecodeError):
-            return f"bad answer: {exc}"
-        if isinstance(exc, aiohttp.ClientError):
-            return f"{type(exc).__name__}: {exc}"
-        return f"internal error: {type(exc).__name__}: {exc}"
+        return describe_error(exc, self.timeout)
+
+
+def describe_error(exc: Exception, timeout: float) -> str:
+    """One phrase for what went wrong with a Consul request that had `timeout` seconds."""
+    if isinstance(exc, ConsulACLError):
+        return str(exc)
+    if isinstance(exc, ConsulTLSSetupError):
+        return f"TLS: cannot load the CA, certificate or key file: {exc}"
+    tls_failure = _ssl_error_in(exc) if isinstance(exc, aiohttp.ClientError) else None
+    if tls_failure is not None:
+        return _describe_tls(tls_failure)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "connection refused"
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, aiohttp.ServerTimeoutError):  # connect or read step timed out
+        return f"timeout: {exc}"
+    if isinstance(exc, TimeoutError):  # the whole request passed wait + jitter + margin
+        return f"timeout after {timeout:g}s"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "server disconnected"
+    if isinstance(exc, ConsulHTTPError):
+        return str(exc)
+    if isinstance(exc, DecodeError):
+        return f"bad answer: {exc}"
+    if isinstance(exc, aiohttp.ClientError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 def _ssl_error_in(exc: BaseException) -> ssl.SSLError | None:

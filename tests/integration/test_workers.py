@@ -258,6 +258,27 @@ async def test_sighup_reaches_every_worker_and_a_restarted_worker_starts_with_th
     assert all(r.status == 200 for r in answers)
 
 
+async def test_sighup_switches_the_supervisors_own_lines_to_the_new_log_format(
+        start_backend: Callable[..., Backend],
+        start_proxy: Callable[..., ProxyProcess]) -> None:
+    backend = start_backend("w")
+    proxy = start_proxy({"web": static(backend)}, workers=2)
+    config = Path(proxy.config_path)
+    config.write_text(config.read_text() + '\n[log]\nformat = "json"\n')
+    proxy.proc.send_signal(signal.SIGHUP)
+
+    def json_lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in proxy.stderr_text().splitlines()
+                if line.startswith("{")]
+
+    reread = await wait_for("the supervisor's config_reread line, in JSON", lambda: [
+        e for e in json_lines() if e.get("event") == "config_reread"])
+    assert reread[0]["workers"] == "2" and "worker" not in reread[0], reread
+    # The workers switched too: each logs its reload as JSON.
+    await wait_for("both workers' reloaded lines, in JSON", lambda: sorted(
+        e["worker"] for e in json_lines() if e.get("event") == "reloaded") == ["0", "1"])
+
+
 async def test_workers_drain_and_exit_when_their_supervisor_is_killed(
         start_backend: Callable[..., Backend],
         start_proxy: Callable[..., ProxyProcess]) -> None:
