@@ -244,7 +244,7 @@ class ProxyApp:
                 self._retire(name)
                 failed.append(name)
         self._publish()
-        await self._reload_routed(new)
+        await self._reload_routed(old, new)
         if self.with_admin and old.admin.listen != new.admin.listen:
             await self._restart_admin()
         if self.with_admin and (old.consul, old.admin) != (new.consul, new.admin):
@@ -461,7 +461,7 @@ class ProxyApp:
                 return
             await asyncio.sleep(0.005)  # watchers have no "answered" event; bounded
 
-    async def _reload_routed(self, new: Config) -> None:
+    async def _reload_routed(self, old: Config, new: Config) -> None:
         """Apply a reload to the routed listeners: matched by address, a changed one keeps
         its socket and connections; every table is rebuilt on the reloaded upstreams."""
         wanted = {lc.listen: lc for lc in new.listeners}
@@ -481,7 +481,7 @@ class ProxyApp:
                     lc.defaults, name=routed.runtime.name, discovery="none")
                 routed.listener.reconfigure(routed.runtime.config)
             if (lc.catalog_routes, lc.tag_prefix) != (before.catalog_routes, before.tag_prefix) \
-                    or new.consul != self.config.consul:
+                    or new.consul != old.consul:
                 if routed.catalog_task is not None:
                     routed.catalog_task.cancel()
                     routed.catalog_task = None
