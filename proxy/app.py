@@ -490,14 +490,17 @@ class ProxyApp:
                     self._start_catalog_routes(routed)
         self._sync_catalog_upstreams()
 
-    def _close_routed(self, listen: Address) -> None:
-        """Stop accepting on a routed listener now; drain its requests in the background."""
+    def _close_routed(self, listen: Address, stopping: bool = False) -> None:
+        """Stop accepting on a routed listener now; drain its requests in the background.
+        Its table stays as it is: a kept-alive client's next request is still routed
+        while the listener drains (`stopping`: every table stays, nothing is rebuilt)."""
         routed = self.routed.pop(listen)
         if routed.catalog_task is not None:
             routed.catalog_task.cancel()
         if routed.server is not None:
             routed.server.close()
-        self._sync_catalog_upstreams()
+        if not stopping:
+            self._sync_catalog_upstreams()
         task = asyncio.get_running_loop().create_task(self._drain_routed(routed),
                                                       name=f"drain-{listen}")
         self.retiring.add(task)
@@ -518,7 +521,9 @@ class ProxyApp:
         for name in list(self.served):
             self._retire(name)
         for listen in list(self.routed):
-            self._close_routed(listen)
+            self._close_routed(listen, stopping=True)
+        for name in list(self.catalog_served):
+            self._retire_served(name, self.catalog_served.pop(name))
         if self.self_registration is not None:  # while the listeners drain
             await self.self_registration.stop()
             self.self_registration = None
