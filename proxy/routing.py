@@ -150,8 +150,13 @@ class RouteTable(Generic[T]):
             group.add(routed)
             self.entries.append(routed)
         # What every host gets when no route names one (and a request without Host).
-        self.no_host: tuple[_Group[T], ...] = (
-            () if self.any_host is None else (self.any_host,))
+        self.no_host: tuple[_Group[T], ...] = self._any_host_only()
+
+    def _any_host_only(self) -> tuple[_Group[T], ...]:
+        # Not inline in __init__: there mypy still takes `self.any_host` for the None
+        # assigned above (narrowing survives the calls that set it), and mypyc checks that.
+        any_host = self.any_host
+        return () if any_host is None else (any_host,)
 
     def _group_of(self, host: str) -> _Group[T]:
         if host == ANY_HOST:
