@@ -108,6 +108,9 @@ class _Group(Generic[T]):
 
     def add(self, routed: Routed[T]) -> None:
         self.by_prefix[routed.prefix] = routed
+
+    def seal(self) -> None:
+        """Once every route is added (not per add: a table of n routes is built in O(n))."""
         self.lengths = tuple(sorted({len(p) for p in self.by_prefix}, reverse=True))
 
     def match(self, path: bytes) -> Routed[T] | None:
@@ -149,6 +152,8 @@ class RouteTable(Generic[T]):
             routed.requests = counts.get(route.key(), 0)
             group.add(routed)
             self.entries.append(routed)
+        for group in [*self.exact.values(), *self.wildcards.values(), *self._any_host_only()]:
+            group.seal()
         # What every host gets when no route names one (and a request without Host).
         self.no_host: tuple[_Group[T], ...] = self._any_host_only()
 
