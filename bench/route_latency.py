@@ -49,6 +49,12 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def connections_to(pid: int, port: int) -> int:
     """Established TCP connections of `pid` to 127.0.0.1:`port` (its watches)."""
     inodes = set()
@@ -140,6 +146,7 @@ def run(sizes: list[int], changes: int, agent_conns: int | None) -> int:
                        lambda last=last: status_of(conn, last) == 200, timeout=60)
             time.sleep(1.0)  # let every watch settle before reading memory
             rss, watches = rss_mib(pid), connections_to(pid, agent_port)
+            cpu_before = cpu_seconds(pid)
             added: list[float | None] = []
             for i in range(changes):
                 name = f"new-{size}-{i}"
@@ -152,10 +159,12 @@ def run(sizes: list[int], changes: int, agent_conns: int | None) -> int:
                 t0 = time.perf_counter()
                 agent.deregister(name)
                 removed.append(until_status(conn, f"/{name}/", 404, t0))
+            cpu = (cpu_seconds(pid) - cpu_before) / (2 * changes)
             _status, body = http_get(f"http://127.0.0.1:{admin}/upstreams")
             failing = sum(1 for up in json.loads(body) if up.get("catalog_errors"))
             print(f"{size} routed services: RSS {rss:.1f} MiB, {watches} connections to the "
-                  f"agent, {failing} upstreams with catalog errors", flush=True)
+                  f"agent, {failing} upstreams with catalog errors, sdproxy CPU "
+                  f"{cpu * 1000:.1f} ms per change (client's polling included)", flush=True)
             print("  " + summary("registered -> routed", added), flush=True)
             print("  " + summary("deregistered -> 404", removed), flush=True)
         conn.close()
