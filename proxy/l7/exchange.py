@@ -6,6 +6,8 @@ Rules (SPEC, "HTTP mode"):
   retried only for idempotent methods and only while the request body can be replayed;
 - never more than `retries` further attempts, never twice on one instance (the caller
   excludes tried hosts when it picks).
+`UpstreamRuntime.should_retry` applies these, with the instances left and the retry
+budget, for HTTP and TCP alike.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from __future__ import annotations
 from typing import Final
 
 from proxy.l7.message import IDEMPOTENT_METHODS
+from proxy.outcomes import CONNECT_FAILURE as CONNECT_FAILURE_CODE
 
+# outcomes.LABELS of those outcomes, which protocols/http_exchange.py still passes around
+# as strings until it moves to proxy.outcomes' codes.
 CONNECT_FAILURE: Final = "connect-failure"
 RESET: Final = "reset"
 TIMEOUT: Final = "timeout"
@@ -25,11 +30,13 @@ REPLAY_LIMIT: Final = 64 * 1024
 BODY_HIGH_WATER: Final = 256 * 1024
 
 
-def may_retry(kind: str, *, method: bytes, replayable: bool, attempt: int, retries: int,
-              retry_on: frozenset[str]) -> bool:
-    """Whether attempt number `attempt` (1-based) that failed with `kind` is retried."""
-    if attempt > retries or kind not in retry_on:
+def may_retry(outcome: int, *, method: bytes, replayable: bool, attempt: int, retries: int,
+              retry_on: int) -> bool:
+    """Whether attempt number `attempt` (1-based) that failed with `outcome`
+    (proxy.outcomes) is retried; `retry_on` is the config's list as a bit set
+    (outcomes.mask_of)."""
+    if attempt > retries or not retry_on >> outcome & 1:
         return False
-    if kind == CONNECT_FAILURE:
+    if outcome == CONNECT_FAILURE_CODE:
         return True
     return replayable and method in IDEMPOTENT_METHODS

@@ -11,7 +11,7 @@ Each attempt ends exactly once (`_resolve`, or the connect task's callback) with
 ABORTED or a failure kind (connect-failure, reset, timeout, or the status of a retried
 5xx), handled by `_attempt_over` once the callback that reported it has returned (at the
 end of the instance's read, or on the next loop turn): finish, retry on an untried
-instance (`l7.exchange.may_retry`), or answer an error. `_finish` runs once.
+instance (`UpstreamRuntime.should_retry`), or answer an error. `_finish` runs once.
 
 With the access log on, the listener makes `LoggedExchange`s instead: they also count
 bytes and failed attempts and hand a record to the access log at `_finish`. The plain
@@ -26,14 +26,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from proxy.l7.exchange import (
-    BODY_HIGH_WATER,
-    CONNECT_FAILURE,
-    REPLAY_LIMIT,
-    RESET,
-    TIMEOUT,
-    may_retry,
-)
+from proxy.l7.exchange import BODY_HIGH_WATER, CONNECT_FAILURE, REPLAY_LIMIT, RESET, TIMEOUT
 from proxy.l7.headers import (
     LAST_CHUNK,
     REASONS,
@@ -48,6 +41,7 @@ from proxy.l7.headers import (
     request_id_of,
 )
 from proxy.l7.message import CHUNKED, HOST, NO_BODY, UNTIL_CLOSE, MessageHead
+from proxy.outcomes import BY_LABEL, STATUS_502
 from proxy.protocols.http_upstream import UpstreamConnection, connect
 
 if TYPE_CHECKING:
@@ -192,15 +186,14 @@ class Exchange:
         if self.down.closed:
             self._finish(False)
             return
-        rt = self.runtime
         tried = self.tried
         self.attempt += 1
-        host = rt.pick(tried, self.to.hash_key(self.head, self.down.client_ip))
+        to = self.to
+        if to.unrouted:  # a routed listener's request that matched no route
+            self._finish(self._respond_error(404, self._no_route()))
+            return
+        host = self.runtime.begin_attempt(tried, to.hash_key(self.head, self.down.client_ip))
         if host is None:
-            if self.to.unrouted:
-                self._finish(self._respond_error(404, self._no_route()))
-                return
-            rt.no_host_responses += 1
             if tried:
                 names = ", ".join(h.id for h in tried)
                 keep = self._respond_error(502, f"no instance could be reached (tried {names})")
@@ -208,12 +201,7 @@ class Exchange:
                 keep = self._respond_error(503, "no passing instance")
             self._finish(keep)
             return
-        tried.append(host)
-        host.active += 1
-        host.requests += 1
         self.host = host
-        if len(tried) > 1:
-            rt.retries_in_flight += 1
         conn = host.pool.take()
         if conn is not None:
             self._send(conn)  # type: ignore[arg-type]
@@ -288,9 +276,7 @@ class Exchange:
         host = self.host
         if host is not None:
             self.host = None
-            rt.release(host)
-            if len(self.tried) > 1:
-                rt.retries_in_flight -= 1
+            rt.end_attempt(host, self.tried)
         if self.finished:
             return
         if outcome == DONE:
@@ -306,12 +292,11 @@ class Exchange:
             self._finish(False)
             return
         cfg = self.cfg
+        code = BY_LABEL[outcome]
         replayable = self.body_log is not None or not self.body_sent
-        if (may_retry(outcome, method=self.head.method, replayable=replayable,
-                      attempt=self.attempt, retries=cfg.retries,
-                      retry_on=self.to.retry_on)
-                and rt.has_untried(self.tried) and rt.retry_allowed(outcome)):
-            rt.count_failover(outcome)
+        # A retried 5xx reaches here only after on_response_head's should_retry said yes.
+        if code >= STATUS_502 or rt.should_retry(code, self.head.method, replayable,
+                                                 self.tried):
             self._guarded(self._next_attempt)
             return
         failed = host.id if host is not None else "?"
@@ -407,11 +392,8 @@ class Exchange:
         if key and key in self.to.retry_on:
             host.on_failure(status)
             replayable = self.body_log is not None or not self.body_sent
-            if (may_retry(key, method=self.head.method, replayable=replayable,
-                          attempt=self.attempt, retries=self.cfg.retries,
-                          retry_on=self.to.retry_on)
-                    and self.runtime.has_untried(self.tried)
-                    and self.runtime.retry_allowed(key)):
+            if self.runtime.should_retry(BY_LABEL[key], self.head.method, replayable,
+                                         self.tried):
                 self.conn = None
                 conn.exchange = None
                 conn.close()

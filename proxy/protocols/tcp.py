@@ -11,12 +11,13 @@ Invariants:
   ones already open are unaffected.
 - An accepted client counts in `listener.connections` and `runtime.in_flight` until its
   relay ends (or, if it never started, until it is closed): `_finish` runs exactly once.
-- Each attempt holds `host.active` from the pick until it fails, or, once connected, until
-  the relay ends; `runtime.release(host)` runs exactly once per attempt.
+- Attempts are the runtime's to count (`begin_attempt` / `end_attempt`, exactly once
+  each); an attempt holds `host.active` from the pick until it fails, or, once connected,
+  until the relay ends (`end_attempt(holds_host=True)`, then `runtime.release(host)`).
 - A connect failure (refused, reset, `connect_timeout`) counts against that instance and
-  is retried on an instance not tried yet, at most `retries` times, only when
-  "connect-failure" is in `retry_on` (the retry budget never refuses a failed connect:
-  `UpstreamRuntime.retry_allowed`). Nothing reaches the
+  is retried when `runtime.should_retry` says so, the decision HTTP mode takes: on an
+  instance not tried yet, at most `retries` times, only when "connect-failure" is in
+  `retry_on` (the retry budget never refuses a failed connect). Nothing reaches the
   client before an instance accepted; when none does the client is closed without a byte.
 - While connecting, client bytes and EOF are held (relay.Holding, bounded by
   HOLD_HIGH_WATER, then reading pauses) and delivered first once the relay starts.
@@ -44,7 +45,7 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.config import UpstreamConfig
-from proxy.l7.exchange import CONNECT_FAILURE, may_retry
+from proxy.outcomes import CONNECT_FAILURE
 from proxy.protocols import splice
 from proxy.protocols.relay import Holding, Relay, Traffic, abort_with_reset
 from proxy.tls import ORIGINATIONS, log_connect_failure
@@ -81,7 +82,6 @@ class TcpListener:
         self.runtime = runtime
         self.cfg: UpstreamConfig = runtime.config
         self.loop = loop
-        self.retry_on = frozenset(self.cfg.retry_on)
         # `balance = "hash"`: a TCP connection's only key is its source address, whatever
         # `hash_key` says (path, header and cookie exist only in HTTP mode).
         self.hash_source = self.cfg.balance == "hash"
@@ -102,7 +102,6 @@ class TcpListener:
     def reconfigure(self, cfg: UpstreamConfig) -> None:
         """A reload changed the upstream: new connections use `cfg`, open ones keep theirs."""
         self.cfg = cfg
-        self.retry_on = frozenset(cfg.retry_on)
         self.hash_source = cfg.balance == "hash"
         self.zero_copy = ZERO_COPY and not _encrypted(cfg)
 
@@ -255,35 +254,22 @@ class TcpClient(Holding):
         cfg = listener.cfg  # this connection keeps the config it was accepted under
         tried = self.tried
         while True:
-            host = rt.pick(tried, self.key)
+            host = rt.begin_attempt(tried, self.key)
             if host is None:
-                rt.no_host_responses += 1
                 log.debug("event=tcp_no_instance upstream=%s tried=%d", rt.name, len(tried))
                 return
-            tried.append(host)
-            host.active += 1
-            host.requests += 1
-            retrying = len(tried) > 1
-            if retrying:
-                rt.retries_in_flight += 1
             upstream: Holding | None = None
             try:
                 upstream = await self._open(host, cfg)
             except (OSError, TimeoutError):
                 host.on_failure()
             finally:  # also on cancellation: the client left
-                if retrying:
-                    rt.retries_in_flight -= 1
-                if upstream is None:
-                    rt.release(host)
+                rt.end_attempt(host, tried, holds_host=upstream is not None)
             if upstream is not None:
                 self._start_relay(host, upstream, cfg.idle_timeout)
                 return
-            if self.lost or not may_retry(CONNECT_FAILURE, method=b"", replayable=True,
-                                          attempt=len(tried), retries=cfg.retries,
-                                          retry_on=listener.retry_on):
+            if self.lost or not rt.should_retry(CONNECT_FAILURE, b"", True, tried):
                 return
-            rt.count_failover(CONNECT_FAILURE)
 
     async def _open(self, host: Host, cfg: UpstreamConfig) -> Holding:
         """Connect to `host`; its bytes and EOF are held until the relay starts.

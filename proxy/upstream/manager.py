@@ -18,7 +18,19 @@ An operator's drain is never overridden: draining every instance means 503.
 The listing (`listing()`, what /upstreams shows) adds to the hosts the instances the
 catalog reports as not passing (`on_catalog_down`), state "down" with the check's output.
 
-Knows nothing of sockets or the event loop; `clock` is injected for tests.
+The request side (`begin_attempt`, `end_attempt`, `should_retry`) is the one place HTTP
+and TCP count attempts and decide retries: never the same instance twice for one request,
+`host.active`/`host.requests`/`retries_in_flight` balanced whatever the outcome, the retry
+budget, failovers counted once per retry made.
+
+The snapshot (`current`) is the one source of routing truth: the hosts and everything
+derived from them and their breakers (who may be picked, the panic view, the next trial
+due) are built together by `routing_snapshot` and published in one assignment, so a
+request never sees hosts of one version and derived sets of another.
+
+Knows nothing of sockets or the event loop. Two injected clocks: `monotonic` for every
+decision (breaker trials, the breakers' own opened-at), `clock` (wall time) only for what
+is shown (timestamps, staleness).
 """
 
 from __future__ import annotations
@@ -27,13 +39,14 @@ import bisect
 import functools
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from proxy.config import UpstreamConfig
-from proxy.l7.exchange import CONNECT_FAILURE
+from proxy.l7.exchange import may_retry
 from proxy.model import CatalogAnswer, Endpoint
+from proxy.outcomes import CONNECT_FAILURE, LABELS, mask_of
 from proxy.upstream.balancers import Balancer, make_balancer
 from proxy.upstream.breaker import CLOSED, HALF_OPEN, OPEN, HostBreaker
 from proxy.upstream.health_state import EJECTED, HealthState, ProbeResult
@@ -45,15 +58,42 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 log = logging.getLogger("sdproxy.upstream")
 
 
+INFINITY: Final = float("inf")
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The routable hosts of one upstream at one catalog version. Never mutated."""
+    """The hosts of one upstream at one catalog version, with who may be picked among
+    them as their states were when it was built. Never mutated: any change (catalog,
+    breaker, health, operator) builds a new one (`routing_snapshot`)."""
 
     hosts: tuple[Host, ...]
     index: int | None = None
+    # In rotation (Host.in_rotation) and breaker not open: the balancer's candidates.
+    available: tuple[Host, ...] = ()
+    # Some host in `available` is half-open: only its free trial may be picked.
+    half_open: bool = False
+    # Monotonic time when the first open breaker may try again.
+    next_trial_at: float = INFINITY
+    # Empty, except in panic (no host both in rotation and closed): then every host an
+    # operator has not drained, each may be picked as a trial.
+    panic_hosts: tuple[Host, ...] = ()
 
 
-EMPTY = Snapshot(())
+def routing_snapshot(hosts: tuple[Host, ...], index: int | None) -> Snapshot:
+    """`hosts` with the routing view derived from their current states."""
+    in_rotation = [h for h in hosts if h.in_rotation]
+    available = tuple(h for h in in_rotation if h.breaker.state != OPEN)
+    half_open = any(h.breaker.state == HALF_OPEN for h in available)
+    next_trial_at = min((h.breaker.opened_at + h.breaker.reset_timeout
+                         for h in hosts if h.breaker.state == OPEN), default=INFINITY)
+    panic_hosts: tuple[Host, ...] = ()
+    if not any(h.breaker.state == CLOSED for h in in_rotation):
+        panic_hosts = tuple(h for h in hosts if not h.operator_drained)
+    return Snapshot(hosts, index, available, half_open, next_trial_at, panic_hosts)
+
+
+EMPTY: Final = Snapshot(())
 
 
 class Listed(NamedTuple):
@@ -101,15 +141,13 @@ class LatencyHistogram:
 class UpstreamRuntime:
     """One upstream's live state: snapshot, hosts, catalog freshness and counters."""
 
-    # Slots: the request path reads these attributes on every request, and CPython 3.11
-    # reads instance-dict attributes fast only while an object has fewer than 30 (at 30
-    # a request cost ~0.5 % more instructions, bench/profile_http.py --instructions).
-    # `__dict__` stays, so tests may still replace a method on one instance; an
-    # attribute missing from this list still works, only more slowly.
+    # Compiled by mypyc (setup.py's HOT_MODULES); slots keep the interpreted fallback
+    # fast (CPython 3.11 reads instance-dict attributes fast only while an object has
+    # fewer than 30) and as strict as the compiled class: no attribute outside this
+    # list, no method replaced on one instance.
     __slots__ = (
-        "__dict__",
+        "_config",
         "answered",
-        "available",
         "balancer",
         "breaker_transitions",
         "budget_exhausted",
@@ -119,12 +157,10 @@ class UpstreamRuntime:
         "catalog_index",
         "catalog_updates",
         "clock",
-        "config",
         "current",
         "draining",
         "failing_since",
         "failovers",
-        "half_open",
         "hosts",
         "in_flight",
         "last_error",
@@ -132,29 +168,26 @@ class UpstreamRuntime:
         "latency",
         "monotonic",
         "name",
-        "next_trial_at",
         "no_host_responses",
         "operator_view",
-        "panic_hosts",
         "panic_picks",
         "responses",
         "retries_in_flight",
+        "retry_on",
     )
 
 
     def __init__(self, config: UpstreamConfig, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
                  balancer: Balancer | None = None) -> None:
-        self.config = config
+        self._config = config
+        self.retry_on = mask_of(config.retry_on)  # an outcome bit set (outcomes.mask_of)
         self.name = config.name
         self.clock = clock
         self.monotonic = monotonic
         self.balancer = balancer or make_balancer(config.balance)
         self.current: Snapshot = EMPTY
         self.hosts: dict[str, Host] = {}  # in the catalog, by endpoint id
-        self.available: tuple[Host, ...] = ()  # in the catalog and breaker not open
-        self.half_open = 0  # hosts in `available` whose breaker is half-open
-        self.next_trial_at = float("inf")  # when the first open breaker may try again
         # Removed hosts with work still in flight, by identity: one id may have several
         # (an instance that moved address while busy, then left).
         self.draining: dict[int, Host] = {}
@@ -178,10 +211,30 @@ class UpstreamRuntime:
         self.responses: dict[int, int] = {}
         self.bytes_in = 0
         self.bytes_out = 0
-        # Empty, except in panic (no host both in rotation and closed): then every host
-        # an operator has not drained, each may be picked as a trial.
-        self.panic_hosts: tuple[Host, ...] = ()
         self.operator_view = OperatorView()  # read by the admin API, not by requests
+
+    @property
+    def config(self) -> UpstreamConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: UpstreamConfig) -> None:
+        """A reload sets it: the retry rules change with it."""
+        self._config = config
+        self.retry_on = mask_of(config.retry_on)
+
+    # -- the routing view, all read from the one snapshot (admin API and tests) ----------
+    @property
+    def available(self) -> tuple[Host, ...]:
+        return self.current.available
+
+    @property
+    def panic_hosts(self) -> tuple[Host, ...]:
+        return self.current.panic_hosts
+
+    @property
+    def panic(self) -> bool:
+        return bool(self.current.panic_hosts)
 
     # -- catalog side -------------------------------------------------------------------
     def on_catalog_answer(self, answer: CatalogAnswer) -> None:
@@ -236,8 +289,7 @@ class UpstreamRuntime:
         if not (added or removed or changed) and self.current.hosts:
             return  # same pool: skip the swap
         self.hosts = new
-        self.current = Snapshot(tuple(new.values()), index)  # the swap: one assignment
-        self._refresh_available()
+        self._publish(tuple(new.values()), index)
         if added or removed or changed:
             log.info("event=pool_change upstream=%s added=%s removed=%s changed=%s size=%d",
                      self.name, ",".join(added) or "-", ",".join(removed) or "-",
@@ -280,74 +332,119 @@ class UpstreamRuntime:
         self._refresh_available()
 
     def _refresh_available(self) -> None:
-        hosts = self.current.hosts
-        in_rotation = [h for h in hosts if h.in_rotation]
-        self.available = tuple(h for h in in_rotation if h.breaker.state != OPEN)
-        self.half_open = sum(1 for h in self.available if h.breaker.state == HALF_OPEN)
-        self.next_trial_at = min((h.breaker.opened_at + h.breaker.reset_timeout
-                                  for h in hosts if h.breaker.state == OPEN), default=float("inf"))
-        panic_hosts: tuple[Host, ...] = ()
-        if not any(h.breaker.state == CLOSED for h in in_rotation):
-            panic_hosts = tuple(h for h in hosts if not h.operator_drained)
-        if bool(panic_hosts) != self.panic:
-            log.warning("event=panic_mode upstream=%s on=%s hosts=%d", self.name,
-                        str(bool(panic_hosts)).lower(), len(panic_hosts))
-        self.panic_hosts = panic_hosts
+        """A host's state changed (breaker, health, operator): rebuild the routing view."""
+        current = self.current
+        self._publish(current.hosts, current.index)
 
-    @property
-    def panic(self) -> bool:
-        return bool(self.panic_hosts)
+    def _publish(self, hosts: tuple[Host, ...], index: int | None) -> None:
+        snapshot = routing_snapshot(hosts, index)
+        was_panic = bool(self.current.panic_hosts)
+        self.current = snapshot  # the swap: one assignment
+        if bool(snapshot.panic_hosts) != was_panic:
+            log.warning("event=panic_mode upstream=%s on=%s hosts=%d", self.name,
+                        str(not was_panic).lower(), len(snapshot.panic_hosts))
 
     def _start_due_trials(self, now: float) -> None:
         for host in self.current.hosts:
             if host.breaker.due_for_trial(now):
                 host.breaker.to_half_open()  # -> listener -> _refresh_available
 
-    # -- request side -------------------------------------------------------------------
+    # -- request side: attempts and retries, for HTTP and TCP alike ---------------------
+    def begin_attempt(self, tried: list[Host], key: bytes | None = None) -> Host | None:
+        """Start the next attempt of one request (or TCP connection): an instance not in
+        `tried` (`pick`), appended to `tried` and counted busy until `end_attempt`; a
+        retry (`tried` was not empty) also counts in `retries_in_flight`. None when no
+        instance may be picked: counted as a response for want of an instance."""
+        host = self.pick(tried, key)
+        if host is None:
+            self.no_host_responses += 1
+            return None
+        if tried:
+            self.retries_in_flight += 1
+        tried.append(host)
+        host.active += 1
+        host.requests += 1
+        return host
+
+    def end_attempt(self, host: Host, tried: Sequence[Host], *, holds_host: bool = False) -> None:
+        """The attempt on `host` (the last of `tried`) ended: exactly once per attempt
+        `begin_attempt` began, whatever its outcome. `holds_host`: a TCP connection was
+        established and is relayed; the attempt is over (no longer a retry in flight)
+        but the instance stays busy with it until `release(host)`."""
+        if host is not tried[0]:  # never the same instance twice: a retry
+            self.retries_in_flight -= 1
+        if not holds_host:  # release(host), written out: this runs on every request
+            host.active -= 1
+            if host.draining and host.active <= 0:
+                self.draining.pop(id(host), None)
+
+    def should_retry(self, outcome: int, method: bytes, replayable: bool,
+                     tried: Collection[Host]) -> bool:
+        """Whether the request whose attempt number `len(tried)` ended with `outcome`
+        (proxy.outcomes) gets another attempt: the retry rules (`l7.exchange.may_retry`,
+        with `retries` and `retry_on`), an instance left untried, and the retry budget.
+        A yes is counted as a failover by `outcome`; the caller then calls
+        `begin_attempt`. `method` is b"" in TCP mode (only connect failures retry)."""
+        if not may_retry(outcome, method=method, replayable=replayable, attempt=len(tried),
+                         retries=self._config.retries, retry_on=self.retry_on):
+            return False
+        if not self.has_untried(tried) or not self.retry_allowed(outcome):
+            return False
+        label = LABELS[outcome]
+        failovers = self.failovers
+        failovers[label] = failovers.get(label, 0) + 1
+        return True
+
     def pick(self, tried: Collection[Host], key: bytes | None = None) -> Host | None:
         """A host for the next attempt: in rotation with a closed breaker or a free half-open
         trial, or (when no host in rotation is closed) any host not drained by an operator,
         as a trial: the panic rule, so that an upstream whose instances all failed recently
-        is probed rather than switched off."""
-        if self.next_trial_at <= self.monotonic():
-            self._start_due_trials(self.monotonic())
-        candidates = self.available
-        if self.half_open:
+        is probed rather than switched off. Counts nothing: see `begin_attempt`."""
+        snapshot = self.current
+        if snapshot.next_trial_at != INFINITY:
+            now = self.monotonic()
+            if snapshot.next_trial_at <= now:
+                self._start_due_trials(now)  # publishes a new snapshot
+                snapshot = self.current
+        candidates = snapshot.available
+        if snapshot.half_open:
             candidates = tuple(h for h in candidates if h.breaker.allows())
         host = self.balancer.pick(candidates, tried, key) if candidates else None
         if host is None:
-            host = self._panic_pick(tried, key)
+            host = self._panic_pick(snapshot.panic_hosts, tried, key)
         if host is not None and host.breaker.state == HALF_OPEN:
             host.breaker.on_attempt()
         return host
 
     def has_untried(self, tried: Collection[Host]) -> bool:
         """Would `pick(tried)` find a host? (without moving any balancer or breaker state)"""
-        if any(h not in tried and h.breaker.allows() for h in self.available):
+        snapshot = self.current
+        if any(h not in tried and h.breaker.allows() for h in snapshot.available):
             return True
-        return any(h not in tried for h in self.panic_hosts)
+        return any(h not in tried for h in snapshot.panic_hosts)
 
-    def _panic_pick(self, tried: Collection[Host], key: bytes | None) -> Host | None:
-        if not self.panic_hosts:
+    def _panic_pick(self, panic_hosts: tuple[Host, ...], tried: Collection[Host],
+                    key: bytes | None) -> Host | None:
+        if not panic_hosts:
             return None
-        host = self.balancer.pick(self.panic_hosts, tried, key)
+        host = self.balancer.pick(panic_hosts, tried, key)
         if host is not None:
             self.panic_picks += 1
             if host.breaker.state == OPEN:
                 host.breaker.to_half_open()
         return host
 
-    def retry_allowed(self, kind: str) -> bool:
+    def retry_allowed(self, outcome: int) -> bool:
         """The retry budget: retries in flight stay within max(min, percent of requests).
 
-        It bounds the extra work retries put on instances, so a failed connect (`kind`
-        connect-failure) is always allowed: its request reached no instance, and its retry
-        is the first time any instance works on it. Refusing it would fail requests
-        exactly when an instance dies under load and several connects fail at once.
+        It bounds the extra work retries put on instances, so a failed connect is always
+        allowed: its request reached no instance, and its retry is the first time any
+        instance works on it. Refusing it would fail requests exactly when an instance
+        dies under load and several connects fail at once.
         """
-        if kind == CONNECT_FAILURE:
+        if outcome == CONNECT_FAILURE:
             return True
-        budget = self.config.retry_budget
+        budget = self._config.retry_budget
         limit = max(budget.min_concurrency, self.in_flight * budget.percent / 100.0)
         if self.retries_in_flight < limit:
             return True
@@ -355,7 +452,7 @@ class UpstreamRuntime:
         return False
 
     def release(self, host: Host) -> None:
-        """Called when a request or connection on `host` ends."""
+        """The work on `host` ended (`end_attempt` calls it; TCP once its relay ends)."""
         host.active -= 1
         if host.draining and host.active <= 0:
             self.draining.pop(id(host), None)
@@ -458,6 +555,3 @@ class UpstreamRuntime:
         for host in self.all_hosts():
             host.health = None
         self._refresh_available()
-
-    def count_failover(self, reason: str) -> None:
-        self.failovers[reason] = self.failovers.get(reason, 0) + 1

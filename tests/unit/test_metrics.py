@@ -5,7 +5,7 @@ parsed back with prometheus_client's own parser. No sockets, no loop."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -17,6 +17,7 @@ from proxy import metrics as m
 from proxy.admin.collector import build_registry, cumulative_buckets
 from proxy.config import UpstreamConfig
 from proxy.model import Address, CatalogAnswer, Endpoint
+from proxy.upstream.health_state import HealthState
 from proxy.upstream.host import Host
 from proxy.upstream.manager import LATENCY_BUCKETS, LatencyHistogram, UpstreamRuntime
 
@@ -166,21 +167,19 @@ def test_cumulative_buckets_of_an_empty_histogram() -> None:
 # --- instance states ---------------------------------------------------------------------
 
 
-class _StatedHost:
-    """`host` with its state read as `state`: a stand-in, not a subclass (the compiled
-    Host takes no Python subclasses)."""
-
-    def __init__(self, host: Host, state: str) -> None:
-        self.host = host
-        self.state = state
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.host, name)
-
-
-def with_state(host: Host, state: str) -> Host:
-    """A Host whose state reads as `state` (breaker/ejection land in other modules)."""
-    return cast(Host, _StatedHost(host, state))
+def put_in_state(rt: UpstreamRuntime, host: Host, state: str) -> None:
+    """Bring a real `host` of `rt` into `state` as requests, probes and operators do."""
+    if state in ("open", "half_open"):
+        for _ in range(rt.config.breaker.failures):
+            host.on_failure()
+        if state == "half_open":
+            host.breaker.to_half_open()
+    elif state == "ejected":
+        host.health = HealthState()
+        host.health.ejected = True
+    elif state == "draining":
+        rt.set_operator_drain(host.id, True)
+    assert host.state == state
 
 
 @pytest.mark.parametrize(("host_state", "breaker"), [
@@ -193,7 +192,7 @@ def with_state(host: Host, state: str) -> Host:
 def test_breaker_state_gauge_has_one_current_state(host_state: str, breaker: str) -> None:
     rt = runtime()
     rt.on_catalog_answer(CatalogAnswer((ep("a", 1),), index=7))
-    rt.hosts["a"] = with_state(rt.hosts["a"], host_state)
+    put_in_state(rt, rt.hosts["a"], host_state)
     fams = scrape(State({"web": rt}))
     got = {s.labels["state"]: s.value for s in samples(fams, "sdproxy_breaker_state")}
     assert got == {b: (1.0 if b == breaker else 0.0) for b in m.BREAKER_STATES}
@@ -238,9 +237,7 @@ def test_catalog_metrics_and_staleness_with_an_injected_clock() -> None:
 
 def test_listener_failover_and_no_instance_counters() -> None:
     web, api = runtime("web"), runtime("api")
-    web.count_failover("connect-failure")
-    web.count_failover("connect-failure")
-    web.count_failover("503")
+    web.failovers.update({"connect-failure": 2, "503": 1})  # as should_retry counts them
     web.no_host_responses = 4
     state = State({"web": web, "api": api},
                   listeners={"web": Listener(connections=3, rejected_connections=2)})

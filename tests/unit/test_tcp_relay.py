@@ -666,7 +666,9 @@ def test_listener_retries_a_refused_connect_and_releases_everything() -> None:
 
 def test_listener_with_no_reachable_instance_closes_the_client_without_a_byte() -> None:
     async def main() -> None:
-        # retries = 2 by default: both instances fail, then none is left to pick.
+        # retries = 2 by default: both instances fail, then none is left to try. As in
+        # HTTP mode (a 502 naming the failed instance), that is a failed connect, not a
+        # connection closed for want of an instance: no third attempt is begun.
         listener = make_listener([closed_port(), closed_port()])
         server, addr = await serve(listener)
         reader, writer = await asyncio.open_connection(*addr)
@@ -679,8 +681,9 @@ def test_listener_with_no_reachable_instance_closes_the_client_without_a_byte() 
         await settled(listener)
         assert_released(listener)
         rt = listener.runtime
-        assert rt.no_host_responses == 1
+        assert rt.no_host_responses == 0 and rt.failovers == {"connect-failure": 1}
         assert sum(h.failures for h in rt.all_hosts()) == 2
+        assert sum(h.requests for h in rt.all_hosts()) == 2
         server.close()
 
     run(main)
@@ -709,24 +712,23 @@ def test_listener_closes_connections_beyond_max_connections_at_once() -> None:
     run(main)
 
 
-def test_a_client_leaving_while_connecting_stops_the_connect_and_releases_the_host() -> None:
+def test_a_client_leaving_while_connecting_stops_the_connect_and_releases_the_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     async def main() -> None:
         # A listener whose accept queue is full (backlog 0 holds one connection, which
         # nobody accepts): further SYNs are dropped and connects hang.
         blackhole = socket.create_server(("127.0.0.1", 0), backlog=0)
         filler = [socket.create_connection(blackhole.getsockname(), timeout=WAIT)]
         listener = make_listener([blackhole.getsockname()[1]], connect_timeout=30.0)
-        rt = listener.runtime
         picked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        real_pick = rt.pick
+        real_open = tcp.TcpClient._open
 
-        def pick(tried: Any, key: Any = None) -> Any:
-            host = real_pick(tried, key)
-            if not picked.done():
+        async def open_(client: tcp.TcpClient, host: Any, timeout: float) -> Holding:
+            if not picked.done():  # the attempt has begun: the connect starts now
                 picked.set_result(host)
-            return host
+            return await real_open(client, host, timeout)
 
-        rt.pick = pick  # type: ignore[method-assign]
+        monkeypatch.setattr(tcp.TcpClient, "_open", open_)
         server, addr = await serve(listener)
         try:
             _reader, writer = await asyncio.open_connection(*addr)

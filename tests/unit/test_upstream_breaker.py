@@ -9,8 +9,8 @@ import pytest
 from support.fakes import FakeClock
 
 from proxy.config import BreakerConfig, RetryBudgetConfig, UpstreamConfig
-from proxy.l7.exchange import CONNECT_FAILURE, RESET, TIMEOUT
 from proxy.model import Address, CatalogAnswer, Endpoint
+from proxy.outcomes import CONNECT_FAILURE, RESET, STATUS_503, TIMEOUT
 from proxy.upstream.manager import UpstreamRuntime
 
 
@@ -121,8 +121,8 @@ def test_retry_budget(in_flight: int, retries_in_flight: int, allowed: bool) -> 
     assert rt.budget_exhausted == (0 if allowed else 1)
 
 
-@pytest.mark.parametrize("kind", [RESET, TIMEOUT, "503"])
-def test_retry_budget_applies_to_work_an_instance_may_have_done(kind: str) -> None:
+@pytest.mark.parametrize("kind", [RESET, TIMEOUT, STATUS_503])
+def test_retry_budget_applies_to_work_an_instance_may_have_done(kind: int) -> None:
     rt, _ = make_runtime(1, budget=RetryBudgetConfig(percent=20.0, min_concurrency=3))
     rt.retries_in_flight = 3
     assert not rt.retry_allowed(kind)
