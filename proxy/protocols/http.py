@@ -146,6 +146,7 @@ class HttpListener:
         if routes is None:
             return [self.runtime]
         return list({id(e.target.runtime): e.target.runtime for e in routes.entries}.values())
+
     def busy(self) -> bool:
         """Some request or tunnel is in flight (shutdown waits for these)."""
         return any(conn.exchange is not None or conn.tunnel is not None for conn in self.open)
