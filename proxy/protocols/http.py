@@ -94,6 +94,9 @@ class HttpListener:
         # A listener of [[listeners]]: `runtime` is its own (connection limits, its own
         # answers); each request's upstream comes from this table (set_routes).
         self.routes: RouteTable[Destination] | None = None
+        # Whose idle pooled connections this listener's sweep expires: its upstream, or
+        # every upstream its routes lead to (worked out once per table, not per sweep).
+        self.pooled: list[UpstreamRuntime] = [runtime]
         self.connections = 0
         self.rejected_connections = 0
         self.access: AccessLog | None = None  # set by the app when [log] access is on
@@ -124,6 +127,7 @@ class HttpListener:
         self.destination = Destination(self.runtime, unrouted=True)
         self.routes = RouteTable(((route, destinations[id(runtime)]) for route, runtime in routes),
                                  previous=self.routes)
+        self.pooled = [d.runtime for d in destinations.values()]
         self.tick = min([sweep_interval(self.cfg),
                          *(sweep_interval(d.cfg) for d in destinations.values())])
 
@@ -138,14 +142,6 @@ class HttpListener:
         if routed.strip:
             strip_prefix(head, routed, host)
         return routed.target
-
-    def route_runtimes(self) -> list[UpstreamRuntime]:
-        """Every upstream this listener sends to (their idle pooled connections expire
-        by this listener's sweep too)."""
-        routes = self.routes
-        if routes is None:
-            return [self.runtime]
-        return list({id(e.target.runtime): e.target.runtime for e in routes.entries}.values())
 
     def busy(self) -> bool:
         """Some request or tunnel is in flight (shutdown waits for these)."""
@@ -176,7 +172,7 @@ class HttpListener:
         if now >= self._next_pool_sweep:
             self._next_pool_sweep = now + POOL_SWEEP_INTERVAL
             before = now - idle_limit
-            for runtime in self.route_runtimes():
+            for runtime in self.pooled:
                 for host in runtime.all_hosts():
                     host.pool.expire(before)
         self._sweeper = self.loop.call_later(self.tick, self._sweep)
