@@ -318,7 +318,7 @@ class ProxyApp:
         before = runtime.config
         runtime.config = up
         if up.balance != before.balance:
-            runtime.balancer = make_balancer(up.balance)
+            runtime.balancer = make_balancer(up.balance, clock=runtime.monotonic)
         if up.tls != before.tls:  # pooled connections speak the old way: not reused
             for host in runtime.all_hosts():
                 host.pool.close_all()

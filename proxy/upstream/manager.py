@@ -185,7 +185,7 @@ class UpstreamRuntime:
         self.name = config.name
         self.clock = clock
         self.monotonic = monotonic
-        self.balancer = balancer or make_balancer(config.balance)
+        self.balancer = balancer or make_balancer(config.balance, clock=monotonic)
         self.current: Snapshot = EMPTY
         self.hosts: dict[str, Host] = {}  # in the catalog, by endpoint id
         # Removed hosts with work still in flight, by identity: one id may have several

@@ -719,6 +719,17 @@ def test_runtime_hash_default_balancer_is_the_ring() -> None:
     assert isinstance(rt.balancer, ConsistentHash)
 
 
+def test_p2c_reads_latency_on_the_runtimes_own_monotonic_clock() -> None:
+    """One clock for every routing decision: a runtime built with an injected clock
+    gives it to its p2c balancer (latency EWMAs decay on that clock, not the machine's)."""
+    def ticks() -> float:
+        return 123.0
+
+    rt = UpstreamRuntime(UpstreamConfig(name="web", listen=Address("127.0.0.1", 8081),
+                                        balance="p2c"), monotonic=ticks)
+    assert isinstance(rt.balancer, PowerOfTwoChoices) and rt.balancer.clock is ticks
+
+
 def test_runtime_hash_across_swaps() -> None:
     rt = runtime("hash", *EPS)
     balancer = rt.balancer

@@ -19,10 +19,13 @@ it. `pick` runs on every attempt: no logging, no allocation beyond what a retry 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Final, Protocol
 
 from proxy.upstream.host import Host
+
+Clock = Callable[[], float]
 
 
 class Balancer(Protocol):
@@ -32,37 +35,37 @@ class Balancer(Protocol):
         (only `hash` uses it; see `hash_key`)."""
 
 
-def _round_robin(rng: random.Random) -> Balancer:
+def _round_robin(rng: random.Random, clock: Clock) -> Balancer:
     from proxy.upstream.balancers.round_robin import SmoothWeightedRoundRobin
 
     return SmoothWeightedRoundRobin()  # deterministic: no randomness to inject
 
 
-def _least_conn(rng: random.Random) -> Balancer:
+def _least_conn(rng: random.Random, clock: Clock) -> Balancer:
     from proxy.upstream.balancers.least_conn import LeastConnections
 
     return LeastConnections(rng)
 
 
-def _random(rng: random.Random) -> Balancer:
+def _random(rng: random.Random, clock: Clock) -> Balancer:
     from proxy.upstream.balancers.random_pick import WeightedRandom
 
     return WeightedRandom(rng)
 
 
-def _p2c(rng: random.Random) -> Balancer:
+def _p2c(rng: random.Random, clock: Clock) -> Balancer:
     from proxy.upstream.balancers.p2c import PowerOfTwoChoices
 
-    return PowerOfTwoChoices(rng)
+    return PowerOfTwoChoices(rng, clock)  # the runtime's monotonic clock, not its own
 
 
-def _hash(rng: random.Random) -> Balancer:
+def _hash(rng: random.Random, clock: Clock) -> Balancer:
     from proxy.upstream.balancers.hash import ConsistentHash
 
     return ConsistentHash(rng)
 
 
-BALANCERS: Final[dict[str, Callable[[random.Random], Balancer]]] = {
+BALANCERS: Final[dict[str, Callable[[random.Random, Clock], Balancer]]] = {
     "round_robin": _round_robin,
     "least_conn": _least_conn,
     "random": _random,
@@ -71,11 +74,13 @@ BALANCERS: Final[dict[str, Callable[[random.Random], Balancer]]] = {
 }
 
 
-def make_balancer(name: str, rng: random.Random | None = None) -> Balancer:
+def make_balancer(name: str, rng: random.Random | None = None,
+                  clock: Clock = time.monotonic) -> Balancer:
     """The balancer registered as `name` (config.py validates names against the same
-    list); `rng` defaults to a fresh, OS-seeded `random.Random` per balancer."""
+    list); `rng` defaults to a fresh, OS-seeded `random.Random` per balancer; `clock` is
+    the upstream runtime's monotonic clock (one clock for every routing decision)."""
     try:
         factory = BALANCERS[name]
     except KeyError:
         raise ValueError(f"unknown balancer {name!r}; one of {', '.join(BALANCERS)}") from None
-    return factory(rng if rng is not None else random.Random())
+    return factory(rng if rng is not None else random.Random(), clock)
