@@ -38,6 +38,7 @@ HOT_MODULES = [
     "proxy/protocols/http.py",
     "proxy/protocols/http_exchange.py",
     "proxy/protocols/http_upstream.py",
+    "proxy/routing.py",
     "proxy/upstream/breaker.py",
     "proxy/upstream/host.py",
     "proxy/upstream/manager.py",

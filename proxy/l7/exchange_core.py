@@ -34,6 +34,7 @@ from proxy.l7.headers import (
     encode_request,
     encode_response,
     encode_switching,
+    host_field,
     is_upgrade_request,
     next_request_id,
     request_id_of,
@@ -77,6 +78,7 @@ OWN_REASONS: Final[dict[int, str]] = {
     431: "head-too-large",
     502: "internal-error",
     503: "no-instance",
+    404: "no-route",
 }
 
 
@@ -84,11 +86,15 @@ class ExchangePolicy:
     """What an exchange needs from its upstream's configuration, built once per upstream
     (and per reload), not per request: the runtime it works for and the limits."""
 
-    __slots__ = ("default_host", "hash_key", "idle_timeout", "request_timeout", "runtime")
+    __slots__ = ("default_host", "hash_key", "idle_timeout", "request_timeout", "runtime",
+                 "unrouted")
 
-    def __init__(self, runtime: UpstreamRuntime) -> None:
+    def __init__(self, runtime: UpstreamRuntime, unrouted: bool = False) -> None:
         cfg = runtime.config
         self.runtime = runtime
+        # A routed listener's own policy, handed to a request that matched no route: it is
+        # answered 404 before any attempt (its runtime has no instances to try).
+        self.unrouted = unrouted
         self.request_timeout: float = cfg.request_timeout
         self.idle_timeout: float = cfg.idle_timeout
         self.hash_key = key_function(cfg.balance, cfg.hash_key)
@@ -182,7 +188,10 @@ class ExchangeCore:
         """Pick an untried instance: ATTEMPT (it is `host`), or FINISH with an error in
         `out` when none is left (503 if none was tried, else 502)."""
         tried = self.tried
-        host = self.runtime.begin_attempt(tried, self.policy.hash_key(self.head, self.client_ip))
+        policy = self.policy
+        if policy.unrouted:
+            return self.finish(self.answer_error(404, self._no_route()))
+        host = self.runtime.begin_attempt(tried, policy.hash_key(self.head, self.client_ip))
         if host is None:
             if tried:
                 names = ", ".join(h.id for h in tried)
@@ -454,6 +463,11 @@ class ExchangeCore:
         self.response_started = True
         self.note_own_answer(status)
         return keep
+
+    def _no_route(self) -> str:
+        host = host_field(self.head)
+        shown = "(none)" if host is None else host.decode("latin-1")
+        return f"no route for host {shown} and path {self.head.target[:200].decode('latin-1')}"
 
     def note_own_answer(self, status: int) -> None:
         """sdproxy answered `status` itself (here, or the client connection did)."""

@@ -299,7 +299,8 @@ def encode_interim(head: MessageHead) -> bytes:
 
 # Reason phrases of the statuses sdproxy answers itself (SPEC "HTTP mode").
 REASONS: Final[dict[int, bytes]] = {
-    400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+    400: b"Bad Request", 404: b"Not Found", 408: b"Request Timeout",
+    431: b"Request Header Fields Too Large",
     502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
 
@@ -316,6 +317,17 @@ def encode_error(status: int, reason: bytes, upstream: str, detail: str,
         b"X-Sdproxy-Error: 1\r\n\r\n",
         body,
     ))
+
+
+def host_field(head: MessageHead) -> bytes | None:
+    """The request's Host value; None when it has none (an HTTP/1.0 request may not)."""
+    kinds = head.kinds
+    if kinds is not None and not kinds & HOST:
+        return None
+    for name, value in head.headers:
+        if len(name) == 4 and name.lower() == _HOST:
+            return value
+    return None
 
 
 def chunk(data: bytes) -> bytes:
@@ -336,4 +348,5 @@ __all__ = [
     "encode_interim",
     "encode_request",
     "encode_response",
+    "host_field",
 ]

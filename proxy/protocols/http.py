@@ -1,9 +1,10 @@
 """The client side of HTTP mode: one asyncio.Protocol per client connection.
 
 Feeds bytes to the configured request parser and hands each request to an `Exchange`
-(http_exchange.py) with the ExchangePolicy of the upstream it is for (today the
-listener's one, `listener.policy`; a route table would pick one per request). Requests are served one at a time; a pipelined request's events are
-queued until the previous response ends. Owns the per-connection limits: the header
+(http_exchange.py) with the ExchangePolicy of the upstream it is for: the listener's
+own (`listener.policy`) or, on a routed listener, the one its route table picks for the
+request's Host and path. Requests are served one at a time; a pipelined request's events
+are queued until the previous response ends. Owns the per-connection limits: the header
 deadline (408), the head size and field count (431), malformed requests (400),
 `max_connections` (503), `idle_timeout` for a connection where nothing moves either way
 (408 for a stalled request body, else a reset), and which reasons currently pause
@@ -25,12 +26,12 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from proxy.config import UpstreamConfig
 from proxy.l7.exchange_core import OWN_REASONS, ExchangePolicy
-from proxy.l7.hashkey import key_function
-from proxy.l7.headers import REASONS, encode_error
+from proxy.l7.headers import REASONS, encode_error, host_field
 from proxy.l7.message import HeadTooLarge, MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
 from proxy.protocols.http_exchange import ClientSide, Exchange, LoggedExchange
 from proxy.protocols.relay import Relay, abort_with_reset
+from proxy.routing import Route, Routed, RouteTable
 from proxy.upstream.manager import UpstreamRuntime
 
 if TYPE_CHECKING:
@@ -66,17 +67,21 @@ def sweep_interval(cfg: UpstreamConfig) -> float:
 
 
 class HttpListener:
-    """Shared state of one HTTP listener: its upstream and connection count."""
+    """Shared state of one HTTP listener: its upstream (or, with `routes`, the route
+    table that picks one per request) and connection count."""
 
     def __init__(self, runtime: UpstreamRuntime, loop: asyncio.AbstractEventLoop) -> None:
         self.runtime = runtime
         self.cfg: UpstreamConfig = runtime.config
         self.loop = loop
-        self.retry_on = frozenset(self.cfg.retry_on)
-        self.hash_key = key_function(self.cfg.balance, self.cfg.hash_key)
-        self.default_host = runtime.name.encode()  # Host for an HTTP/1.0 request without one
         # What each exchange is handed: the upstream it works for, its limits and rules.
         self.policy = ExchangePolicy(runtime)
+        # A listener of [[listeners]]: `runtime` is its own (connection limits, its own
+        # answers); each request's upstream comes from this table (set_routes).
+        self.routes: RouteTable[ExchangePolicy] | None = None
+        # Whose idle pooled connections this listener's sweep expires: its upstream, or
+        # every upstream its routes lead to (worked out once per table, not per sweep).
+        self.pooled: list[UpstreamRuntime] = [runtime]
         self.connections = 0
         self.rejected_connections = 0
         self.access: AccessLog | None = None  # set by the app when [log] access is on
@@ -93,10 +98,35 @@ class HttpListener:
     def reconfigure(self, cfg: UpstreamConfig) -> None:
         """A reload changed the upstream: new connections use `cfg`, open ones keep theirs."""
         self.cfg = cfg
-        self.retry_on = frozenset(cfg.retry_on)
-        self.hash_key = key_function(cfg.balance, cfg.hash_key)
-        self.policy = ExchangePolicy(self.runtime)
+        self.policy = ExchangePolicy(self.runtime, unrouted=self.routes is not None)
         self.tick = sweep_interval(cfg)
+
+    def set_routes(self, routes: list[tuple[Route, UpstreamRuntime]]) -> None:
+        """Make this a routed listener with `routes` (the first of two with the same host
+        and prefix wins), swapped in one assignment: requests already routed keep their
+        upstream, open connections stay."""
+        destinations: dict[int, ExchangePolicy] = {}
+        for _route, runtime in routes:
+            if id(runtime) not in destinations:
+                destinations[id(runtime)] = ExchangePolicy(runtime)
+        self.policy = ExchangePolicy(self.runtime, unrouted=True)
+        self.routes = RouteTable(((route, destinations[id(runtime)]) for route, runtime in routes),
+                                 previous=self.routes)
+        self.pooled = [d.runtime for d in destinations.values()]
+        self.tick = min([sweep_interval(self.cfg),
+                         *(sweep_interval(d.runtime.config) for d in destinations.values())])
+
+    def route(self, head: MessageHead, routes: RouteTable[ExchangePolicy]) -> ExchangePolicy:
+        """The destination of a request on a routed listener; a stripped prefix rewrites
+        `head`'s target (Exchange forwards what the head says)."""
+        host = host_field(head)
+        routed = routes.lookup(host, head.target)
+        if routed is None:
+            return self.policy  # unrouted: the exchange answers 404
+        routed.requests += 1
+        if routed.strip:
+            strip_prefix(head, routed, host)
+        return routed.target
 
     def busy(self) -> bool:
         """Some request or tunnel is in flight (shutdown waits for these)."""
@@ -127,8 +157,9 @@ class HttpListener:
         if now >= self._next_pool_sweep:
             self._next_pool_sweep = now + POOL_SWEEP_INTERVAL
             before = now - idle_limit
-            for host in self.runtime.all_hosts():
-                host.pool.expire(before)
+            for runtime in self.pooled:
+                for host in runtime.all_hosts():
+                    host.pool.expire(before)
         self._sweeper = self.loop.call_later(self.tick, self._sweep)
 
     def close_all(self) -> None:
@@ -271,12 +302,14 @@ class HttpDownstream(asyncio.Protocol, ClientSide):
         # _begin(head), written out: this runs once per request
         self.head_deadline = INFINITY
         listener = self.listener
+        routes = listener.routes
+        to = listener.policy if routes is None else listener.route(head, routes)
         if listener.access is None:
-            self.exchange = self.starting = Exchange(self, head, listener.policy, self.loop,
+            self.exchange = self.starting = Exchange(self, head, to, self.loop,
                                                      self.last_activity)
         else:
-            self.exchange = self.starting = LoggedExchange(self, head, listener.policy,
-                                                           self.loop, self.last_activity)
+            self.exchange = self.starting = LoggedExchange(self, head, to, self.loop,
+                                                           self.last_activity)
         self.in_request = True
 
     def on_body(self, data: bytes) -> None:
@@ -303,11 +336,12 @@ class HttpDownstream(asyncio.Protocol, ClientSide):
         self.head_deadline = INFINITY
         listener = self.listener
         now = self.loop.time()
+        routes = listener.routes
+        to = listener.policy if routes is None else listener.route(head, routes)
         if listener.access is None:
-            self.exchange = self.starting = Exchange(self, head, listener.policy, self.loop, now)
+            self.exchange = self.starting = Exchange(self, head, to, self.loop, now)
         else:
-            self.exchange = self.starting = LoggedExchange(self, head, listener.policy,
-                                                           self.loop, now)
+            self.exchange = self.starting = LoggedExchange(self, head, to, self.loop, now)
         self.in_request = True
 
     def _end_request(self) -> None:
@@ -512,3 +546,34 @@ class HttpDownstream(asyncio.Protocol, ClientSide):
         self._clear_header_deadline()
         if self.transport is not None:
             self.transport.close()
+
+
+# --- routed listeners: what a route changes in a request --------------------------------
+
+_X_FORWARDED_HOST: Final = b"x-forwarded-host"
+_X_FORWARDED_PREFIX: Final = b"x-forwarded-prefix"
+
+
+def strip_prefix(head: MessageHead, routed: Routed[ExchangePolicy], host: bytes | None) -> None:
+    """Forward `head` with the route's prefix taken off its target (a leading "/" kept),
+    `X-Forwarded-Prefix` set to that prefix (a client's replaced) and `X-Forwarded-Host` to
+    the Host it asked for (a client's kept, as X-Forwarded-Proto: sdproxy sits behind the
+    frontend that knows). Fields are replaced in place or appended, so the parser's
+    indexes of the hop-by-hop fields stay right. The access log shows the rewritten
+    target: what the instance was asked."""
+    head.target = routed.rewrite(head.target)
+    head.raw = None  # the head as received is not what goes on: encode it field by field
+    headers = head.headers
+    prefix = routed.forwarded_prefix
+    replaced = has_host = False
+    for i, (name, _value) in enumerate(headers):
+        size = len(name)
+        if size == 18 and name.lower() == _X_FORWARDED_PREFIX:
+            headers[i] = (name, prefix)
+            replaced = True
+        elif size == 16 and name.lower() == _X_FORWARDED_HOST:
+            has_host = True
+    if not replaced:
+        headers.append((b"X-Forwarded-Prefix", prefix))
+    if not has_host and host is not None:
+        headers.append((b"X-Forwarded-Host", host))
