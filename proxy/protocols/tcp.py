@@ -268,7 +268,11 @@ class TcpClient(Holding):
             if upstream is not None:
                 self._start_relay(host, upstream, cfg.idle_timeout)
                 return
-            if self.lost or not rt.should_retry(CONNECT_FAILURE, b"", True, tried):
+            if self.lost:
+                return
+            if not rt.should_retry(CONNECT_FAILURE, b"", True, tried):
+                # Every instance tried (or retries spent): the client is closed, no byte sent.
+                log.debug("event=tcp_no_instance upstream=%s tried=%d", rt.name, len(tried))
                 return
 
     async def _open(self, host: Host, cfg: UpstreamConfig) -> Holding:
