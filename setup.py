@@ -35,6 +35,7 @@ HOT_MODULES = [
     "proxy/protocols/http.py",
     "proxy/protocols/http_exchange.py",
     "proxy/protocols/http_upstream.py",
+    "proxy/routing.py",
     "proxy/upstream/breaker.py",
     "proxy/upstream/host.py",
     "proxy/upstream/balancers/__init__.py",

@@ -27,6 +27,7 @@ closes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -41,12 +42,15 @@ import uvloop
 from proxy import config as config_mod
 from proxy import logs
 from proxy.accesslog import AccessLog
-from proxy.config import ACCESS_OFF, Config, LogConfig, UpstreamConfig
+from proxy.config import ACCESS_OFF, Config, ListenerConfig, LogConfig, UpstreamConfig
 from proxy.discovery import Rereadable
+from proxy.discovery.catalog_routes import CatalogRoutesWatch, TagRoute
 from proxy.discovery.consul_register import SelfRegistration, start_self_registration
 from proxy.discovery.registry import UnsupportedDiscovery, make_watcher
 from proxy.model import Address
 from proxy.protocols import Listener, make_listener
+from proxy.protocols.http import HttpListener
+from proxy.routing import Route
 from proxy.upstream.balancers import make_balancer
 from proxy.upstream.health import HealthChecker
 from proxy.upstream.manager import UpstreamRuntime
@@ -79,6 +83,20 @@ class Served:
     health: HealthChecker | None = None  # follows [upstreams.health] through reloads
 
 
+@dataclass
+class RoutedListener:
+    """A `[[listeners]]` entry being served: one port, a route table over the upstreams."""
+
+    config: ListenerConfig
+    runtime: UpstreamRuntime  # its own: connection limits and its own answers (404)
+    listener: HttpListener
+    server: asyncio.base_events.Server | None = None
+    # catalog_routes: the watch, and the tag routes it last reported, by service.
+    catalog_task: asyncio.Task[None] | None = None
+    tag_routes: dict[str, tuple[TagRoute, ...]] = field(default_factory=dict)
+    tags_seen: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class ProxyApp:
     def __init__(self, config: Config, *, reuse_port: bool = False, admin: bool = True) -> None:
         self.config = config
@@ -94,6 +112,9 @@ class ProxyApp:
         self.retiring: set[asyncio.Task[None]] = set()
         self.self_registration: SelfRegistration | None = None  # [consul] register = true
         self.access: AccessLog | None = None  # what every listener writes its lines to
+        # [[listeners]] by address, and the upstreams their catalog routes made (by name).
+        self.routed: dict[Address, RoutedListener] = {}
+        self.catalog_served: dict[str, Served] = {}
 
     # -- start --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -104,6 +125,8 @@ class ProxyApp:
         await self._wait_first_answers(FIRST_ANSWER_WAIT, list(self.served))
         for name in list(self.served):
             await self._listen(name)
+        for lc in self.config.listeners:
+            await self._open_routed(lc)
         self._publish()
         if self.with_admin:
             await self._start_admin()
@@ -121,6 +144,11 @@ class ProxyApp:
     async def _listen(self, name: str) -> None:
         served = self.served[name]
         runtime = served.runtime
+        addr = runtime.config.listen
+        if addr is None:  # reached only through the routes of [[listeners]]
+            served.health = HealthChecker(runtime)
+            served.health.start()
+            return
         loop = asyncio.get_running_loop()
         try:
             listener = make_listener(runtime, loop)
@@ -128,7 +156,6 @@ class ProxyApp:
             raise StartupError(f"upstream {name}: {e.args[0]}") from None
         if hasattr(listener, "access"):
             listener.access = self.access
-        addr = runtime.config.listen
         try:
             server = await loop.create_server(listener.protocol_factory, addr.host, addr.port,
                                               reuse_address=True, reuse_port=self.reuse_port,
@@ -153,8 +180,14 @@ class ProxyApp:
         log.info("event=admin_listening listen=%s", listen)
 
     def _publish(self) -> None:
-        self.upstreams = {n: s.runtime for n, s in self.served.items()}
+        # A routed listener is listed too, as "listener ADDR": its connections, its own
+        # answers (404) and its routes (proxy.admin.state.routes_of).
+        self.upstreams = {n: s.runtime for n, s in [*self.catalog_served.items(),
+                                                    *self.served.items()]}
         self.listeners = {n: s.listener for n, s in self.served.items() if s.listener}
+        for routed in self.routed.values():
+            self.upstreams[routed.runtime.name] = routed.runtime
+            self.listeners[routed.runtime.name] = routed.listener
 
     async def _wait_first_answers(self, timeout: float, names: list[str]) -> None:
         loop = asyncio.get_running_loop()
@@ -211,6 +244,7 @@ class ProxyApp:
                 self._retire(name)
                 failed.append(name)
         self._publish()
+        await self._reload_routed(new)
         if self.with_admin and old.admin.listen != new.admin.listen:
             await self._restart_admin()
         if self.with_admin and (old.consul, old.admin) != (new.consul, new.admin):
@@ -233,6 +267,8 @@ class ProxyApp:
         for served in self.served.values():
             if served.listener is not None and hasattr(served.listener, "access"):
                 served.listener.access = self.access
+        for routed in self.routed.values():
+            routed.listener.access = self.access
         if old is not None:
             self._close_access_later(old)
         log.info("event=access_log_configured access=%s format=%s", cfg.access,
@@ -262,7 +298,9 @@ class ProxyApp:
 
     def _retire(self, name: str) -> None:
         """Stop accepting for `name` now; drain its in-flight work in the background."""
-        served = self.served.pop(name)
+        self._retire_served(name, self.served.pop(name))
+
+    def _retire_served(self, name: str, served: Served) -> None:
         served.watch_task.cancel()
         if served.health is not None:
             served.health.stop()
@@ -276,7 +314,11 @@ class ProxyApp:
         listener = served.listener
         loop = asyncio.get_running_loop()
         deadline = loop.time() + served.runtime.config.drain_timeout
-        while listener is not None and listener.busy() and loop.time() < deadline:
+        runtime = served.runtime
+        # An upstream reached only through routes has no listener of its own: its own
+        # requests in flight are what the drain waits for.
+        while ((listener.busy() if listener is not None else runtime.in_flight > 0)
+               and loop.time() < deadline):
             await asyncio.sleep(DRAIN_POLL)  # bounded by drain_timeout
         if listener is not None:
             listener.close_all()
@@ -293,11 +335,190 @@ class ProxyApp:
         except StartupError as e:
             log.error('event=admin_restart_failed error="%s"', e)
 
+    # -- routed listeners ([[listeners]]) ------------------------------------------------
+    #
+    # A routed listener is an HttpListener whose own runtime has no instances (it holds
+    # the connection limits of [defaults] and counts its own 404s) and whose route table
+    # picks each request's upstream. Every change (a reload, a catalog tag) builds a new
+    # table from the current runtimes and swaps it in one assignment; open connections and
+    # requests already routed are untouched.
+
+    async def _open_routed(self, lc: ListenerConfig) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = dataclasses.replace(lc.defaults, name=f"listener {lc.listen}", discovery="none")
+        runtime = UpstreamRuntime(cfg)
+        runtime.answered = True  # nothing to wait for: it has no catalog
+        routed = RoutedListener(lc, runtime, HttpListener(runtime, loop))
+        routed.listener.access = self.access
+        self.routed[lc.listen] = routed
+        self._set_routes(routed)
+        if lc.catalog_routes:
+            self._start_catalog_routes(routed)
+            # As at start: the first table before the first client, within a bound.
+            try:
+                await asyncio.wait_for(routed.tags_seen.wait(), FIRST_ANSWER_WAIT)
+            except TimeoutError:
+                log.warning("event=catalog_routes_missing listen=%s", lc.listen)
+            await self._wait_catalog_answers(list(self.catalog_served))
+        try:
+            routed.server = await loop.create_server(
+                routed.listener.protocol_factory, lc.listen.host, lc.listen.port,
+                reuse_address=True, reuse_port=self.reuse_port, backlog=1024)
+        except OSError as e:
+            self._close_routed(lc.listen)
+            raise cannot_listen(f"listener {lc.listen}", lc.listen, e) from None
+        log.info("event=listening listener=%s routes=%d catalog_routes=%s", lc.listen,
+                 len(lc.routes), str(lc.catalog_routes).lower())
+
+    def _set_routes(self, routed: RoutedListener) -> None:
+        """Build `routed`'s table from the current runtimes: configured routes first (they
+        win over a tag route with the same host and prefix), then the tag routes of
+        services whose catalog answered (a route with no pool yet would only 503)."""
+        runtimes = self.upstreams_by_name()
+        routes: list[tuple[Route, UpstreamRuntime]] = []
+        for rc in routed.config.routes:
+            runtime = runtimes.get(rc.upstream)
+            if runtime is not None:
+                routes.append((Route(rc.host, rc.path_prefix, rc.upstream, rc.strip_prefix),
+                               runtime))
+        for service, tag_routes in sorted(routed.tag_routes.items()):
+            runtime = runtimes.get(service)
+            if runtime is None or not runtime.answered:
+                continue
+            for tag in tag_routes:
+                routes.append((Route(tag.host or "", tag.path_prefix, service,
+                                     source="catalog"), runtime))
+        routed.listener.set_routes(routes)
+
+    @property
+    def dynamic_upstreams(self) -> frozenset[str]:
+        """Upstreams made for catalog routes: /ready does not wait for them (a service
+        that registers must not make the proxy unready while its first answer comes)."""
+        return frozenset(self.catalog_served)
+
+    def upstreams_by_name(self) -> dict[str, UpstreamRuntime]:
+        return {**{n: s.runtime for n, s in self.catalog_served.items()},
+                **{n: s.runtime for n, s in self.served.items()}}
+
+    def _refresh_all_routes(self) -> None:
+        for routed in self.routed.values():
+            self._set_routes(routed)
+
+    def _start_catalog_routes(self, routed: RoutedListener) -> None:
+        def on_change(mapping: dict[str, tuple[TagRoute, ...]]) -> None:
+            if self.routed.get(routed.config.listen) is not routed:
+                return  # closed or replaced meanwhile
+            routed.tag_routes = dict(mapping)
+            routed.tags_seen.set()
+            self._sync_catalog_upstreams()
+
+        watch = CatalogRoutesWatch(self.config.consul, routed.config.tag_prefix, on_change)
+        routed.catalog_task = asyncio.get_running_loop().create_task(
+            watch.run(), name=f"catalog-routes-{routed.config.listen}")
+
+    def _sync_catalog_upstreams(self) -> None:
+        """One upstream (Consul discovery, the listener's defaults) per service that some
+        listener's tags route to and the config does not name; started and stopped as
+        the tags change. A new one's routes appear once its catalog answered."""
+        wanted: dict[str, UpstreamConfig] = {}
+        for routed in self.routed.values():
+            for service in routed.tag_routes:
+                if service not in self.served and service not in wanted:
+                    wanted[service] = dataclasses.replace(
+                        routed.config.defaults, name=service, listen=None, discovery="consul")
+        added = [n for n in wanted if n not in self.catalog_served]
+        removed = [n for n in self.catalog_served if n not in wanted]
+        for name in added:
+            served = self.catalog_served[name] = self._watch(wanted[name],
+                                                              UpstreamRuntime(wanted[name]))
+            served.health = HealthChecker(served.runtime)
+            served.health.start()
+        self._refresh_all_routes()  # routes to removed services go before they stop
+        for name in removed:
+            self._retire_served(name, self.catalog_served.pop(name))
+        self._publish()
+        if added or removed:
+            log.info("event=catalog_upstreams added=%s removed=%s", ",".join(added) or "-",
+                     ",".join(removed) or "-")
+        if added:
+            task = asyncio.get_running_loop().create_task(self._route_when_answered(added),
+                                                          name="catalog-routes-add")
+            self.retiring.add(task)
+            task.add_done_callback(self.retiring.discard)
+
+    async def _route_when_answered(self, names: list[str]) -> None:
+        await self._wait_catalog_answers(names)
+        self._refresh_all_routes()
+
+    async def _wait_catalog_answers(self, names: list[str]) -> None:
+        """Until each of these catalog upstreams answered (or is gone), within a bound."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FIRST_ANSWER_WAIT
+        while loop.time() < deadline:
+            waiting = [n for n in names if n in self.catalog_served
+                       and not self.catalog_served[n].runtime.answered]
+            if not waiting:
+                return
+            await asyncio.sleep(0.005)  # watchers have no "answered" event; bounded
+
+    async def _reload_routed(self, new: Config) -> None:
+        """Apply a reload to the routed listeners: matched by address, a changed one keeps
+        its socket and connections; every table is rebuilt on the reloaded upstreams."""
+        wanted = {lc.listen: lc for lc in new.listeners}
+        for listen in [a for a in self.routed if a not in wanted]:
+            self._close_routed(listen)
+        for listen, lc in wanted.items():
+            routed = self.routed.get(listen)
+            if routed is None:
+                try:
+                    await self._open_routed(lc)
+                except StartupError as e:
+                    log.error('event=reload_listen_failed listener=%s error="%s"', listen, e)
+                continue
+            before, routed.config = routed.config, lc
+            if lc.defaults != before.defaults:
+                routed.runtime.config = dataclasses.replace(
+                    lc.defaults, name=routed.runtime.name, discovery="none")
+                routed.listener.reconfigure(routed.runtime.config)
+            if (lc.catalog_routes, lc.tag_prefix) != (before.catalog_routes, before.tag_prefix) \
+                    or new.consul != self.config.consul:
+                if routed.catalog_task is not None:
+                    routed.catalog_task.cancel()
+                    routed.catalog_task = None
+                routed.tag_routes = {}
+                if lc.catalog_routes:
+                    self._start_catalog_routes(routed)
+        self._sync_catalog_upstreams()
+
+    def _close_routed(self, listen: Address) -> None:
+        """Stop accepting on a routed listener now; drain its requests in the background."""
+        routed = self.routed.pop(listen)
+        if routed.catalog_task is not None:
+            routed.catalog_task.cancel()
+        if routed.server is not None:
+            routed.server.close()
+        self._sync_catalog_upstreams()
+        task = asyncio.get_running_loop().create_task(self._drain_routed(routed),
+                                                      name=f"drain-{listen}")
+        self.retiring.add(task)
+        task.add_done_callback(self.retiring.discard)
+
+    async def _drain_routed(self, routed: RoutedListener) -> None:
+        listener = routed.listener
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + routed.config.defaults.drain_timeout
+        while listener.busy() and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL)  # bounded by drain_timeout
+        listener.close_all()
+        log.info("event=listener_stopped listener=%s", routed.config.listen)
+
     # -- stop ---------------------------------------------------------------------------
     async def stop(self) -> None:
         """Close listeners at once, let in-flight work finish within drain_timeout."""
         for name in list(self.served):
             self._retire(name)
+        for listen in list(self.routed):
+            self._close_routed(listen)
         if self.self_registration is not None:  # while the listeners drain
             await self.self_registration.stop()
             self.self_registration = None
@@ -385,7 +606,9 @@ def refuse_addresses_in_use(config: Config) -> None:
     first-answer wait, at most FIRST_ANSWER_WAIT) a process binding with SO_REUSEPORT can
     still join, and a listener opened by a SIGHUP reload is not probed.
     """
-    wanted = [(f"upstream {up.name}", up.listen) for up in config.upstreams]
+    wanted = [(f"upstream {up.name}", up.listen) for up in config.upstreams
+              if up.listen is not None]
+    wanted += [(f"listeners[{i}]", lc.listen) for i, lc in enumerate(config.listeners)]
     wanted.append(("admin", config.admin.listen))
     for what, addr in wanted:
         try:

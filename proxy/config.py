@@ -12,6 +12,7 @@ Components receive only their own section.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import re
@@ -123,7 +124,8 @@ class HealthConfig:
 @dataclass(frozen=True)
 class UpstreamConfig:
     name: str
-    listen: Address
+    # None: reached only through the routes of [[listeners]] (no listener of its own).
+    listen: Address | None
     mode: str = "http"
     discovery: str = "consul"
     tags: tuple[str, ...] = ()
@@ -162,6 +164,31 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class RouteConfig:
+    """One entry of a listener's `routes` (SPEC "Routing several upstreams on one
+    listener"); proxy.routing owns the matching rules."""
+
+    upstream: str
+    host: str = ""  # "" any host; a name, or "*.domain"
+    path_prefix: str = "/"
+    strip_prefix: bool = False
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """A `[[listeners]]` entry: one HTTP port in front of several upstreams."""
+
+    listen: Address
+    # [defaults] as an upstream: the connection limits of this listener (header_timeout,
+    # max_header_size, max_connections, ...) and the template of catalog-route upstreams.
+    defaults: UpstreamConfig
+    mode: str = "http"
+    routes: tuple[RouteConfig, ...] = ()
+    catalog_routes: bool = False  # also route by Consul service tags, Fabio-style
+    tag_prefix: str = "urlprefix-"
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -171,6 +198,7 @@ class Config:
     zookeeper: ZooKeeperConfig = field(default_factory=ZooKeeperConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     log: LogConfig = field(default_factory=LogConfig)
+    listeners: tuple[ListenerConfig, ...] = ()
 
 
 class ConfigError(Exception):
@@ -193,6 +221,7 @@ def load(path: str, environ: Mapping[str, str]) -> Config:
 
     p = _Problems(path)
     upstream_tables = doc.pop("upstreams", [])
+    listener_tables = doc.pop("listeners", [])
     top = _read(p, "", doc, _TOP)
     admin = AdminConfig(**top.get("admin", {}))
     cfg = Config(
@@ -205,6 +234,7 @@ def load(path: str, environ: Mapping[str, str]) -> Config:
         upstreams=_read_upstreams(p, upstream_tables, top.get("defaults", {}), admin.listen),
         log=_resolve_log(p, top.get("log", {}), environ),
     )
+    cfg = _with_listeners(p, cfg, listener_tables, top.get("defaults", {}))
     if not cfg.dns.nameservers and any(u.discovery == "dns" for u in cfg.upstreams):
         p.add("dns.nameservers", 'must not be empty when an upstream uses discovery = "dns"')
     if not cfg.etcd.endpoints and any(u.discovery == "etcd" for u in cfg.upstreams):
@@ -766,12 +796,12 @@ def _read_upstreams(
     for i, table in enumerate(tables):
         prefix = f"upstreams[{i}]"
         own = _read(p, prefix, table, _UPSTREAM)
-        for key in ("name", "listen"):
-            if isinstance(table, dict) and key not in table:
-                p.add(f"{prefix}.{key}", "required")
-        if "name" not in own or "listen" not in own:
+        if isinstance(table, dict) and "name" not in table:
+            p.add(f"{prefix}.name", "required")
+        if "name" not in own or (isinstance(table, dict) and "listen" in table
+                                 and "listen" not in own):
             continue  # already reported; nothing sensible to build
-        merged = {**defaults, **own}
+        merged = {"listen": None, **defaults, **own}
         # Subtables merge key by key: an upstream may override one breaker field and
         # inherit the other from [defaults.breaker].
         merged["breaker"] = BreakerConfig(**_subtable(defaults, own, "breaker"))
@@ -781,7 +811,8 @@ def _read_upstreams(
         upstream = UpstreamConfig(**merged)
         _check_upstream(p, prefix, upstream)
         _claim(p, names, upstream.name, f"{prefix}.name")
-        _claim(p, listens, upstream.listen, f"{prefix}.listen")
+        if upstream.listen is not None:
+            _claim(p, listens, upstream.listen, f"{prefix}.listen")
         out.append(upstream)
     return tuple(out)
 
@@ -810,3 +841,112 @@ def _check_upstream(p: _Problems, prefix: str, u: UpstreamConfig) -> None:
     if u.discovery == "zookeeper" and ("/" in u.name or not _is_znode_path(f"/{u.name}")):
         p.add(f"{prefix}.name", f'"{u.name}" cannot be a znode name (no "/", ".", "..") '
                                 'when discovery = "zookeeper"')
+
+
+# --- [[listeners]]: one port, several upstreams by route -------------------------------
+#
+# Kept apart from [[upstreams]]: read after them, since routes name upstreams, and an
+# upstream without `listen` must be reached by some route.
+
+_ROUTE_HOST = re.compile(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+                         r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?")
+_route_host = _where(_string, lambda s: s == "" or bool(_ROUTE_HOST.fullmatch(s)),
+                     'expected a host name or "*.domain" (no port), got "{0}"')
+_ROUTE: Schema = {
+    "host": _route_host,
+    "path_prefix": _http_path,
+    "upstream": _nonempty_string,
+    "strip_prefix": _boolean,
+}
+_LISTENER: Schema = {
+    "listen": _address,
+    "mode": _choice(("http",)),  # routes are by Host and path: HTTP only
+    "catalog_routes": _boolean,
+    "tag_prefix": _nonempty_string,
+}
+
+
+def _with_listeners(p: _Problems, cfg: Config, tables: object,
+                    defaults: dict[str, Any]) -> Config:
+    """`cfg` with its [[listeners]]; problems of theirs, and upstreams without `listen`
+    that no route reaches, reported on `p`."""
+    listeners: list[ListenerConfig] = []
+    if not isinstance(tables, list):
+        p.add("listeners", f"expected an array of tables ([[listeners]]), got {_kind(tables)}")
+        tables = []
+    upstreams = {u.name: u for u in cfg.upstreams}
+    template = _listener_template(defaults)
+    # Addresses already held, for a listener's duplicate-address problem.
+    listens: dict[object, str] = {}
+    if "admin.listen" not in p.failed:
+        listens[cfg.admin.listen] = "admin.listen"
+    for i, u in enumerate(cfg.upstreams):
+        if u.listen is not None:
+            listens.setdefault(u.listen, f"upstreams[{i}].listen")
+    routed: set[str] = set()
+    for i, table in enumerate(tables):
+        prefix = f"listeners[{i}]"
+        route_tables = table.pop("routes", []) if isinstance(table, dict) else []
+        own = _read(p, prefix, table, _LISTENER)
+        if isinstance(table, dict) and "listen" not in table:
+            p.add(f"{prefix}.listen", "required")
+        routes = _read_routes(p, prefix, route_tables, upstreams)
+        routed.update(r.upstream for r in routes)
+        if not routes and not own.get("catalog_routes", False) and isinstance(table, dict):
+            p.add(f"{prefix}.routes", "required (at least one) unless catalog_routes = true")
+        if "listen" not in own:
+            continue
+        _claim(p, listens, own["listen"], f"{prefix}.listen")
+        listeners.append(ListenerConfig(
+            defaults=UpstreamConfig(**{**template, "listen": own["listen"]}),
+            routes=routes, **own))
+    for i, u in enumerate(cfg.upstreams):
+        if u.listen is None and u.name not in routed:
+            p.add(f"upstreams[{i}].listen", "required, unless a route of [[listeners]] "
+                                            "names this upstream")
+    return dataclasses.replace(cfg, listeners=tuple(listeners))
+
+
+def _read_routes(p: _Problems, prefix: str, tables: object,
+                 upstreams: Mapping[str, UpstreamConfig]) -> tuple[RouteConfig, ...]:
+    if not isinstance(tables, list):
+        p.add(f"{prefix}.routes", f"expected an array of tables, got {_kind(tables)}")
+        return ()
+    out: list[RouteConfig] = []
+    seen: dict[tuple[str, str], str] = {}  # (host, path_prefix) -> the first route's key
+    for j, table in enumerate(tables):
+        key = f"{prefix}.routes[{j}]"
+        own = _read(p, key, table, _ROUTE)
+        if isinstance(table, dict) and "upstream" not in table:
+            p.add(f"{key}.upstream", "required")
+        if "upstream" not in own:
+            continue
+        route = RouteConfig(**own)
+        target = upstreams.get(route.upstream)
+        if target is None:
+            p.add(f"{key}.upstream", f'no upstream named "{route.upstream}"')
+        elif target.mode != "http":
+            p.add(f"{key}.upstream", f'upstream "{route.upstream}" has mode = '
+                                     f'"{target.mode}"; routes need "http"')
+        where = (_normal_route_host(route.host), route.path_prefix)
+        if where in seen:
+            p.add(key, f'same host and path_prefix as {seen[where]} '
+                       f'("{route.host or "*"}{route.path_prefix}")')
+            continue
+        seen[where] = key
+        out.append(route)
+    return tuple(out)
+
+
+def _normal_route_host(host: str) -> str:
+    return host.lower().rstrip(".")  # as proxy.routing compares them
+
+
+def _listener_template(defaults: dict[str, Any]) -> dict[str, Any]:
+    """[defaults] as the fields of an UpstreamConfig, read the way an upstream that sets
+    nothing of its own is (its own problems were reported with [defaults])."""
+    scratch = _Problems("")
+    built = _read_upstreams(scratch, [{"name": "-"}], defaults, Address("", 0))
+    if built:
+        return {**built[0].__dict__, "name": ""}
+    return {"name": ""}

@@ -74,6 +74,12 @@ RETRY_BUDGET_EXHAUSTED = Metric(
     "sdproxy_retry_budget_exhausted_total", "counter", ("upstream",),
     "Retries not made because retries in flight reached the retry budget.")
 
+ROUTE_REQUESTS = Metric(
+    "sdproxy_route_requests_total", "counter", ("listen", "host", "path_prefix", "upstream"),
+    "Requests a route of a [[listeners]] entry took (host \"\" = any host). Bounded: one "
+    "label set per configured or tagged route; requests no route took are the listener's "
+    "404s in sdproxy_responses_total{upstream=\"listener ADDR\"}.")
+
 # --- what clients got, per upstream ----------------------------------------------------
 RESPONSES = Metric(
     "sdproxy_responses_total", "counter", ("upstream", "code"),
@@ -137,7 +143,7 @@ WORKER_LABEL = "worker"
 ALL: tuple[Metric, ...] = (
     REQUESTS, ENDPOINT_REQUESTS, ENDPOINT_FAILURES, ACTIVE_REQUESTS,
     CONNECTIONS, REJECTED_CONNECTIONS,
-    FAILOVERS, NO_INSTANCE_RESPONSES, REQUEST_DURATION,
+    FAILOVERS, NO_INSTANCE_RESPONSES, REQUEST_DURATION, ROUTE_REQUESTS,
     REQUESTS_IN_FLIGHT, RETRIES_IN_FLIGHT, RETRY_BUDGET_EXHAUSTED,
     BREAKER_STATE, ENDPOINTS, BREAKER_TRANSITIONS, PANIC_PICKS,
     CATALOG_UPDATES, CATALOG_ERRORS, CATALOG_STALE, CATALOG_LAST_UPDATE, CATALOG_ANSWERED,

@@ -36,7 +36,7 @@ from prometheus_client.utils import floatToGoString
 
 from proxy import __version__
 from proxy import metrics as m
-from proxy.admin.merge import Reading, by_upstream, sum_maps
+from proxy.admin.merge import Reading, by_upstream, merge_routes, sum_maps
 from proxy.admin.state import AppState
 from proxy.admin.views import readings
 from proxy.upstream.health_state import HEALTH_CHECKS
@@ -164,6 +164,11 @@ class SdproxyCollector(Collector):
             f[m.RESPONSES.name].add_metric([name, code], n)
         f[m.BYTES_IN.name].add_metric([name], total("bytes_in"))
         f[m.BYTES_OUT.name].add_metric([name], total("bytes_out"))
+        for route in merge_routes(ups, dead):
+            f[m.ROUTE_REQUESTS.name].add_metric(
+                [str(route.get("listen")), str(route.get("host")),
+                 str(route.get("path_prefix")), str(route.get("upstream"))],
+                int(route.get("requests") or 0))
 
         # Per instance id: a draining twin's counts join its id's (one sample per label
         # set), a dead reading's only while a live worker still has the instance.

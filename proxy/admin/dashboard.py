@@ -228,8 +228,22 @@ def _upstream_section(up: Mapping[str, Any], now: float) -> str:
 <th>state</th><th>reason</th><th>active</th><th>requests</th><th>failures</th>
 <th>responses</th><th></th></tr></thead>
 <tbody class="endpoints">{rows}</tbody>
-</table>{empty}
+</table>{empty}{_routes_table(up.get('routes') or ())}
 </section>"""
+
+
+def _routes_table(routes: Sequence[Mapping[str, Any]]) -> str:
+    """A routed listener's route table (host "" shows as *), with requests per route."""
+    if not routes:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(r.get('host') or '*')}</td><td><code>{_e(r.get('path_prefix'))}</code>"
+        f"</td><td>{_e(r.get('upstream'))}</td><td>{'yes' if r.get('strip_prefix') else 'no'}"
+        f"</td><td>{_e(r.get('source'))}</td><td class=\"n\">{_e(r.get('requests'))}</td></tr>"
+        for r in routes)
+    return ('\n<table class="routes"><thead><tr><th>host</th><th>path prefix</th>'
+            '<th>upstream</th><th>strip</th><th>from</th><th>requests</th></tr></thead>'
+            f"<tbody>{rows}</tbody></table>")
 
 
 def render(upstreams: Sequence[Mapping[str, Any]], *, started_at: float | None,

@@ -122,7 +122,28 @@ def merge_upstream(parts: list[tuple[int, dict[str, Any]]],
         merged[key] = sum(_int(up.get(key)) for up in ups)
     merged["workers"] = {str(w): _pick(up, UPSTREAM_PER_WORKER) for w, up in parts}
     merged["endpoints"] = merge_endpoints(parts, dead)
+    merged["routes"] = merge_routes(ups, dead)
     return merged
+
+
+def _route_key(route: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    return (str(route.get("listen")), str(route.get("host")), str(route.get("path_prefix")),
+            str(route.get("upstream")))
+
+
+def merge_routes(ups: list[dict[str, Any]], dead: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A routed listener's routes as the live workers have them, each with its requests
+    summed over every worker (a dead one's too, for routes a live one still has)."""
+    merged: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for up in ups:
+        for route in up.get("routes") or ():
+            merged.setdefault(_route_key(route), {**route, "requests": 0})
+    for up in [*ups, *dead]:
+        for route in up.get("routes") or ():
+            entry = merged.get(_route_key(route))
+            if entry is not None:
+                entry["requests"] += _int(route.get("requests"))
+    return list(merged.values())
 
 
 def _pick(entry: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

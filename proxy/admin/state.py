@@ -57,6 +57,21 @@ def upstreams_of(state: AppState) -> list[UpstreamRuntime]:
     return list(getattr(state, "upstreams", {}).values())
 
 
+def routes_of(state: AppState, name: str) -> list[dict[str, Any]]:
+    """The routes of the routed listener published under `name` (`listener ADDR`), in
+    table order, each with the requests it took; [] for anything else."""
+    listener = getattr(state, "listeners", {}).get(name)
+    table = getattr(listener, "routes", None)
+    if table is None:
+        return []
+    listen = str(getattr(getattr(getattr(listener, "runtime", None), "config", None),
+                         "listen", ""))
+    return [{"listen": listen, "host": e.route.host, "path_prefix": e.route.path_prefix,
+             "upstream": e.route.upstream, "strip_prefix": e.strip, "source": e.route.source,
+             "requests": int(e.requests)}
+            for e in list(getattr(table, "entries", ()))]
+
+
 def listener_counts(state: AppState, name: str) -> tuple[int, int]:
     """(open client connections, rejected connections) of the upstream's listener."""
     listener = getattr(state, "listeners", {}).get(name)

@@ -20,7 +20,7 @@ from proxy.admin.merge import Reading, merge_views
 from proxy.admin.operator import sync_operator_drains
 from proxy.admin.rates import Counters, counters_from_views, counters_of
 from proxy.admin.readings import read_all
-from proxy.admin.state import AppState, listener_counts, upstreams_of, workers_of
+from proxy.admin.state import AppState, listener_counts, routes_of, upstreams_of, workers_of
 from proxy.upstream.host import Host
 from proxy.upstream.manager import Listed, UpstreamRuntime
 
@@ -65,7 +65,7 @@ def upstream_view(rt: UpstreamRuntime, connections: int = 0,
     return {
         "name": rt.name,
         "mode": cfg.mode,
-        "listen": str(cfg.listen),
+        "listen": str(cfg.listen) if cfg.listen is not None else None,  # None: routes only
         "discovery": cfg.discovery,
         "balance": cfg.balance,
         "answered": bool(rt.answered),
@@ -112,8 +112,8 @@ def process_reading(state: AppState) -> list[dict[str, Any]]:
     reading is also this worker's look at what its siblings share: it first takes up the
     drains an operator made through another worker's admin (proxy.admin.operator)."""
     sync_operator_drains(state)
-    return [upstream_reading(rt, *listener_counts(state, rt.name))
-            for rt in upstreams_of(state)]
+    return [{**upstream_reading(rt, *listener_counts(state, rt.name)),
+             "routes": routes_of(state, rt.name)} for rt in upstreams_of(state)]
 
 
 def readings(state: AppState) -> list[Reading]:
@@ -141,12 +141,15 @@ def upstream_views(state: AppState) -> list[dict[str, Any]]:
     the workers, see proxy.admin.merge)."""
     if workers_of(state) is not None:
         return merge_views(readings(state))
-    return [upstream_view(rt, *listener_counts(state, rt.name)) for rt in upstreams_of(state)]
+    return [{**upstream_view(rt, *listener_counts(state, rt.name)),
+             "routes": routes_of(state, rt.name)} for rt in upstreams_of(state)]
 
 
 def missing_upstreams(state: AppState) -> list[str]:
-    """Names of the upstreams whose catalog has not answered yet (what /ready waits for)."""
-    return [rt.name for rt in upstreams_of(state) if not rt.answered]
+    """Names of the upstreams whose catalog has not answered yet (what /ready waits for);
+    not those catalog routes made (`dynamic_upstreams`): they come and go with tags."""
+    dynamic: frozenset[str] = getattr(state, "dynamic_upstreams", frozenset())
+    return [rt.name for rt in upstreams_of(state) if not rt.answered and rt.name not in dynamic]
 
 
 def rate_counters(state: AppState) -> dict[str, Counters]:

@@ -27,8 +27,9 @@ from proxy.l7.hashkey import key_function
 from proxy.l7.headers import REASONS, encode_error
 from proxy.l7.message import HeadTooLarge, MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
-from proxy.protocols.http_exchange import OWN_REASONS, Exchange, LoggedExchange
+from proxy.protocols.http_exchange import OWN_REASONS, Exchange, LoggedExchange, host_field
 from proxy.protocols.relay import Relay, abort_with_reset
+from proxy.routing import Route, Routed, RouteTable
 from proxy.upstream.manager import UpstreamRuntime
 
 if TYPE_CHECKING:
@@ -63,16 +64,36 @@ def sweep_interval(cfg: UpstreamConfig) -> float:
                                        cfg.header_timeout / 4))
 
 
+class Destination:
+    """What an exchange needs of the upstream it serves, derived from its config once:
+    one per upstream of a listener (its own, or each a route leads to). An exchange
+    keeps the one it started with, so a reload changes only later requests."""
+
+    __slots__ = ("cfg", "default_host", "hash_key", "retry_on", "runtime", "unrouted")
+
+    def __init__(self, runtime: UpstreamRuntime, unrouted: bool = False) -> None:
+        cfg = runtime.config
+        self.runtime = runtime
+        self.cfg: UpstreamConfig = cfg
+        self.retry_on = frozenset(cfg.retry_on)
+        self.hash_key = key_function(cfg.balance, cfg.hash_key)
+        self.default_host = runtime.name.encode()  # Host for an HTTP/1.0 request without one
+        # A routed listener's own: the request matched no route (404, not 503).
+        self.unrouted = unrouted
+
+
 class HttpListener:
-    """Shared state of one HTTP listener: its upstream and connection count."""
+    """Shared state of one HTTP listener: its upstream (or, with `routes`, the route
+    table that picks one per request) and connection count."""
 
     def __init__(self, runtime: UpstreamRuntime, loop: asyncio.AbstractEventLoop) -> None:
         self.runtime = runtime
         self.cfg: UpstreamConfig = runtime.config
         self.loop = loop
-        self.retry_on = frozenset(self.cfg.retry_on)
-        self.hash_key = key_function(self.cfg.balance, self.cfg.hash_key)
-        self.default_host = runtime.name.encode()  # Host for an HTTP/1.0 request without one
+        self.destination = Destination(runtime)
+        # A listener of [[listeners]]: `runtime` is its own (connection limits, its own
+        # answers); each request's upstream comes from this table (set_routes).
+        self.routes: RouteTable[Destination] | None = None
         self.connections = 0
         self.rejected_connections = 0
         self.access: AccessLog | None = None  # set by the app when [log] access is on
@@ -89,10 +110,42 @@ class HttpListener:
     def reconfigure(self, cfg: UpstreamConfig) -> None:
         """A reload changed the upstream: new connections use `cfg`, open ones keep theirs."""
         self.cfg = cfg
-        self.retry_on = frozenset(cfg.retry_on)
-        self.hash_key = key_function(cfg.balance, cfg.hash_key)
+        self.destination = Destination(self.runtime, self.routes is not None)
         self.tick = sweep_interval(cfg)
 
+    def set_routes(self, routes: list[tuple[Route, UpstreamRuntime]]) -> None:
+        """Make this a routed listener with `routes` (the first of two with the same host
+        and prefix wins), swapped in one assignment: requests already routed keep their
+        upstream, open connections stay."""
+        destinations: dict[int, Destination] = {}
+        for _route, runtime in routes:
+            if id(runtime) not in destinations:
+                destinations[id(runtime)] = Destination(runtime)
+        self.destination = Destination(self.runtime, unrouted=True)
+        self.routes = RouteTable(((route, destinations[id(runtime)]) for route, runtime in routes),
+                                 previous=self.routes)
+        self.tick = min([sweep_interval(self.cfg),
+                         *(sweep_interval(d.cfg) for d in destinations.values())])
+
+    def route(self, head: MessageHead, routes: RouteTable[Destination]) -> Destination:
+        """The destination of a request on a routed listener; a stripped prefix rewrites
+        `head`'s target (Exchange forwards what the head says)."""
+        host = host_field(head)
+        routed = routes.lookup(host, head.target)
+        if routed is None:
+            return self.destination  # unrouted: the exchange answers 404
+        routed.requests += 1
+        if routed.strip:
+            strip_prefix(head, routed, host)
+        return routed.target
+
+    def route_runtimes(self) -> list[UpstreamRuntime]:
+        """Every upstream this listener sends to (their idle pooled connections expire
+        by this listener's sweep too)."""
+        routes = self.routes
+        if routes is None:
+            return [self.runtime]
+        return list({id(e.target.runtime): e.target.runtime for e in routes.entries}.values())
     def busy(self) -> bool:
         """Some request or tunnel is in flight (shutdown waits for these)."""
         return any(conn.exchange is not None or conn.tunnel is not None for conn in self.open)
@@ -122,8 +175,9 @@ class HttpListener:
         if now >= self._next_pool_sweep:
             self._next_pool_sweep = now + POOL_SWEEP_INTERVAL
             before = now - idle_limit
-            for host in self.runtime.all_hosts():
-                host.pool.expire(before)
+            for runtime in self.route_runtimes():
+                for host in runtime.all_hosts():
+                    host.pool.expire(before)
         self._sweeper = self.loop.call_later(self.tick, self._sweep)
 
     def close_all(self) -> None:
@@ -265,10 +319,13 @@ class HttpDownstream(asyncio.Protocol):
             return
         # _begin(head), written out: this runs once per request
         self.head_deadline = INFINITY
-        if self.listener.access is None:
-            self.exchange = self.starting = Exchange(self, head)
+        listener = self.listener
+        routes = listener.routes
+        to = listener.destination if routes is None else listener.route(head, routes)
+        if listener.access is None:
+            self.exchange = self.starting = Exchange(self, head, to)
         else:
-            self.exchange = self.starting = LoggedExchange(self, head)
+            self.exchange = self.starting = LoggedExchange(self, head, to)
         self.in_request = True
 
     def on_body(self, data: bytes) -> None:
@@ -291,10 +348,13 @@ class HttpDownstream(asyncio.Protocol):
 
     def _begin(self, head: MessageHead) -> None:
         self.head_deadline = INFINITY
-        if self.listener.access is None:
-            self.exchange = self.starting = Exchange(self, head)
+        listener = self.listener
+        routes = listener.routes
+        to = listener.destination if routes is None else listener.route(head, routes)
+        if listener.access is None:
+            self.exchange = self.starting = Exchange(self, head, to)
         else:
-            self.exchange = self.starting = LoggedExchange(self, head)
+            self.exchange = self.starting = LoggedExchange(self, head, to)
         self.in_request = True
 
     def _end_request(self) -> None:
@@ -494,3 +554,33 @@ class HttpDownstream(asyncio.Protocol):
         self._clear_header_deadline()
         if self.transport is not None:
             self.transport.close()
+
+
+# --- routed listeners: what a route changes in a request --------------------------------
+
+_X_FORWARDED_HOST: Final = b"x-forwarded-host"
+_X_FORWARDED_PREFIX: Final = b"x-forwarded-prefix"
+
+
+def strip_prefix(head: MessageHead, routed: Routed[Destination], host: bytes | None) -> None:
+    """Forward `head` with the route's prefix taken off its target (a leading "/" kept),
+    `X-Forwarded-Prefix` set to that prefix (a client's replaced) and `X-Forwarded-Host` to
+    the Host it asked for (a client's kept, as X-Forwarded-Proto: sdproxy sits behind the
+    frontend that knows). Fields are replaced in place or appended, so the parser's
+    indexes of the hop-by-hop fields stay right. The access log shows the rewritten
+    target: what the instance was asked."""
+    head.target = routed.rewrite(head.target)
+    headers = head.headers
+    prefix = routed.forwarded_prefix
+    replaced = has_host = False
+    for i, (name, _value) in enumerate(headers):
+        size = len(name)
+        if size == 18 and name.lower() == _X_FORWARDED_PREFIX:
+            headers[i] = (name, prefix)
+            replaced = True
+        elif size == 16 and name.lower() == _X_FORWARDED_HOST:
+            has_host = True
+    if not replaced:
+        headers.append((b"X-Forwarded-Prefix", prefix))
+    if not has_host and host is not None:
+        headers.append((b"X-Forwarded-Host", host))

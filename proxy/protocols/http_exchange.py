@@ -47,12 +47,12 @@ from proxy.l7.headers import (
     next_request_id,
     request_id_of,
 )
-from proxy.l7.message import CHUNKED, NO_BODY, UNTIL_CLOSE, MessageHead
+from proxy.l7.message import CHUNKED, HOST, NO_BODY, UNTIL_CLOSE, MessageHead
 from proxy.protocols.http_upstream import UpstreamConnection, connect
 
 if TYPE_CHECKING:
     from proxy.accesslog import Record
-    from proxy.protocols.http import HttpDownstream
+    from proxy.protocols.http import Destination, HttpDownstream
     from proxy.upstream.host import Host
 
 log: Final = logging.getLogger("sdproxy.http")
@@ -69,7 +69,10 @@ OWN_REASONS: Final[dict[int, str]] = {
     431: "head-too-large",
     502: "internal-error",
     503: "no-instance",
+    404: "no-route",
 }
+# sdproxy's own answers: a routed listener's 404 beside the l7 ones.
+_OWN_PHRASES: Final[dict[int, bytes]] = {**REASONS, 404: b"Not Found"}
 CLIENT_CLOSED: Final = "client-closed"  # the client left before its response was complete
 
 
@@ -104,15 +107,17 @@ class Exchange:
         "runtime",
         "settled",
         "started",
+        "to",
         "tried",
         "upgrade",
     )
 
-    def __init__(self, down: HttpDownstream, head: MessageHead) -> None:
+    def __init__(self, down: HttpDownstream, head: MessageHead, to: Destination) -> None:
         self.down = down
         self.head = head
-        self.runtime = down.runtime
-        self.cfg = down.cfg
+        self.to = to  # the upstream this request goes to: the listener's, or its route's
+        self.runtime = to.runtime
+        self.cfg = to.cfg
         self.loop = down.loop
         self.body_done = head.framing == NO_BODY
         self.chunked_request = head.framing == CHUNKED
@@ -145,7 +150,7 @@ class Exchange:
             request_id = added = next_request_id()
         self.request_id = request_id
         self.request_bytes = encode_request(head, client_ip=down.client_ip,
-                                            default_host=down.listener.default_host,
+                                            default_host=to.default_host,
                                             request_id=added)
 
     # -- the attempts, driven by callbacks -----------------------------------------------
@@ -190,8 +195,11 @@ class Exchange:
         rt = self.runtime
         tried = self.tried
         self.attempt += 1
-        host = rt.pick(tried, self.down.listener.hash_key(self.head, self.down.client_ip))
+        host = rt.pick(tried, self.to.hash_key(self.head, self.down.client_ip))
         if host is None:
+            if self.to.unrouted:
+                self._finish(self._respond_error(404, self._no_route()))
+                return
             rt.no_host_responses += 1
             if tried:
                 names = ", ".join(h.id for h in tried)
@@ -300,7 +308,7 @@ class Exchange:
         replayable = self.body_log is not None or not self.body_sent
         if (may_retry(outcome, method=self.head.method, replayable=replayable,
                       attempt=self.attempt, retries=cfg.retries,
-                      retry_on=self.down.listener.retry_on)
+                      retry_on=self.to.retry_on)
                 and rt.has_untried(self.tried) and rt.retry_allowed(outcome)):
             rt.count_failover(outcome)
             self._guarded(self._next_attempt)
@@ -395,12 +403,12 @@ class Exchange:
             self.on_direct_write(len(switching), 0)
             return  # the tunnel starts with on_upstream_switched
         key = str(status) if status >= 500 else ""
-        if key and key in self.down.listener.retry_on:
+        if key and key in self.to.retry_on:
             host.on_failure(status)
             replayable = self.body_log is not None or not self.body_sent
             if (may_retry(key, method=self.head.method, replayable=replayable,
                           attempt=self.attempt, retries=self.cfg.retries,
-                          retry_on=self.down.listener.retry_on)
+                          retry_on=self.to.retry_on)
                     and self.runtime.has_untried(self.tried)
                     and self.runtime.retry_allowed(key)):
                 self.conn = None
@@ -534,11 +542,17 @@ class Exchange:
     def _respond_error(self, status: int, detail: str) -> bool:
         keep = self.client_keep and self.body_done
         self.runtime.count_response(status)
-        answer = encode_error(status, REASONS[status], self.runtime.name, detail, keep)
+        answer = encode_error(status, _OWN_PHRASES[status], self.runtime.name, detail, keep)
         self.down.write(answer)
         self.response_started = True
         self.on_direct_write(len(answer), status)
         return keep
+
+    def _no_route(self) -> str:
+        host = host_field(self.head)
+        shown = "(none)" if host is None else host.decode("latin-1")
+        return (f"no route for host {shown} and path "
+                f"{self.head.target[:200].decode('latin-1')}")
 
     # Hooks for LoggedExchange, called off the success path only; nothing here.
     def on_direct_write(self, size: int, own_status: int) -> None:
@@ -560,8 +574,8 @@ class LoggedExchange(Exchange):
 
     # The overrides call Exchange's methods by name, not through super(): in CPython 3.11
     # a super() call costs about as much again as the call itself, on every request.
-    def __init__(self, down: HttpDownstream, head: MessageHead) -> None:
-        Exchange.__init__(self, down, head)
+    def __init__(self, down: HttpDownstream, head: MessageHead, to: Destination) -> None:
+        Exchange.__init__(self, down, head, to)
         self.began = time.monotonic()  # the loop's clock counts whole milliseconds (uvloop)
         self.body_in = 0
         self.bytes_out = 0
@@ -624,3 +638,17 @@ class LoggedExchange(Exchange):
                 head.method, head.target, status, head_size + 2 + self.body_in,
                 self.bytes_out, time.monotonic() - self.began, instance, len(self.tried),
                 ",".join(failures), self.request_id)
+
+
+_HOST_NAME: Final = b"host"
+
+
+def host_field(head: MessageHead) -> bytes | None:
+    """The request's Host value; None when it has none (an HTTP/1.0 request may not)."""
+    kinds = head.kinds
+    if kinds is not None and not kinds & HOST:
+        return None
+    for name, value in head.headers:
+        if len(name) == 4 and name.lower() == _HOST_NAME:
+            return value
+    return None

@@ -330,6 +330,8 @@ class ProxyProcess:
         while True:
             for ev in self.events("listening"):
                 up, listen = ev.get("upstream"), ev.get("listen")
+                if "listener" in ev:  # a [[listeners]] entry, known by its address
+                    up = listen = ev["listener"]
                 if up in self.upstream_names and listen and up not in self.listeners:
                     self.listeners[up] = parse_hostport(listen)
             if all(n in self.listeners for n in self.upstream_names):
@@ -399,7 +401,10 @@ def launch_proxy(config_text: str, *, workers: int = 1, timeout: float = 15.0,
     """
     parsed = tomllib.loads(config_text)
     admin = parse_hostport(parsed.get("admin", {}).get("listen", "127.0.0.1:9901"))
-    names = tuple(str(u["name"]) for u in parsed.get("upstreams", []))
+    # Upstreams without `listen` are reached through [[listeners]] routes: each of those
+    # logs its own `event=listening listener=ADDR`, waited for under that address.
+    names = tuple(str(u["name"]) for u in parsed.get("upstreams", []) if "listen" in u)
+    names += tuple(str(lc["listen"]) for lc in parsed.get("listeners", []))
     fd, cfg_name = tempfile.mkstemp(prefix="sdproxy-", suffix=".toml")
     with os.fdopen(fd, "w") as f:
         f.write(config_text)

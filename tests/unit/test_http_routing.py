@@ -1,0 +1,72 @@
+"""What a route changes in a request head (proxy.protocols.http.strip_prefix, host_field),
+read off the head as it is forwarded."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.l7.headers import encode_request
+from proxy.l7.message import MessageHead
+from proxy.l7.parsers import PARSERS
+from proxy.protocols.http import host_field, strip_prefix
+from proxy.routing import Route, RouteTable
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.heads: list[MessageHead] = []
+
+    def on_head(self, head: MessageHead) -> None:
+        self.heads.append(head)
+
+    def on_body(self, data: bytes) -> None:
+        pass
+
+    def on_end(self) -> None:
+        pass
+
+
+def parse(raw: bytes, parser: str) -> MessageHead:
+    sink = Sink()
+    PARSERS[parser][0](sink, 65536).feed(raw)
+    (head,) = sink.heads
+    return head
+
+
+def forwarded(raw: bytes, parser: str, prefix: str = "/v1/") -> bytes:
+    head = parse(raw, parser)
+    routed = RouteTable([(Route("", prefix, "u", strip_prefix=True), "u")]).lookup(
+        host_field(head), head.target)
+    assert routed is not None
+    strip_prefix(head, routed, host_field(head))
+    return encode_request(head, client_ip=b"10.0.0.1", default_host=b"u")
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_strip_sets_the_target_and_the_forwarded_fields(parser: str) -> None:
+    out = forwarded(b"GET /v1/users?x=1 HTTP/1.1\r\nHost: Api.Example:8080\r\n"
+                    b"Connection: keep-alive, X-Drop\r\nX-Drop: 1\r\n\r\n", parser)
+    lines = out.split(b"\r\n")
+    assert lines[0] == b"GET /users?x=1 HTTP/1.1"
+    assert b"Host: Api.Example:8080" in lines  # Host kept as sent
+    assert b"X-Forwarded-Prefix: /v1" in lines
+    assert b"X-Forwarded-Host: Api.Example:8080" in lines
+    assert not any(line.lower().startswith(b"x-drop") for line in lines)  # hop-by-hop
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_a_clients_prefix_is_replaced_and_its_forwarded_host_kept(parser: str) -> None:
+    out = forwarded(b"GET /v1/ HTTP/1.1\r\nHost: a\r\nx-forwarded-prefix: /evil\r\n"
+                    b"X-Forwarded-Host: front\r\n\r\n", parser)
+    lines = out.split(b"\r\n")
+    assert lines[0] == b"GET / HTTP/1.1"
+    assert [x for x in lines if x.lower().startswith(b"x-forwarded-prefix")] == \
+        [b"x-forwarded-prefix: /v1"]
+    assert [x for x in lines if x.lower().startswith(b"x-forwarded-host")] == \
+        [b"X-Forwarded-Host: front"]
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_host_field(parser: str) -> None:
+    assert host_field(parse(b"GET / HTTP/1.1\r\nX-A: b\r\nHOST: h:1\r\n\r\n", parser)) == b"h:1"
+    assert host_field(parse(b"GET / HTTP/1.0\r\n\r\n", parser)) is None
