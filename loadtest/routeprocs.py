@@ -2,6 +2,8 @@
 instances in a few processes, services registered with Fabio-style `urlprefix-` tags,
 and sdproxy with one `[[listeners]]` entry that routes by those tags.
 
+- `start_consul_agent`: the dev agent, optionally with a higher per-client connection
+  limit (sdproxy holds one blocking query per routed service);
 - `start_ports_backends`: `loadtest.portsbackend` processes, one port per instance,
   started in parallel and pushed on the ExitStack the moment they exist;
 - `tagged_registration`: an agent registration of one instance with its route tags and
@@ -36,12 +38,17 @@ from loadtest.procs import (
     ScenarioError,
     Sdproxy,
     http_get,
+    say,
+    start_consul,
     wait_until,
 )
 from loadtest.tomlwrite import toml_table
 from proxy import devconsul
 
 TAG_PREFIX = "urlprefix-"
+# Consul's default `limits.http_max_conns_per_client`: the agent resets any connection
+# beyond it from one client IP, and on loopback every client shares 127.0.0.1.
+CONSUL_CONNS_PER_CLIENT = 200
 PROBE_TIMEOUT = 5.0  # seconds for one request of a RouteProbe
 
 
@@ -55,6 +62,20 @@ class PortsBackend:
     def kill(self) -> None:
         """kill -9: every instance it serves dies at once, nothing said to anyone."""
         self.child.signal(9)
+
+
+def start_consul_agent(stack: contextlib.ExitStack,
+                       conns_per_client: int | None = None) -> devconsul.ConsulAgent:
+    """`procs.start_consul`, with `limits.http_max_conns_per_client` set when given
+    (None: Consul's default, CONSUL_CONNS_PER_CLIENT)."""
+    if conns_per_client is None:
+        return start_consul(stack)
+    limit = f"limits {{ http_max_conns_per_client = {conns_per_client} }}"
+    agent = devconsul.ConsulAgent(devconsul.install(log=lambda m: say(f"    {m}")),
+                                  extra_args=("-hcl", limit))
+    stack.callback(agent.cleanup)  # before start: a half-started agent too
+    agent.start()
+    return agent
 
 
 def start_ports_backends(stack: contextlib.ExitStack,

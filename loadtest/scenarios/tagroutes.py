@@ -15,6 +15,12 @@ services are then deregistered one at a time, each timed until its path answers 
 Per size: p50/p99/max of both, sdproxy's VmRSS (and its growth since no route), and its
 open connections to the agent (one watch per routed service plus the service list).
 Target: p99 of register -> routed <= 100 ms at every size.
+
+Consul's agent resets every connection from one client IP beyond
+`limits.http_max_conns_per_client` (200 by default), and here every client is
+127.0.0.1: with one blocking query per routed service, past ~200 services sdproxy's own
+watches and our registering PUTs are reset. The run then stops and says so;
+`--conns-per-client N` starts the agent with a higher limit to measure sdproxy beyond it.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 10,100,500)")
     parser.add_argument("--changes", type=int, default=50,
                         help="registrations measured per size (default 50)")
+    parser.add_argument("--conns-per-client", type=int, default=None, metavar="N",
+                        help="start the agent with limits.http_max_conns_per_client = N "
+                             f"(default: Consul's, {rp.CONSUL_CONNS_PER_CLIENT}; sdproxy "
+                             "holds one blocking query per routed service)")
 
 
 @dataclass
@@ -95,7 +105,7 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
         raise c.ScenarioError(str(e)) from None
     c.say(f"tagroutes: Consul, sdproxy with catalog_routes; at {args.sizes} tagged "
           f"services, {args.changes} registrations timed to their first routed request")
-    agent = c.start_consul(stack)
+    agent = rp.start_consul_agent(stack, args.conns_per_client)
     probes = [f"probe-{k}" for k in range(args.changes)]
     backend = rp.start_ports_backends(stack, [["base", *probes]])[0]
     proxy = rp.start_routed_sdproxy(stack, agent.http_addr)
@@ -110,12 +120,9 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
         agent.register(rp.tagged_registration(name, name, port, rp.route_tags(f"/{name}/"),
                                               check=False))
 
-    results = []
-    registered = 0
-    for size in sizes:
-        for i in range(registered, size):
+    def measure(size: int, already: int) -> SizeResult:
+        for i in range(already, size):
             register(f"base-{i}", backend.ports["base"])
-        registered = size
         started = time.perf_counter()
         for i in range(size):  # every route served: every upstream has its answer
             if probe.until("", f"/base-{i}/", 200, started, SETTLE_TIMEOUT) is None:
@@ -135,10 +142,22 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
             agent.deregister(service)
             dropped.append(probe.until("", f"/{service}/", 404, t0, CHANGE_TIMEOUT))
         proxy.check_alive()
-        result = SizeResult(size, rss, watches, routed, dropped)
+        return SizeResult(size, rss, watches, routed, dropped)
+
+    results: list[SizeResult] = []
+    for size in sizes:
+        try:
+            result = measure(size, results[-1].size if results else 0)
+        except OSError as e:  # the agent resets connections beyond its per-client limit
+            limit = args.conns_per_client or rp.CONSUL_CONNS_PER_CLIENT
+            raise c.ScenarioError(
+                f"at {size} services: {e!r}; sdproxy holds "
+                f"{rp.connections_to(pid, agent_port)} connections to the agent, whose "
+                f"limits.http_max_conns_per_client ({limit}) counts every connection from "
+                "127.0.0.1 (ours too); --conns-per-client raises it") from None
         results.append(result)
-        c.say(f"  {size} services: RSS {rss:.1f} MiB, {watches} connections to the agent, "
-              f"routed p99 {delay_stats(routed)[2]}")
+        c.say(f"  {size} services: RSS {result.rss_mib:.1f} MiB, {result.watches} connections "
+              f"to the agent, routed p99 {delay_stats(result.routed)[2]}")
 
     c.say()
     c.say(f"tagroutes: register with a urlprefix- tag -> first request routed through "
