@@ -12,7 +12,7 @@ and sdproxy with one `[[listeners]]` entry that routes by those tags.
   once it listens and `/ready` answers 200, as a `procs.Sdproxy` (admin, metrics, log);
 - `RouteProbe`: one keep-alive connection through the listener for setup and for the
   sequential measurements (never inside a paced load);
-- `rss_mib`, `connections_to`: what /proc says of a process.
+- `rss_mib`, `cpu_seconds`, `connections_to`: what /proc says of a process.
 
 Invariants: as in `loadtest.procs`, every wait is bounded and every process is on the
 stack before anything waits for it.
@@ -190,6 +190,15 @@ def rss_mib(pid: int) -> float:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time `pid` has used so far, in seconds (0 when gone)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        # Fields after the command name (which may hold spaces): utime, stime are 14, 15.
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return 0.0
 
 

@@ -263,6 +263,7 @@ class RoutesReport:
     served_at: dict[str, float | None]  # MOVED_NEW, ADDED: first 2xx complete
     gone_at: dict[str, float | None]  # MOVED_OLD, REMOVED: first expected 404 complete
     errors: list[tuple[float, str, str, str]]  # (t, route, outcome, verdict) of failures
+    counted: list[c.Sample]  # every request but the expected 404s, by scheduled time
 
     @property
     def failed(self) -> int:
@@ -319,12 +320,15 @@ def build_report(samples: Sequence[c.Sample], cycle: Sequence[Target], rate: flo
     tallies = {kind: ClassTally() for kind in CLASSES}
     gone: dict[str, list[float]] = {MOVED_OLD: [], REMOVED: []}
     errors = []
+    counted = []
     for s in sorted(samples, key=lambda s: s.t):
         target = target_for(s)
         verdict = judge(s, target, changes, served_at.get(target.kind))
         tally = tallies[target.kind]
         tally.routes.add(f"{target.host}{target.path}")
         tally.verdicts[verdict] += 1
+        if verdict not in (GONE, NOT_YET):
+            counted.append(s)
         if verdict == OK:
             tally.latencies.append(s.latency)
         elif verdict in (FAILED, MISROUTED):
@@ -334,7 +338,7 @@ def build_report(samples: Sequence[c.Sample], cycle: Sequence[Target], rate: flo
         elif verdict == GONE and target.kind in gone:
             gone[target.kind].append(s.t + s.latency)
     gone_at = {kind: min(times) if times else None for kind, times in gone.items()}
-    return RoutesReport(tallies, changes, served_at, gone_at, errors)
+    return RoutesReport(tallies, changes, served_at, gone_at, errors, counted)
 
 
 def report_table(report: RoutesReport) -> str:
@@ -508,14 +512,10 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     c.say(report.verdict_line())
 
     if args.plot:
-        expected = {GONE, NOT_YET}
-        counted = [s for s in samples if judge(
-            s, target_of(cycle, s.t, args.rate), report.changes,
-            report.served_at.get(target_of(cycle, s.t, args.rate).kind)) not in expected]
         c.save_plot(args.plot, f"routes: {len(plan.services)} services behind one listener, "
                     f"{args.rate:g} GET/s for {d:g}s; instances killed, routes moved, "
                     "removed and added",
                     [c.timeline_panel(f"through sdproxy: {report.failed} failed of "
-                                      f"{len(counted)} (expected 404s left out)",
-                                      counted, d, timeline.marks)])
+                                      f"{len(report.counted)} (expected 404s left out)",
+                                      report.counted, d, timeline.marks)])
     return 0 if report.passed else 1

@@ -12,8 +12,10 @@ the listener for that path every 2 ms until its own instance answers; the delay 
 from just before the registering PUT (agent API, Raft commit, sdproxy's service-list
 watch, the new upstream's first catalog answer, the table swap, the request). The same
 services are then deregistered one at a time, each timed until its path answers 404.
-Per size: p50/p99/max of both, sdproxy's VmRSS (and its growth since no route), and its
-open connections to the agent (one watch per routed service plus the service list).
+Per size: p50/p99/max of both, sdproxy's VmRSS (and its growth since no route), its
+open connections to the agent (one watch per routed service plus the service list), and
+the CPU time sdproxy and the agent spent per change (one registration and its
+deregistration, from /proc: what a change costs as the catalog grows).
 Target: p99 of register -> routed <= 100 ms at every size.
 
 Consul's agent resets every connection from one client IP beyond
@@ -63,6 +65,8 @@ class SizeResult:
     watches: int
     routed: list[float | None]
     dropped: list[float | None]
+    sdproxy_cpu: float = 0.0  # CPU seconds sdproxy used per registration + deregistration
+    consul_cpu: float = 0.0  # the same for the agent
 
 
 def delay_stats(delays: Sequence[float | None]) -> list[str]:
@@ -81,10 +85,12 @@ def met(result: SizeResult) -> bool:
 
 def report_table(results: Sequence[SizeResult], base_rss: float) -> str:
     rows = [[r.size, f"{r.rss_mib:.1f} MiB", f"+{r.rss_mib - base_rss:.1f} MiB", r.watches,
-             *delay_stats(r.routed), *delay_stats(r.dropped)] for r in results]
+             *delay_stats(r.routed), *delay_stats(r.dropped), c.ms(r.sdproxy_cpu),
+             c.ms(r.consul_cpu)] for r in results]
     return c.format_table(["tagged services", "sdproxy RSS", "since 0 routes",
                            "agent conns", "routed", "p50", "p99", "max",
-                           "404 after dereg", "p50", "p99", "max"], rows)
+                           "404 after dereg", "p50", "p99", "max", "sdproxy CPU",
+                           "Consul CPU"], rows)
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -111,6 +117,8 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     proxy = rp.start_routed_sdproxy(stack, agent.http_addr)
     pid = proxy.child.pid
     agent_port = int(agent.http_addr.rsplit(":", 1)[1])
+    assert agent.proc is not None
+    agent_pid = agent.proc.pid
     probe = rp.RouteProbe(proxy.listen)
     stack.callback(probe.close)
     base_rss = rp.rss_mib(pid)
@@ -129,6 +137,7 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
                 raise c.ScenarioError(f"/base-{i}/ not routed within {SETTLE_TIMEOUT:g}s")
         proxy.check_alive()
         rss, watches = rp.rss_mib(pid), rp.connections_to(pid, agent_port)
+        cpu_before = rp.cpu_seconds(pid), rp.cpu_seconds(agent_pid)
         routed: list[float | None] = []
         for k, name in enumerate(probes):
             service = f"new-{size}-{k}"
@@ -142,7 +151,10 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
             agent.deregister(service)
             dropped.append(probe.until("", f"/{service}/", 404, t0, CHANGE_TIMEOUT))
         proxy.check_alive()
-        return SizeResult(size, rss, watches, routed, dropped)
+        n = max(1, args.changes)
+        return SizeResult(size, rss, watches, routed, dropped,
+                          (rp.cpu_seconds(pid) - cpu_before[0]) / n,
+                          (rp.cpu_seconds(agent_pid) - cpu_before[1]) / n)
 
     results: list[SizeResult] = []
     for size in sizes:
@@ -164,6 +176,8 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
           f"sdproxy ({args.changes} per size, asked every 2 ms on one keep-alive connection; "
           f"{probe.requests} requests, none lost a connection)")
     c.say(report_table(results, base_rss))
+    c.say("  CPU: per registered-then-deregistered service, sdproxy's and the agent's own "
+          "(utime+stime)")
     c.say()
     ok = all(met(r) for r in results)
     c.say("verdict: routed p99 " + ", ".join(

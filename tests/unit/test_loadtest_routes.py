@@ -171,6 +171,8 @@ def test_report_tallies_each_class_and_times_the_switches() -> None:
     assert t[r.ADDED].failures == {"200 from svc99-0": 1}
     assert t[r.UNTOUCHED].requests == 0
     assert report.failed == 2 and report.requests == 17
+    assert len(report.counted) == 17 - 6  # the plot leaves the expected 404s out
+    assert all(a.t <= b.t for a, b in zip(report.counted, report.counted[1:]))
     assert report.expected(r.GONE) == 3 and report.expected(r.NOT_YET) == 3
     switches = {kind: took for kind, _, took in report.switch_times()}
     assert switches[r.MOVED_NEW] == pytest.approx(10.7 + 0.03 - 10.0)
