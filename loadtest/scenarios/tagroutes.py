@@ -31,7 +31,7 @@ import argparse
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loadtest import common as c
 from loadtest import routeprocs as rp
@@ -63,8 +63,11 @@ class SizeResult:
     size: int
     rss_mib: float
     watches: int
-    routed: list[float | None]
-    dropped: list[float | None]
+    routed: list[float | None]  # register -> the first 200 from its own instance
+    dropped: list[float | None]  # deregister -> 404
+    # register -> sdproxy's `event=catalog_upstreams added=` line (its tag watch saw the
+    # service, made its upstream and published; its log ts, 1 ms resolution)
+    seen: list[float | None] = field(default_factory=list)
     sdproxy_cpu: float = 0.0  # CPU seconds sdproxy used per registration + deregistration
     consul_cpu: float = 0.0  # the same for the agent
 
@@ -84,13 +87,31 @@ def met(result: SizeResult) -> bool:
 
 
 def report_table(results: Sequence[SizeResult], base_rss: float) -> str:
+    """One row per size: memory, connections to the agent, CPU per change."""
     rows = [[r.size, f"{r.rss_mib:.1f} MiB", f"+{r.rss_mib - base_rss:.1f} MiB", r.watches,
-             *delay_stats(r.routed), *delay_stats(r.dropped), c.ms(r.sdproxy_cpu),
-             c.ms(r.consul_cpu)] for r in results]
+             c.ms(r.sdproxy_cpu), c.ms(r.consul_cpu)] for r in results]
     return c.format_table(["tagged services", "sdproxy RSS", "since 0 routes",
-                           "agent conns", "routed", "p50", "p99", "max",
-                           "404 after dereg", "p50", "p99", "max", "sdproxy CPU",
-                           "Consul CPU"], rows)
+                           "agent conns", "sdproxy CPU/change", "Consul CPU/change"], rows)
+
+
+def delay_table(results: Sequence[SizeResult]) -> str:
+    """Per size, the delays from the change: to sdproxy's tag watch (its log), to the
+    first routed request, and from a deregistration to 404."""
+    rows = []
+    for r in results:
+        rows.append([f"{r.size}: register -> tag watch made the upstream", *delay_stats(r.seen)])
+        rows.append([f"{r.size}: register -> first request routed", *delay_stats(r.routed)])
+        rows.append([f"{r.size}: deregister -> 404", *delay_stats(r.dropped)])
+    return c.format_table(["services: from the change", "n", "p50", "p99", "max"], rows)
+
+
+def upstream_added(proxy: c.Sdproxy, service: str, start: int, since: float) -> float | None:
+    """Seconds from `since` (wall) to sdproxy's `event=catalog_upstreams` line (from line
+    `start` on) whose `added` names `service`; None when there is none."""
+    for wall, fields in proxy.events("catalog_upstreams", start):
+        if service in fields.get("added", "").split(","):
+            return wall - since
+    return None
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -139,11 +160,14 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
         rss, watches = rp.rss_mib(pid), rp.connections_to(pid, agent_port)
         cpu_before = rp.cpu_seconds(pid), rp.cpu_seconds(agent_pid)
         routed: list[float | None] = []
+        seen: list[float | None] = []
         for k, name in enumerate(probes):
             service = f"new-{size}-{k}"
-            t0 = time.perf_counter()
+            first_line = len(proxy.child.lines)
+            wall0, t0 = time.time(), time.perf_counter()
             register(service, backend.ports[name])
             routed.append(probe.until("", f"/{service}/", 200, t0, CHANGE_TIMEOUT, body=name))
+            seen.append(upstream_added(proxy, service, first_line, wall0))
         dropped: list[float | None] = []
         for k in range(args.changes):
             service = f"new-{size}-{k}"
@@ -152,7 +176,7 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
             dropped.append(probe.until("", f"/{service}/", 404, t0, CHANGE_TIMEOUT))
         proxy.check_alive()
         n = max(1, args.changes)
-        return SizeResult(size, rss, watches, routed, dropped,
+        return SizeResult(size, rss, watches, routed, dropped, seen,
                           (rp.cpu_seconds(pid) - cpu_before[0]) / n,
                           (rp.cpu_seconds(agent_pid) - cpu_before[1]) / n)
 
@@ -175,9 +199,11 @@ def _run(stack: contextlib.ExitStack, args: argparse.Namespace) -> int:
     c.say(f"tagroutes: register with a urlprefix- tag -> first request routed through "
           f"sdproxy ({args.changes} per size, asked every 2 ms on one keep-alive connection; "
           f"{probe.requests} requests, none lost a connection)")
+    c.say(delay_table(results))
+    c.say()
     c.say(report_table(results, base_rss))
-    c.say("  CPU: per registered-then-deregistered service, sdproxy's and the agent's own "
-          "(utime+stime)")
+    c.say("  CPU/change: per registered-then-deregistered service, sdproxy's and the agent's "
+          "own (utime+stime)")
     c.say()
     ok = all(met(r) for r in results)
     c.say("verdict: routed p99 " + ", ".join(

@@ -229,7 +229,10 @@ def test_tagroutes_stats_verdict_and_sizes() -> None:
     assert not tr.met(tr.SizeResult(10, 42.0, 11, [0.01] * 98 + [0.2, 0.2], [0.01]))
     assert not tr.met(tr.SizeResult(10, 42.0, 11, [0.01, None], [0.01]))  # one missed
     table = tr.report_table([fast], base_rss=40.0)
-    assert "+2.0 MiB" in table and "100/100" in table
+    assert "+2.0 MiB" in table and "42.0 MiB" in table
+    delays_text = tr.delay_table([fast])
+    routed_row = next(line for line in delays_text.splitlines() if "routed" in line)
+    assert routed_row.split()[6:] == ["100/100", "10.0", "ms", "10.0", "ms", "90.0", "ms"]
     assert tr.parse_sizes("10,100,500") == [10, 100, 500]
     for bad in ("", "100,10", "0,5"):
         with pytest.raises(ValueError):
