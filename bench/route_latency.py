@@ -13,7 +13,12 @@ The same services are then deregistered, each timed until its route answers 404.
 Printed per size: p50/p99/max of both, sdproxy's VmRSS, its open connections to the
 agent, and whether every route was served.
 
-Usage: python bench/route_latency.py [--sizes 10,100,500] [--changes 50]
+Every routed service is one blocking query, so one connection to the agent: Consul's
+default `limits { http_max_conns_per_client = 200 }` refuses the 201st connection from
+one address (the watches' and everyone else's on that host). `--agent-conns N` starts
+the agent with that limit raised to N.
+
+Usage: python bench/route_latency.py [--sizes 10,100,500] [--changes 50] [--agent-conns N]
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtest.procs import Child, http_get, start_backend, start_consul, wait_until
+from loadtest.procs import Child, http_get, start_backend, wait_until
+from proxy import devconsul
 from proxy.devconsul import ConsulAgent, free_port
 
 CHANGE_TIMEOUT = 10.0  # a registration not routed within this counts as failed
@@ -96,9 +102,13 @@ def summary(label: str, delays: list[float | None]) -> str:
             f"{CHANGE_TIMEOUT:g}s)")
 
 
-def run(sizes: list[int], changes: int) -> int:
+def run(sizes: list[int], changes: int, agent_conns: int | None) -> int:
     with contextlib.ExitStack() as stack:
-        agent = start_consul(stack)
+        extra = (() if agent_conns is None else
+                 ("-hcl", f"limits {{ http_max_conns_per_client = {agent_conns} }}"))
+        agent = ConsulAgent(devconsul.install(), extra_args=extra)
+        stack.callback(agent.cleanup)
+        agent.start()
         backend = start_backend(stack, "b")
         listen, admin = free_port(), free_port()
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="routes-")))
@@ -116,8 +126,14 @@ def run(sizes: list[int], changes: int) -> int:
         print(f"sdproxy {pid}, RSS {rss_mib(pid):.1f} MiB with no route", flush=True)
         registered = 0
         for size in sizes:
-            for i in range(registered, size):
-                register(agent, f"base-{i}", backend.port)
+            try:
+                for i in range(registered, size):
+                    register(agent, f"base-{i}", backend.port)
+            except OSError as e:
+                print(f"{size} routed services: the agent refused a registration after "
+                      f"{i}: {e!r} (sdproxy held {connections_to(pid, agent_port)} "
+                      "connections to it; see --agent-conns)", flush=True)
+                return 1
             registered = size
             last = f"/base-{size - 1}/"
             wait_until(f"{size} routes served",
@@ -150,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,500")
     parser.add_argument("--changes", type=int, default=50)
+    parser.add_argument("--agent-conns", type=int, default=None,
+                        help="the agent's http_max_conns_per_client (default: Consul's)")
     args = parser.parse_args(argv)
-    return run([int(s) for s in args.sizes.split(",")], args.changes)
+    return run([int(s) for s in args.sizes.split(",")], args.changes, args.agent_conns)
 
 
 if __name__ == "__main__":

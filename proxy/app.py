@@ -13,6 +13,10 @@ Signals (SPEC):
   load is rejected with one log line and the running one stays.
 - SIGTERM/SIGINT (and SIGQUIT, nginx's graceful stop) close every listener at once, give
   in-flight work up to the largest `drain_timeout`, and exit 0.
+- SIGHUP also re-reads the TLS files (SPEC "TLS"): a listener's certificate
+  (`listen_tls`) is loaded into its live context, so new handshakes get it and open
+  connections keep theirs; the upstreams' client contexts are rebuilt. A file that does
+  not load rejects the reload (as any invalid config) and the old certificate serves on.
 - SIGUSR1 reopens the access log file (logrotate renames it, then signals, as for nginx).
 - SIGUSR2 is ignored with a log line: no signal a user may send by habit kills sdproxy
   without draining.
@@ -51,6 +55,7 @@ from proxy.model import Address
 from proxy.protocols import Listener, make_listener
 from proxy.protocols.http import HttpListener
 from proxy.routing import Route
+from proxy.tls import ORIGINATIONS, ServingCertificate, TlsFileError
 from proxy.upstream.balancers import make_balancer
 from proxy.upstream.health import HealthChecker
 from proxy.upstream.manager import UpstreamRuntime
@@ -81,6 +86,7 @@ class Served:
     server: asyncio.base_events.Server | None = None
     draining: list[asyncio.Task[None]] = field(default_factory=list)
     health: HealthChecker | None = None  # follows [upstreams.health] through reloads
+    serving: ServingCertificate | None = None  # [upstreams.listen_tls]; SIGHUP reloads it
 
 
 @dataclass
@@ -146,6 +152,11 @@ class ProxyApp:
         runtime = served.runtime
         addr = runtime.config.listen
         if addr is None:  # reached only through the routes of [[listeners]]
+            if runtime.config.tls is not None:
+                try:
+                    ORIGINATIONS.prepare(runtime.config.tls)
+                except TlsFileError as e:  # checked by config.load; replaced since, then
+                    raise StartupError(f"upstream {name}: tls.{e.key}: {e.reason}") from None
             served.health = HealthChecker(runtime)
             served.health.start()
             return
@@ -156,18 +167,34 @@ class ProxyApp:
             raise StartupError(f"upstream {name}: {e.args[0]}") from None
         if hasattr(listener, "access"):
             listener.access = self.access
+        up = runtime.config
+        table = "tls"
         try:
-            server = await loop.create_server(listener.protocol_factory, addr.host, addr.port,
-                                              reuse_address=True, reuse_port=self.reuse_port,
-                                              backlog=1024)
+            # Built before the first connection needs them: files are read here, once.
+            if up.tls is not None:
+                ORIGINATIONS.prepare(up.tls)
+            table = "listen_tls"
+            serving = ServingCertificate(name, up.listen_tls) if up.listen_tls else None
+        except TlsFileError as e:  # checked by config.load; replaced since, then
+            listener.close_all()
+            raise StartupError(f"upstream {name}: {table}.{e.key}: {e.reason}") from None
+        try:
+            # A client that never finishes its handshake is held no longer than one
+            # that never finishes its request head.
+            server = await loop.create_server(
+                listener.protocol_factory, addr.host, addr.port, reuse_address=True,
+                reuse_port=self.reuse_port, backlog=1024,
+                ssl=serving.context if serving else None,
+                ssl_handshake_timeout=up.header_timeout if serving else None)
         except OSError as e:
             listener.close_all()
             raise cannot_listen(f"upstream {name}", addr, e) from None
-        served.listener, served.server = listener, server
+        served.listener, served.server, served.serving = listener, server, serving
         served.health = HealthChecker(runtime)
         served.health.start()
-        log.info("event=listening upstream=%s listen=%s mode=%s discovery=%s", name, addr,
-                 runtime.config.mode, runtime.config.discovery)
+        log.info("event=listening upstream=%s listen=%s mode=%s discovery=%s tls=%s "
+                 "upstream_tls=%s", name, addr, up.mode, up.discovery,
+                 "on" if serving else "off", "on" if up.tls else "off")
 
     async def _start_admin(self) -> None:
         from proxy.admin.server import start_admin
@@ -211,6 +238,8 @@ class ProxyApp:
         if new.log != old.log:
             self._apply_log(new.log)
         wanted = {up.name: up for up in new.upstreams}
+        # Renewed client certificates and CAs: new connections use them from now on.
+        ORIGINATIONS.reload([up.tls for up in new.upstreams if up.tls is not None])
         shared_changed = {"consul": old.consul != new.consul, "dns": old.dns != new.dns,
                           "etcd": old.etcd != new.etcd,
                           "zookeeper": old.zookeeper != new.zookeeper}
@@ -222,15 +251,17 @@ class ProxyApp:
             served = self.served.get(name)
             if served is None:
                 added.append(name)
-            elif (up.listen, up.mode) != (served.runtime.config.listen,
-                                          served.runtime.config.mode):
-                self._retire(name)  # a new address or protocol: a new listener
+            elif _listener_shape(up) != _listener_shape(served.runtime.config):
+                self._retire(name)  # a new address, protocol or TLS on/off: a new listener
                 added.append(name)
             elif up != served.runtime.config or shared_changed.get(up.discovery, False):
                 self._reconfigure(served, up, shared_changed)
                 changed.append(name)
             elif isinstance(served.watcher, Rereadable):
                 served.watcher.reread()  # SIGHUP also means "look at the file again"
+            if name not in added and served is not None and served.serving is not None \
+                    and up.listen_tls is not None:
+                served.serving.reload(up.listen_tls)  # the files may have been renewed
         for name in added:
             self.served[name] = self._watch(wanted[name], UpstreamRuntime(wanted[name]))
         self._publish()
@@ -244,7 +275,7 @@ class ProxyApp:
                 self._retire(name)
                 failed.append(name)
         self._publish()
-        await self._reload_routed(new)
+        await self._reload_routed(old, new)
         if self.with_admin and old.admin.listen != new.admin.listen:
             await self._restart_admin()
         if self.with_admin and (old.consul, old.admin) != (new.consul, new.admin):
@@ -288,6 +319,9 @@ class ProxyApp:
         runtime.config = up
         if up.balance != before.balance:
             runtime.balancer = make_balancer(up.balance)
+        if up.tls != before.tls:  # pooled connections speak the old way: not reused
+            for host in runtime.all_hosts():
+                host.pool.close_all()
         if served.listener is not None and hasattr(served.listener, "reconfigure"):
             served.listener.reconfigure(up)
         asks_differently = any(getattr(up, k) != getattr(before, k) for k in _DISCOVERY_KEYS)
@@ -461,7 +495,7 @@ class ProxyApp:
                 return
             await asyncio.sleep(0.005)  # watchers have no "answered" event; bounded
 
-    async def _reload_routed(self, new: Config) -> None:
+    async def _reload_routed(self, old: Config, new: Config) -> None:
         """Apply a reload to the routed listeners: matched by address, a changed one keeps
         its socket and connections; every table is rebuilt on the reloaded upstreams."""
         wanted = {lc.listen: lc for lc in new.listeners}
@@ -481,7 +515,7 @@ class ProxyApp:
                     lc.defaults, name=routed.runtime.name, discovery="none")
                 routed.listener.reconfigure(routed.runtime.config)
             if (lc.catalog_routes, lc.tag_prefix) != (before.catalog_routes, before.tag_prefix) \
-                    or new.consul != self.config.consul:
+                    or new.consul != old.consul:
                 if routed.catalog_task is not None:
                     routed.catalog_task.cancel()
                     routed.catalog_task = None
@@ -490,14 +524,17 @@ class ProxyApp:
                     self._start_catalog_routes(routed)
         self._sync_catalog_upstreams()
 
-    def _close_routed(self, listen: Address) -> None:
-        """Stop accepting on a routed listener now; drain its requests in the background."""
+    def _close_routed(self, listen: Address, stopping: bool = False) -> None:
+        """Stop accepting on a routed listener now; drain its requests in the background.
+        Its table stays as it is: a kept-alive client's next request is still routed
+        while the listener drains (`stopping`: every table stays, nothing is rebuilt)."""
         routed = self.routed.pop(listen)
         if routed.catalog_task is not None:
             routed.catalog_task.cancel()
         if routed.server is not None:
             routed.server.close()
-        self._sync_catalog_upstreams()
+        if not stopping:
+            self._sync_catalog_upstreams()
         task = asyncio.get_running_loop().create_task(self._drain_routed(routed),
                                                       name=f"drain-{listen}")
         self.retiring.add(task)
@@ -518,7 +555,9 @@ class ProxyApp:
         for name in list(self.served):
             self._retire(name)
         for listen in list(self.routed):
-            self._close_routed(listen)
+            self._close_routed(listen, stopping=True)
+        for name in list(self.catalog_served):
+            self._retire_served(name, self.catalog_served.pop(name))
         if self.self_registration is not None:  # while the listeners drain
             await self.self_registration.stop()
             self.self_registration = None
@@ -559,6 +598,11 @@ class ProxyApp:
         task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
         self.retiring.add(task)  # keep a reference until it ends
         task.add_done_callback(self.retiring.discard)
+
+
+def _listener_shape(up: UpstreamConfig) -> tuple[object, ...]:
+    """What the listening socket itself is made of: a change needs a new listener."""
+    return up.listen, up.mode, up.listen_tls is not None
 
 
 # Signals that stop sdproxy with a drain. SIGQUIT (Ctrl-\) would otherwise kill it on

@@ -1,7 +1,7 @@
 """Configuration: TOML file -> frozen dataclasses, every default in one place.
 
 `load(path, environ)` is pure apart from reading files (the config, and for `[consul]`
-the token file and TLS files it names, to check them): it never reads `os.environ` itself,
+the token file and TLS files it names, and the upstreams' TLS files, to check them): it never reads `os.environ` itself,
 so tests pass whatever environment they need. `[consul]` keys that Consul's own clients
 take from the environment resolve here, once: a key in the file, else the variable, else
 the default; a key written as "" is unset (SPEC "TLS"). Every problem found is collected
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, Union
 from urllib.parse import urlsplit
 
+from proxy import tls
 from proxy.model import Address
 
 MODES = ("http", "tcp")
@@ -122,6 +123,27 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamTlsConfig:
+    """`[upstreams.tls]`: sdproxy speaks TLS to the instances (SPEC "TLS"). Present and
+    `enabled` (the default) = on; the contexts are proxy.tls's."""
+
+    upstream: str  # the upstream this section belongs to, for log lines
+    server_name: str  # SNI and the name certificates must carry; default: the upstream name
+    ca_file: str = ""  # "" = the system's CAs
+    verify: bool = True  # false: encrypted, but any certificate is accepted
+    cert_file: str = ""  # a client certificate, for instances that ask for one (mTLS)
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class ListenTlsConfig:
+    """`[upstreams.listen_tls]`: the listener terminates TLS; SIGHUP reloads the files."""
+
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     name: str
     # None: reached only through the routes of [[listeners]] (no listener of its own).
@@ -151,6 +173,8 @@ class UpstreamConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     retry_budget: RetryBudgetConfig = field(default_factory=RetryBudgetConfig)
     health: HealthConfig | None = None  # only when [upstreams.health] is present
+    tls: UpstreamTlsConfig | None = None  # [upstreams.tls], when present and enabled
+    listen_tls: ListenTlsConfig | None = None  # [upstreams.listen_tls], when present
 
 
 @dataclass(frozen=True)
@@ -529,6 +553,15 @@ _HEALTH: Schema = {
     "rise": _integer(1),
     "expect": _expect,
 }
+_UPSTREAM_TLS: Schema = {
+    "enabled": _boolean,
+    "ca_file": _string,
+    "server_name": _string,
+    "verify": _boolean,
+    "cert_file": _string,
+    "key_file": _string,
+}
+_LISTEN_TLS: Schema = {"cert_file": _nonempty_string, "key_file": _nonempty_string}
 # Every upstream key that [defaults] may set as well.
 _INHERITED: Schema = {
     "mode": _choice(MODES),
@@ -555,6 +588,8 @@ _INHERITED: Schema = {
     "breaker": _BREAKER,
     "retry_budget": _RETRY_BUDGET,
     "health": _HEALTH,
+    "tls": _UPSTREAM_TLS,
+    "listen_tls": _LISTEN_TLS,
 }
 _UPSTREAM_ONLY: Schema = {
     "name": _nonempty_string,
@@ -808,6 +843,12 @@ def _read_upstreams(
         merged["retry_budget"] = RetryBudgetConfig(**_subtable(defaults, own, "retry_budget"))
         if "health" in defaults or "health" in own:
             merged["health"] = HealthConfig(**_subtable(defaults, own, "health"))
+        name = own["name"]
+        merged["tls"] = _upstream_tls(p, prefix, name, _subtable(defaults, own, "tls"),
+                                      "tls" in defaults or "tls" in own)
+        merged["listen_tls"] = _listen_tls(p, prefix, name,
+                                           _subtable(defaults, own, "listen_tls"),
+                                           "listen_tls" in defaults or "listen_tls" in own)
         upstream = UpstreamConfig(**merged)
         _check_upstream(p, prefix, upstream)
         _claim(p, names, upstream.name, f"{prefix}.name")
@@ -815,6 +856,62 @@ def _read_upstreams(
             _claim(p, listens, upstream.listen, f"{prefix}.listen")
         out.append(upstream)
     return tuple(out)
+
+
+def _upstream_tls(p: _Problems, prefix: str, name: str, table: dict[str, Any],
+                  present: bool) -> UpstreamTlsConfig | None:
+    """`[upstreams.tls]` merged over `[defaults.tls]`; its files must load (proxy.tls)."""
+    if not present or not table.pop("enabled", True):
+        return None
+    table["server_name"] = table.get("server_name") or name
+    cfg = UpstreamTlsConfig(upstream=name, **table)
+    if _tls_keys_failed(p, prefix, "tls"):
+        return cfg
+    if cfg.cert_file and not cfg.key_file:
+        p.add(f"{prefix}.tls.key_file", "required with cert_file (the client certificate's "
+                                         "private key)")
+    elif cfg.key_file and not cfg.cert_file:
+        p.add(f"{prefix}.tls.cert_file", "required with key_file (the client certificate "
+                                          "the key belongs to)")
+    else:
+        try:
+            tls.client_context(ca_file=cfg.ca_file, cert_file=cfg.cert_file,
+                               key_file=cfg.key_file, verify=cfg.verify)
+        except tls.TlsFileError as e:
+            p.add(f"{prefix}.tls.{e.key}", f'upstream "{name}": {e.reason}')
+    return cfg
+
+
+def _listen_tls(p: _Problems, prefix: str, name: str, table: dict[str, Any],
+                present: bool) -> ListenTlsConfig | None:
+    """`[upstreams.listen_tls]`: both files required, and they must be a matching pair.
+
+    A file problem names the upstream as well as the key: on a SIGHUP it is what the
+    rejection's log line says, and certificates are renewed by upstream, not by index.
+    """
+    if not present:
+        return None
+    missing = [key for key in ("cert_file", "key_file") if key not in table]
+    for key in missing:
+        if not _tls_keys_failed(p, prefix, "listen_tls"):
+            p.add(f"{prefix}.listen_tls.{key}", "required (the certificate the listener "
+                                                 "serves and its private key)")
+    if missing:
+        return None
+    cfg = ListenTlsConfig(**table)
+    if not _tls_keys_failed(p, prefix, "listen_tls"):
+        try:
+            tls.server_context(cfg.cert_file, cfg.key_file)
+        except tls.TlsFileError as e:
+            p.add(f"{prefix}.listen_tls.{e.key}", f'upstream "{name}": {e.reason}')
+    return cfg
+
+
+def _tls_keys_failed(p: _Problems, prefix: str, table: str) -> bool:
+    """A key of this TLS table (own or [defaults]) was already rejected: its files are
+    not worth loading, the user has that problem to fix first."""
+    return any(key.startswith((f"{prefix}.{table}.", f"defaults.{table}."))
+               for key in p.failed)
 
 
 def _subtable(defaults: dict[str, Any], own: dict[str, Any], key: str) -> dict[str, Any]:

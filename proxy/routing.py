@@ -14,9 +14,10 @@ Rules:
 - Prefixes match the request path as strings (`/api` matches `/apix`, as Fabio and
   Traefik's PathPrefix do); an absolute-form target is matched on its path.
 
-Cost per request: a dict lookup on the host (skipped when no route names a host), then
-per group one dict lookup per distinct prefix length present, longest first, never a scan
-of the routes. A table is immutable once built; a change builds a new one, which the
+Cost per request: a dict lookup on the Host value as sent (it gives the host groups to
+try, in order, worked out once per distinct value: case, port and wildcards are not
+redone per request; skipped when no route names a host), then per group one dict lookup
+per distinct prefix length present, longest first, never a scan of the routes. A table is immutable once built; a change builds a new one, which the
 listener swaps in one assignment. Each entry's request counter is carried into the next
 table by the route's key, so a counter never goes backwards across changes.
 """
@@ -29,6 +30,9 @@ from typing import Final, Generic, TypeVar
 T = TypeVar("T")
 
 ANY_HOST: Final = ""  # Route.host of a route that matches every host
+# Host values whose groups a table remembers; past it the memo starts afresh (clients
+# choose the Host they send: the memo must stay bounded).
+MAX_REMEMBERED_HOSTS: Final = 1024
 
 
 class Route:
@@ -120,7 +124,7 @@ class _Group(Generic[T]):
 class RouteTable(Generic[T]):
     """An immutable table; `lookup(host, target)` picks the route of one request."""
 
-    __slots__ = ("any_host", "entries", "exact", "wildcards")
+    __slots__ = ("any_host", "by_host", "entries", "exact", "no_host", "wildcards")
 
     def __init__(self, routes: Iterable[tuple[Route, T]],
                  previous: RouteTable[T] | None = None) -> None:
@@ -131,6 +135,8 @@ class RouteTable(Generic[T]):
         self.wildcards: dict[bytes, _Group[T]] = {}  # "*.example.com" keyed b"example.com"
         self.any_host: _Group[T] | None = None
         self.entries: list[Routed[T]] = []
+        # Host value as sent -> the groups to try for it, most specific first.
+        self.by_host: dict[bytes | None, tuple[_Group[T], ...]] = {}
         counts: dict[tuple[str, str, str], int] = {}
         if previous is not None:
             for old in previous.entries:
@@ -143,6 +149,14 @@ class RouteTable(Generic[T]):
             routed.requests = counts.get(route.key(), 0)
             group.add(routed)
             self.entries.append(routed)
+        # What every host gets when no route names one (and a request without Host).
+        self.no_host: tuple[_Group[T], ...] = self._any_host_only()
+
+    def _any_host_only(self) -> tuple[_Group[T], ...]:
+        # Not inline in __init__: there mypy still takes `self.any_host` for the None
+        # assigned above (narrowing survives the calls that set it), and mypyc checks that.
+        any_host = self.any_host
+        return () if any_host is None else (any_host,)
 
     def _group_of(self, host: str) -> _Group[T]:
         if host == ANY_HOST:
@@ -165,25 +179,39 @@ class RouteTable(Generic[T]):
         """The route for a request with this Host field value (None: none sent) and
         request target; None when no route matches (the caller answers 404)."""
         path = target if target[:1] == b"/" else path_of(target)
-        if host and (self.exact or self.wildcards):
+        if self.exact or self.wildcards:
+            groups = self.by_host.get(host)
+            if groups is None:
+                groups = self._groups_for(host)
+        else:
+            groups = self.no_host
+        for group in groups:
+            found = group.match(path)
+            if found is not None:
+                return found
+        return None
+
+    def _groups_for(self, host: bytes | None) -> tuple[_Group[T], ...]:
+        """The groups a Host value tries, most specific first; remembered (bounded)."""
+        groups: list[_Group[T]] = []
+        if host:
             key = _host_key(host)
             group = self.exact.get(key)
             if group is not None:
-                found = group.match(path)
-                if found is not None:
-                    return found
-            if self.wildcards:
-                dot = key.find(b".")
-                while dot >= 0:  # a.b.example.com: b.example.com, then example.com, ...
-                    group = self.wildcards.get(key[dot + 1:])
-                    if group is not None:
-                        found = group.match(path)
-                        if found is not None:
-                            return found
-                    dot = key.find(b".", dot + 1)
+                groups.append(group)
+            dot = key.find(b".")
+            while dot >= 0:  # a.b.example.com: b.example.com, then example.com, ...
+                group = self.wildcards.get(key[dot + 1:])
+                if group is not None:
+                    groups.append(group)
+                dot = key.find(b".", dot + 1)
         if self.any_host is not None:
-            return self.any_host.match(path)
-        return None
+            groups.append(self.any_host)
+        found = tuple(groups)
+        if len(self.by_host) >= MAX_REMEMBERED_HOSTS:
+            self.by_host.clear()
+        self.by_host[host] = found
+        return found
 
 
 def _host_key(host: bytes) -> bytes:

@@ -31,7 +31,14 @@ if str(TESTS_DIR) not in sys.path:  # `from support import ...` however pytest i
     sys.path.insert(0, str(TESTS_DIR))
 
 from support.consul import Registration, register_backend, unique_service, wait_passing
-from support.procs import Backend, ProxyProcess, launch_backends, launch_proxy, launch_script
+from support.procs import (
+    Backend,
+    BackendTLS,
+    ProxyProcess,
+    launch_backends,
+    launch_proxy,
+    launch_script,
+)
 from support.tomlconf import build_config
 
 from proxy.devconsul import ConsulAgent, free_port
@@ -67,12 +74,15 @@ def started_backends() -> Iterator[list[Backend]]:
 
 @pytest.fixture
 def start_backends(started_backends: list[Backend]) -> Callable[..., list[Backend]]:
-    """`start_backends("a", "b", ...)`: demo backends started in parallel on free ports.
+    """`start_backends("a", "b", ..., tls=None)`: demo backends started in parallel on free
+    ports (with `tls`, a `support.procs.BackendTLS`, serving HTTPS).
 
     Each is accepting connections when returned; all are killed at teardown.
     """
-    def _start(*names: str, host: str = "127.0.0.1", timeout: float = 15.0) -> list[Backend]:
-        backends = launch_backends([(n, 0) for n in names], host=host, timeout=timeout)
+    def _start(*names: str, host: str = "127.0.0.1", timeout: float = 15.0,
+               tls: BackendTLS | None = None) -> list[Backend]:
+        backends = launch_backends([(n, 0) for n in names], host=host, timeout=timeout,
+                                   tls=tls)
         started_backends.extend(backends)
         return backends
 

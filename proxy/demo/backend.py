@@ -21,6 +21,9 @@ Routes (every response carries `X-Backend: NAME`):
 - `* /reset` -> reads the whole request, then resets the connection (RST, no response).
 - anything else, any method -> 200, body NAME (a request body is read and discarded).
 
+With `--tls-cert FILE --tls-key FILE` it serves HTTPS instead (the same routes); adding
+`--tls-client-ca FILE` makes it require a client certificate signed by that CA (mTLS).
+
 SIGTERM or SIGINT stop it cleanly (exit 0). It knows nothing of the proxy.
 """
 
@@ -32,6 +35,7 @@ import hashlib
 import random
 import signal
 import socket
+import ssl
 import struct
 import sys
 from collections.abc import Iterator
@@ -211,7 +215,18 @@ async def _discard_body(request: web.Request) -> None:
         pass
 
 
-async def serve(host: str, port: int, name: str) -> None:
+def tls_context(cert_file: str, key_file: str, client_ca: str | None) -> ssl.SSLContext:
+    """The server context for `--tls-cert`/`--tls-key` (and `--tls-client-ca`: mTLS)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+async def serve(host: str, port: int, name: str,
+                tls: ssl.SSLContext | None = None) -> None:
     """Serve until SIGTERM/SIGINT; print the listening line once the socket accepts."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -219,7 +234,7 @@ async def serve(host: str, port: int, name: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     runner = web.AppRunner(build_app(name), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
     await site.start()
     bound = int(runner.addresses[0][1]) if runner.addresses else port  # port 0: the chosen one
     print(f"event=backend_listening name={name} port={bound}", flush=True)
@@ -235,9 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="0: let the kernel choose")
     parser.add_argument("--name", required=True)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    parser.add_argument("--tls-client-ca", help="require client certificates from this CA")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
     try:
-        asyncio.run(serve(args.host, args.port, args.name))
+        tls = (tls_context(args.tls_cert, args.tls_key, args.tls_client_ca)
+               if args.tls_cert else None)
+        asyncio.run(serve(args.host, args.port, args.name, tls))
     except OSError as e:
         print(f"backend {args.name}: cannot listen on {args.host}:{args.port}: {e}",
               file=sys.stderr)

@@ -221,7 +221,8 @@ class Exchange:
         cfg = self.cfg
         # Only a new connection needs a task; a pooled one is used from this callback.
         task = self.loop.create_task(connect(host, cfg.http_parser, cfg.max_header_size,
-                                             cfg.max_header_count, cfg.connect_timeout))
+                                             cfg.max_header_count, cfg.connect_timeout,
+                                             cfg.tls))
         self.connecting = task
         task.add_done_callback(self._on_connected)
 

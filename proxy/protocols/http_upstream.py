@@ -8,12 +8,15 @@ pool, any byte or close from the instance makes it unusable (it is then discarde
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import TYPE_CHECKING, Any
 
 from proxy.l7.message import MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
+from proxy.tls import ORIGINATIONS, log_connect_failure
 
 if TYPE_CHECKING:
+    from proxy.config import UpstreamTlsConfig
     from proxy.protocols.http_exchange import Exchange
     from proxy.upstream.host import Host
 
@@ -138,11 +141,28 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 async def connect(host: Host, parser_name: str, max_head: int, max_fields: int,
-                  timeout: float) -> UpstreamConnection:
-    """Open a new connection to `host` within `timeout` (OSError or TimeoutError)."""
+                  timeout: float, tls: UpstreamTlsConfig | None = None) -> UpstreamConnection:
+    """Open a new connection to `host` within `timeout` (OSError or TimeoutError).
+
+    With `tls` ([upstreams.tls]) the TLS handshake is part of the connect and of its
+    timeout; a certificate that does not verify is an OSError (ssl.SSLError) like a
+    refused connect, so the caller fails over and charges the breaker, and it is logged
+    here with the instance and the reason.
+    """
     loop = asyncio.get_running_loop()
     ep = host.endpoint
     factory: Any = lambda: UpstreamConnection(host, parser_name, max_head, max_fields, loop)
-    async with asyncio.timeout(timeout):
-        _transport, conn = await loop.create_connection(factory, ep.address, ep.port)
+    if tls is None:
+        async with asyncio.timeout(timeout):
+            _transport, conn = await loop.create_connection(factory, ep.address, ep.port)
+        return conn  # type: ignore[no-any-return]
+    origination = ORIGINATIONS.get(tls)
+    try:
+        async with asyncio.timeout(timeout):
+            _transport, conn = await loop.create_connection(
+                factory, ep.address, ep.port, ssl=origination.context,
+                server_hostname=origination.server_name)
+    except ssl.SSLError as e:
+        log_connect_failure(origination, host.id, e)
+        raise
     return conn  # type: ignore[no-any-return]

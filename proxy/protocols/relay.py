@@ -82,6 +82,13 @@ def abort_with_reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+def keeps_open_after_eof(transport: asyncio.BaseTransport | None) -> bool:
+    """What `eof_received` answers: keep a half-closed plain TCP transport open; a TLS one
+    cannot be (TLS has no half-close: the transport closes after the peer's close_notify,
+    and uvloop logs a warning line for every True it ignores)."""
+    return transport is not None and transport.get_extra_info("sslcontext") is None
+
+
 class Holding(asyncio.Protocol):
     """Keeps what a transport delivers (bytes, EOF, loss) until a Relay takes it over.
 
@@ -110,7 +117,9 @@ class Holding(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        return True  # keep the transport: the other direction may still have bytes
+        # Keep the transport: the other direction may still have bytes. A TLS transport
+        # closes after EOF whatever we answer (uvloop warns on True), so say False there.
+        return keeps_open_after_eof(self.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -151,7 +160,7 @@ class _End(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self.relay.on_eof(self)
-        return True  # keep our transport open: the opposite direction goes on
+        return keeps_open_after_eof(self.transport)  # the opposite direction goes on
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True

@@ -25,6 +25,10 @@ Invariants:
 - With the access log on (`listener.access`), every accepted connection, refused ones
   included, gets one line when it ends (`_finish`).
 
+TLS (SPEC "TLS"): `[upstreams.tls]` originates TLS to the instances (the client speaks
+plain TCP to sdproxy), `[upstreams.listen_tls]` terminates it from clients (the app gives
+the listener's server its context). Either way the connection stays on relay.py.
+
 Byte movers: every connection starts on relay.py. With `ZERO_COPY` (read once per
 listener; on by default where splice(2) exists) a connection whose relay reports bulk
 traffic is taken over by splice.py, which moves bytes without copying them through
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -42,6 +47,7 @@ from proxy.config import UpstreamConfig
 from proxy.l7.exchange import CONNECT_FAILURE, may_retry
 from proxy.protocols import splice
 from proxy.protocols.relay import Holding, Relay, Traffic, abort_with_reset
+from proxy.tls import ORIGINATIONS, log_connect_failure
 from proxy.upstream.host import Host
 from proxy.upstream.manager import UpstreamRuntime
 
@@ -79,7 +85,7 @@ class TcpListener:
         # `balance = "hash"`: a TCP connection's only key is its source address, whatever
         # `hash_key` says (path, header and cookie exist only in HTTP mode).
         self.hash_source = self.cfg.balance == "hash"
-        self.zero_copy = ZERO_COPY
+        self.zero_copy = ZERO_COPY and not _encrypted(self.cfg)
         self.connections = 0  # open client connections (connecting or relayed)
         self.rejected_connections = 0  # closed at once: max_connections reached
         self.spliced_connections = 0  # taken over by splice(2) after a bulk read
@@ -98,6 +104,7 @@ class TcpListener:
         self.cfg = cfg
         self.retry_on = frozenset(cfg.retry_on)
         self.hash_source = cfg.balance == "hash"
+        self.zero_copy = ZERO_COPY and not _encrypted(cfg)
 
     def busy(self) -> bool:
         """Some client connection is open (shutdown gives these drain_timeout)."""
@@ -133,6 +140,11 @@ class TcpListener:
                 for client in due:
                     client.close()
         self._sweeper = self.loop.call_later(DRAIN_SWEEP_INTERVAL, self._sweep_draining)
+
+
+def _encrypted(cfg: UpstreamConfig) -> bool:
+    """TLS on either side: the bytes pass through OpenSSL, splice(2) cannot move them."""
+    return cfg.tls is not None or cfg.listen_tls is not None
 
 
 def record_connected(host: Host) -> None:
@@ -256,7 +268,7 @@ class TcpClient(Holding):
                 rt.retries_in_flight += 1
             upstream: Holding | None = None
             try:
-                upstream = await self._open(host, cfg.connect_timeout)
+                upstream = await self._open(host, cfg)
             except (OSError, TimeoutError):
                 host.on_failure()
             finally:  # also on cancellation: the client left
@@ -273,12 +285,28 @@ class TcpClient(Holding):
                 return
             rt.count_failover(CONNECT_FAILURE)
 
-    async def _open(self, host: Host, timeout: float) -> Holding:
-        """Connect to `host`; its bytes and EOF are held until the relay starts."""
+    async def _open(self, host: Host, cfg: UpstreamConfig) -> Holding:
+        """Connect to `host`; its bytes and EOF are held until the relay starts.
+
+        With `[upstreams.tls]` the handshake is part of the connect (and of
+        connect_timeout): a certificate that does not verify fails it like a refusal.
+        """
         ep = host.endpoint
-        async with asyncio.timeout(timeout):
-            _transport, upstream = await self.listener.loop.create_connection(
-                Holding, ep.address, ep.port)
+        loop = self.listener.loop
+        if cfg.tls is None:
+            async with asyncio.timeout(cfg.connect_timeout):
+                _transport, upstream = await loop.create_connection(Holding, ep.address,
+                                                                    ep.port)
+            return upstream
+        origination = ORIGINATIONS.get(cfg.tls)
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                _transport, upstream = await loop.create_connection(
+                    Holding, ep.address, ep.port, ssl=origination.context,
+                    server_hostname=origination.server_name)
+        except ssl.SSLError as e:
+            log_connect_failure(origination, host.id, e)
+            raise
         return upstream
 
     def _start_relay(self, host: Host, upstream: Holding, idle_timeout: float) -> None:

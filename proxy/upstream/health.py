@@ -2,7 +2,7 @@
 
 Owns the probes themselves: http mode, `GET <path>` with `Host: <upstream name>` and
 `Connection: close` on a fresh connection, judged by its status line alone; tcp mode, a
-connect. Each probe is bounded as a whole by `timeout` (connect and answer together).
+connect. Over TLS when the upstream has `[upstreams.tls]`, as its requests go. Each probe is bounded as a whole by `timeout` (connect and answer together).
 Probes never use the pooled connections and never touch the breaker or the request
 counters. When and whom to probe is `health_state.ProbeSchedule`'s, what a result means
 `health_state.HealthState`'s, and what the pool does with it
@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from proxy.config import HealthConfig
+from proxy.config import HealthConfig, UpstreamTlsConfig
+from proxy.tls import ORIGINATIONS, describe
 from proxy.upstream.health_state import (
     CONNECTED,
     ProbeResult,
@@ -47,7 +49,8 @@ RECHECK: Final = 1.0
 STATUS_LINE_LIMIT: Final = 8192  # bytes; a longer first line is not an HTTP answer we read
 USER_AGENT: Final = "sdproxy-health"
 
-Probe = Callable[[Host, HealthConfig, str, StatusExpectation, bool], Awaitable[ProbeResult]]
+Probe = Callable[[Host, HealthConfig, str, StatusExpectation, bool, UpstreamTlsConfig | None],
+                Awaitable[ProbeResult]]
 
 
 def _describe(exc: OSError) -> str:
@@ -67,20 +70,33 @@ def probe_request(path: str, host_header: str) -> bytes:
 
 
 async def probe_instance(host: Host, cfg: HealthConfig, upstream: str,
-                         expectation: StatusExpectation, tcp: bool) -> ProbeResult:
-    """One probe of `host`; never raises except CancelledError."""
+                         expectation: StatusExpectation, tcp: bool,
+                         tls: UpstreamTlsConfig | None = None) -> ProbeResult:
+    """One probe of `host`; never raises except CancelledError.
+
+    With `tls` the probe speaks TLS as requests do (tcp mode: a completed handshake is
+    the connect), so an instance whose certificate fails is ejected like a dead one.
+    """
     ep = host.endpoint
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(cfg.timeout):
-            reader, writer = await asyncio.open_connection(ep.address, ep.port,
-                                                           limit=STATUS_LINE_LIMIT)
+            if tls is None:
+                reader, writer = await asyncio.open_connection(ep.address, ep.port,
+                                                               limit=STATUS_LINE_LIMIT)
+            else:
+                origination = ORIGINATIONS.get(tls)
+                reader, writer = await asyncio.open_connection(
+                    ep.address, ep.port, limit=STATUS_LINE_LIMIT, ssl=origination.context,
+                    server_hostname=origination.server_name)
             if tcp:
                 return CONNECTED
             writer.write(probe_request(cfg.path, upstream))
             line = await reader.readline()
     except TimeoutError:
         return timeout_result(cfg.timeout)
+    except ssl.SSLError as exc:  # first: a failed verification is a ValueError too
+        return error_result(f"tls: {describe(exc)}")
     except ValueError:  # StreamReader.readline past the limit
         return error_result("not an HTTP response (status line too long)")
     except OSError as exc:
@@ -177,7 +193,7 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         try:
             result = await self.probe(host, cfg, self.runtime.name, self.expectation,
-                                      self._tcp)
+                                      self._tcp, self.runtime.config.tls)
             if schedule is self.schedule:
                 self.runtime.on_probe_result(host, result)
         except Exception:  # a bug must not stop this instance's probes

@@ -278,3 +278,25 @@ async def test_sighup_changes_routes_and_listeners_keeping_connections(
             assert time.monotonic() < deadline, "the removed listener still accepts"
             await asyncio.sleep(0.05)
         assert (await kept.request("GET", "/a/x")).text == "a"
+
+
+async def test_routes_under_workers_count_every_workers_requests(
+        start_backends: StartBackends, start_proxy: StartProxy) -> None:
+    (a,) = start_backends("a")
+    listen = f"127.0.0.1:{free_port()}"
+    proxy = start_proxy(_static("ua", a) + listeners_toml(listen, [
+        {"path_prefix": "/a/", "upstream": "ua"}]), workers=2)
+    host, port = listen.rsplit(":", 1)
+    for _ in range(20):  # fresh connections: the kernel spreads them over the workers
+        async with await RawConnection.open((host, int(port))) as conn:
+            assert (await conn.request("GET", "/a/x")).text == "a"
+            assert (await conn.request("GET", "/b/x")).status == 404
+    deadline = time.monotonic() + 5  # a sibling's reading is up to 1 s old
+    while True:
+        routes = route_views(proxy)
+        (entry,) = [up for up in proxy.upstreams() if up["name"] == f"listener {listen}"]
+        if routes[("ua", "", "/a/")]["requests"] == 20 and entry["responses"] == {"404": 20}:
+            break
+        assert time.monotonic() < deadline, (routes, entry["responses"])
+        await asyncio.sleep(0.2)
+    assert set(entry["workers"]) == {"0", "1"}

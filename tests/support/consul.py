@@ -8,15 +8,13 @@ waits on Consul blocking queries (event-driven, bounded) until the catalog shows
 the expected passing instances, so the proxy's first catalog answer already contains
 them.
 
-`make_certificates` writes a private CA and certificates signed by it (the `cryptography`
-package, made fresh by each test, valid for a day) for an agent with TLS and
-`verify_incoming` and for its clients.
+`make_certificates` writes a private CA and certificates signed by it (support.tls, made
+fresh by each test, valid for a day) for an agent with TLS and `verify_incoming` and for
+its clients.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import time
 import urllib.parse
@@ -160,73 +158,18 @@ class CertificateFiles:
 
 
 def make_certificates(directory: Path) -> CertificateFiles:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from support.tls import TestCA
 
-    now = datetime.datetime.now(datetime.UTC)
-    # Backdated a little: the agent's clock and ours are the same, but not to the second.
-    valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
-
-    def name(common_name: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-    def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-        return path
-
-    def write_cert(path: Path, cert: x509.Certificate) -> Path:
-        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return path
-
-    def make_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        usage = x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                              content_commitment=False, key_encipherment=False,
-                              data_encipherment=False, key_agreement=False,
-                              encipher_only=False, decipher_only=False)
-        cert = (x509.CertificateBuilder().subject_name(name(common_name))
-                .issuer_name(name(common_name)).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(valid[0]).not_valid_after(valid[1])
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(usage, critical=True)
-                .sign(key, hashes.SHA256()))
-        return cert, key
-
-    ca, ca_key = make_ca("sdproxy test CA")
-    other_ca, _ = make_ca("sdproxy test CA that signed nothing")
-
-    def leaf(common_name: str, alt_names: list[x509.GeneralName],
-             usages: list[x509.ObjectIdentifier]
-             ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(common_name))
-                .issuer_name(ca.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(valid[0]).not_valid_after(valid[1])
-                .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-                .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        return cert, key
-
-    server, server_key = leaf(
-        SERVER_NAME,
-        [x509.DNSName(SERVER_NAME), x509.DNSName("localhost"),
-         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        # A Consul server is also a client of other servers' RPC.
-        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
-    client, client_key = leaf("sdproxy", [x509.DNSName("sdproxy")],
-                              [ExtendedKeyUsageOID.CLIENT_AUTH])
-    directory.mkdir(parents=True, exist_ok=True)
+    ca = TestCA(directory)
+    other_ca = TestCA(directory, "sdproxy test CA that signed nothing")
+    # A Consul server is also a client of other servers' RPC.
+    server = ca.issue("server", [SERVER_NAME, "localhost", "127.0.0.1"], client=True)
+    client = ca.issue("client", ["sdproxy"], server=False, client=True)
     return CertificateFiles(
-        ca_file=write_cert(directory / "ca.pem", ca),
-        server_cert=write_cert(directory / "server.pem", server),
-        server_key=write_key(directory / "server-key.pem", server_key),
-        client_cert=write_cert(directory / "client.pem", client),
-        client_key=write_key(directory / "client-key.pem", client_key),
-        other_ca_file=write_cert(directory / "other-ca.pem", other_ca),
+        ca_file=ca.ca_file,
+        server_cert=server.cert_file,
+        server_key=server.key_file,
+        client_cert=client.cert_file,
+        client_key=client.key_file,
+        other_ca_file=other_ca.ca_file,
     )

@@ -13,6 +13,7 @@ failover tests count, and it refuses to send malformed requests. This client:
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,10 +62,12 @@ class RawConnection:
     _closed: bool = field(default=False, repr=False)
 
     @classmethod
-    async def open(cls, addr: tuple[str, int], timeout: float = 5.0) -> RawConnection:
+    async def open(cls, addr: tuple[str, int], timeout: float = 5.0, *,
+                   tls: ssl.SSLContext | None = None) -> RawConnection:
+        """Connect to `addr` (with `tls`, over TLS: the handshake is part of `timeout`)."""
         host, port = addr
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, limit=READ_LIMIT), timeout)
+            asyncio.open_connection(host, port, limit=READ_LIMIT, ssl=tls), timeout)
         return cls(reader, writer, host_header=f"{host}:{port}")
 
     @property
@@ -198,9 +201,9 @@ class RawConnection:
 
 async def fetch(addr: tuple[str, int], method: str = "GET", path: str = "/", *,
                 headers: Sequence[tuple[str, str]] = (), body: bytes = b"",
-                timeout: float = 10.0) -> Response:
+                timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> Response:
     """One request on a fresh connection with `Connection: close`; no retry of any kind."""
-    conn = await RawConnection.open(addr, timeout)
+    conn = await RawConnection.open(addr, timeout, tls=tls)
     try:
         return await conn.request(method, path, headers=headers, body=body, close=True,
                                   timeout=timeout)

@@ -138,12 +138,26 @@ class Backend:
             pass
 
 
-def _spawn_backend(name: str, port: int, host: str) -> tuple[subprocess.Popen[bytes], Path]:
+@dataclass(frozen=True)
+class BackendTLS:
+    """Makes a backend serve HTTPS; with `client_ca` it requires client certificates."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca: Path | None = None
+
+    def args(self) -> list[str]:
+        extra = ["--tls-cert", str(self.cert_file), "--tls-key", str(self.key_file)]
+        return extra + (["--tls-client-ca", str(self.client_ca)] if self.client_ca else [])
+
+
+def _spawn_backend(name: str, port: int, host: str,
+                   tls: BackendTLS | None = None) -> tuple[subprocess.Popen[bytes], Path]:
     fd, err_name = tempfile.mkstemp(prefix=f"backend-{name}-", suffix=".log")
     with os.fdopen(fd, "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.demo.backend", "--port", str(port), "--name", name,
-             "--host", host],
+             "--host", host, *(tls.args() if tls else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, bufsize=0,
             cwd=REPO_ROOT, env=_child_env(), start_new_session=True)
     return proc, Path(err_name)
@@ -174,8 +188,9 @@ def _read_listening_line(proc: subprocess.Popen[bytes], name: str, err: Path,
 
 
 def launch_backends(specs: Iterable[tuple[str, int]], host: str = "127.0.0.1",
-                    timeout: float = 15.0) -> list[Backend]:
-    """Start one backend per `(name, port)` (port 0: the kernel picks a free one) at once.
+                    timeout: float = 15.0, tls: BackendTLS | None = None) -> list[Backend]:
+    """Start one backend per `(name, port)` (port 0: the kernel picks a free one) at once;
+    with `tls`, each serves HTTPS.
 
     Returns them in order, each already accepting connections; on any failure every one
     started here is killed before the error propagates.
@@ -184,7 +199,7 @@ def launch_backends(specs: Iterable[tuple[str, int]], host: str = "127.0.0.1",
     backends: list[Backend] = []
     try:
         for name, port in specs:
-            proc, err = _spawn_backend(name, port, host)
+            proc, err = _spawn_backend(name, port, host, tls)
             started.append((name, proc, err))
         deadline = time.monotonic() + timeout
         for name, proc, err in started:

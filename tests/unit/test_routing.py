@@ -139,3 +139,15 @@ def test_lookup_cost_does_not_grow_with_routes_of_one_length() -> None:
     group = t.any_host
     assert group is not None and group.lengths == (len("/svc-00/"),)
     assert pick(t, None, b"/svc-42/x") == "s42"
+
+
+def test_the_host_memo_stays_bounded_and_gives_the_same_answers() -> None:
+    from proxy.routing import MAX_REMEMBERED_HOSTS
+
+    t = table(Route("a.example", "/", "a"), Route("*.example", "/", "wild"),
+              Route("", "/", "any"))
+    for i in range(MAX_REMEMBERED_HOSTS * 2 + 5):
+        assert pick(t, f"h{i}.example:{i}".encode(), b"/") == "wild"
+        assert pick(t, b"A.example", b"/") == "a"
+        assert len(t.by_host) <= MAX_REMEMBERED_HOSTS
+    assert pick(t, b"other", b"/") == "any"

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from proxy.config import HealthConfig, UpstreamConfig
+from proxy.config import HealthConfig, UpstreamConfig, UpstreamTlsConfig
 from proxy.devconsul import free_port
 from proxy.model import Address, CatalogAnswer, Endpoint
 from proxy.upstream.health import HealthChecker, probe_instance, probe_request
@@ -157,7 +157,8 @@ class FakeProber:
         self.calls: list[tuple[str, float]] = []
 
     async def __call__(self, host: Host, cfg: HealthConfig, upstream: str,
-                       expectation: StatusExpectation, tcp: bool) -> ProbeResult:
+                       expectation: StatusExpectation, tcp: bool,
+                       tls: UpstreamTlsConfig | None) -> ProbeResult:
         self.calls.append((host.id, asyncio.get_running_loop().time()))
         return self.results.get(host.id, ProbeResult(PASS, "200 on /health"))
 
