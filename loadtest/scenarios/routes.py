@@ -18,7 +18,12 @@ that took it away is an expected "route gone", a 404 on a new route before it fi
 answered is "not yet routed"; any other failure, or a 200 from another service's
 instance, is a failure. The verdict line asserts 0 failed requests on routes whose
 service had a passing instance (exit 1 otherwise), and the report gives, per class,
-requests, failures and the expected 404s, and how long each change took to show.
+requests, failures and the expected 404s, and how long each change took to show;
+`--plot FILE.png` draws the timeline of the requests that count (expected 404s left out)
+with every fault and change marked.
+
+Run: `python -m loadtest routes [--rate 300 --duration 60 --plot routes.png]` or
+`make loadtest SCENARIO=routes`.
 """
 
 from __future__ import annotations
