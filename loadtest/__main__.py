@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-SCENARIOS = ("throughput", "failover", "hang", "churn", "dns-vs-proxy", "catalog", "soak", "abuse")
+SCENARIOS = ("throughput", "failover", "hang", "churn", "dns-vs-proxy", "catalog", "soak", "abuse",
+             "routes", "tagroutes")
 
 
 def main(argv: list[str] | None = None) -> int:
