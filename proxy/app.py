@@ -110,9 +110,10 @@ class RoutedListener:
     tags_seen: asyncio.Event = field(default_factory=asyncio.Event)
     # What the table was last built from: a change that leaves it equal builds nothing.
     table_input: list[tuple[Route, UpstreamRuntime]] = field(default_factory=list)
-    # Each service's tag routes as Route objects, made once per change of its tags (the
-    # same objects each time, so comparing table_input is mostly identity checks).
-    tag_route_objects: dict[str, tuple[tuple[TagRoute, ...], tuple[Route, ...]]] = field(
+    # The table entries of each routed service's tags, made once per change of its tags
+    # or runtime (the same objects each time: comparing table_input is identity checks).
+    tag_route_objects: dict[str, tuple[tuple[TagRoute, ...], UpstreamRuntime,
+                                       tuple[tuple[Route, UpstreamRuntime], ...]]] = field(
         default_factory=dict)
 
 
@@ -474,20 +475,27 @@ class ProxyApp:
         made = routed.tag_route_objects
         for service in [s for s in made if s not in routed.tag_routes]:
             del made[service]
+        served_get, catalog_get = self.served.get, self.catalog_served.get  # per service
         for service, tag_routes in sorted(routed.tag_routes.items()):
-            runtime = self._runtime_of(service)
-            if runtime is None or not runtime.answered:
+            served = served_get(service) or catalog_get(service)
+            if served is None or not served.runtime.answered:
                 continue
+            runtime = served.runtime
             entry = made.get(service)
-            if entry is None or entry[0] != tag_routes:
-                entry = made[service] = (tag_routes, tuple(
-                    Route(tag.host or "", tag.path_prefix, service, source="catalog")
-                    for tag in tag_routes))
-            routes.extend((route, runtime) for route in entry[1])
+            if entry is None or entry[0] is not tag_routes or entry[1] is not runtime:
+                entry = made[service] = (tag_routes, runtime, tuple(
+                    (Route(tag.host or "", tag.path_prefix, service, source="catalog"),
+                     runtime) for tag in tag_routes))
+            routes += entry[2]
         if routes == routed.table_input and not renew and routed.listener.routes is not None:
             return  # same routes to the same runtimes: the table in force is right
         routed.listener.set_routes(routes, keep_policies=not renew)
         routed.table_input = routes
+
+    def _routable(self, name: str) -> bool:
+        """Whether a table may hold (or get) routes to this upstream: it has answered."""
+        runtime = self._runtime_of(name)
+        return runtime is not None and runtime.answered
 
     def _runtime_of(self, name: str) -> UpstreamRuntime | None:
         """The runtime of an upstream by name: a configured one wins over a catalog one."""
@@ -534,21 +542,27 @@ class ProxyApp:
         def on_change(mapping: dict[str, tuple[TagRoute, ...]]) -> None:
             if self.routed.get(routed.config.listen) is not routed:
                 return  # closed or replaced meanwhile
-            routed.tag_routes = dict(mapping)
+            before, routed.tag_routes = routed.tag_routes, dict(mapping)
             routed.tags_seen.set()
-            self._sync_catalog_upstreams()
+            # The watch hands an unchanged service's routes as the same tuple.
+            touched = [s for s in before.keys() | mapping.keys()
+                       if before.get(s) is not mapping.get(s)]
+            self._sync_catalog_upstreams(touched=touched)
 
         watch = CatalogRoutesWatch(self.config.consul, routed.config.tag_prefix, on_change,
                                    session=self._consul_session())
         routed.catalog_task = asyncio.get_running_loop().create_task(
             watch.run(), name=f"catalog-routes-{routed.config.listen}")
 
-    def _sync_catalog_upstreams(self, renew: bool = False) -> None:
+    def _sync_catalog_upstreams(self, renew: bool = False,
+                                touched: list[str] | None = None) -> None:
         """One upstream (Consul discovery, the listener's defaults) per service that some
         listener's tags route to and the config does not name; started and stopped as
         the tags change. A new one's routes appear once its catalog answered (its sink
         schedules the rebuild). Costs set operations over the names, and a config only
-        for the services added."""
+        for the services added. `touched`: the only services whose tags changed; when
+        none of them is routable yet (a new service, until its first answer), no table
+        can change and none is looked at."""
         wanted: set[str] = set()
         for routed in self.routed.values():
             wanted.update(routed.tag_routes)
@@ -564,7 +578,8 @@ class ProxyApp:
                 up, runtime, AnswerSink(runtime, self._schedule_routes_refresh))
             served.health = HealthChecker(served.runtime, rng=self.rng)
             served.health.start()
-        self._refresh_all_routes(renew)  # routes to removed services go before they stop
+        if touched is None or renew or any(self._routable(name) for name in touched):
+            self._refresh_all_routes(renew)  # routes to removed services go before they stop
         for name in removed:
             self._retire_served(name, self.catalog_served.pop(name))
         if added or removed or renew:
