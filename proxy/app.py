@@ -576,8 +576,11 @@ class ProxyApp:
             runtime = UpstreamRuntime(up)
             served = self.catalog_served[name] = self._watch(
                 up, runtime, AnswerSink(runtime, self._schedule_routes_refresh))
-            served.health = HealthChecker(served.runtime, rng=self.rng)
-            served.health.start()
+            if up.health is not None:  # fixed for its life: a reload does not change it
+                # (without, a checker would still wake each second: hundreds of wake-ups
+                # a second with hundreds of routed services)
+                served.health = HealthChecker(served.runtime, rng=self.rng)
+                served.health.start()
         if touched is None or renew or any(self._routable(name) for name in touched):
             self._refresh_all_routes(renew)  # routes to removed services go before they stop
         for name in removed:
