@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from proxy import tls
 from proxy.model import Address
+from proxy.tls import ListenTlsConfig, UpstreamTlsConfig
 
 MODES = ("http", "tcp")
 DISCOVERY_KINDS = ("consul", "dns", "file", "static", "etcd", "zookeeper")
@@ -120,27 +121,6 @@ class HealthConfig:
     fall: int = 3  # consecutive failed probes -> ejected
     rise: int = 2  # consecutive good probes -> back in the pool
     expect: tuple[str, ...] = ("2xx",)  # status classes ("2xx") or codes ("404") that pass
-
-
-@dataclass(frozen=True)
-class UpstreamTlsConfig:
-    """`[upstreams.tls]`: sdproxy speaks TLS to the instances (SPEC "TLS"). Present and
-    `enabled` (the default) = on; the contexts are proxy.tls's."""
-
-    upstream: str  # the upstream this section belongs to, for log lines
-    server_name: str  # SNI and the name certificates must carry; default: the upstream name
-    ca_file: str = ""  # "" = the system's CAs
-    verify: bool = True  # false: encrypted, but any certificate is accepted
-    cert_file: str = ""  # a client certificate, for instances that ask for one (mTLS)
-    key_file: str = ""
-
-
-@dataclass(frozen=True)
-class ListenTlsConfig:
-    """`[upstreams.listen_tls]`: the listener terminates TLS; SIGHUP reloads the files."""
-
-    cert_file: str
-    key_file: str
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import pytest
 from support.tls import IssuedCertificate, TestCA
 from test_cli_check import sdproxy
 
-from proxy.config import ConfigError, ListenTlsConfig, UpstreamTlsConfig, load
+from proxy.config import ConfigError, load
+from proxy.tls import ListenTlsConfig, UpstreamTlsConfig
 
 UPSTREAM = '[[upstreams]]\nname = "web"\nlisten = "127.0.0.1:8081"\n'
 
