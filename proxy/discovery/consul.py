@@ -98,8 +98,8 @@ AUTHORIZE_TIMEOUT = CONNECT_TIMEOUT + TIMEOUT_MARGIN
 # answers a new connection with 429 or resets it: each watch holds one connection, so the
 # usual cause is sdproxy's own watches (or other clients on the same host).
 HTTP_TOO_MANY_REQUESTS = 429
-CONN_LIMIT_HINT = (" (past the agent's limits { http_max_conns_per_client } for this address? "
-                   "each watch holds one connection)")
+CONN_LIMIT_HINT = (" (restarting, or past the agent's limits { http_max_conns_per_client } for "
+                   "this address? each watch holds one connection)")
 
 
 class ConsulHTTPError(Exception):
@@ -494,7 +494,8 @@ def describe_error(exc: Exception, timeout: float) -> str:
     if isinstance(exc, TimeoutError):  # the whole request passed wait + jitter + margin
         return f"timeout after {timeout:g}s"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "server disconnected"
+        # What an agent past its per-client limit mostly does to a new connection.
+        return f"server disconnected{CONN_LIMIT_HINT}"
     if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET:
         return f"connection reset by the agent{CONN_LIMIT_HINT}"
     if isinstance(exc, ConsulHTTPError) and exc.status == HTTP_TOO_MANY_REQUESTS:
