@@ -182,6 +182,7 @@ class ProxyApp:
         for lc in self.config.listeners:
             await self._open_routed(lc)
         self._publish()
+        self._warn_near_watch_limit()  # configured Consul upstreams count too
         if self.with_admin:
             await self._start_admin()
             self.self_registration = start_self_registration(self.config.consul,
@@ -518,10 +519,6 @@ class ProxyApp:
         """Upstreams made for catalog routes: /ready does not wait for them (a service
         that registers must not make the proxy unready while its first answer comes)."""
         return frozenset(self.catalog_served)
-
-    def upstreams_by_name(self) -> dict[str, UpstreamRuntime]:
-        return {**{n: s.runtime for n, s in self.catalog_served.items()},
-                **{n: s.runtime for n, s in self.served.items()}}
 
     def _refresh_all_routes(self, renew: bool = False) -> None:
         if self.routes_refresh is not None:  # done now: the scheduled one has nothing left
