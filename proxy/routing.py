@@ -149,7 +149,8 @@ class RouteTable(Generic[T]):
         for route, target in routes:
             group = self._group_of(route.host)
             routed = before.get(route.key())
-            if routed is None or routed.route != route or routed.target is not target:
+            if routed is None or routed.target is not target or (
+                    routed.route is not route and routed.route != route):
                 fresh: Routed[T] = Routed(route, target)
                 if routed is not None:
                     fresh.requests = routed.requests
