@@ -378,6 +378,8 @@ class ProxyApp:
                 host.pool.close_all()
         if served.listener is not None and hasattr(served.listener, "reconfigure"):
             served.listener.reconfigure(up)
+        if served.health is not None and up.health != before.health:
+            served.health.wake()  # off, it sleeps until told: checks may be on now
         asks_differently = any(getattr(up, k) != getattr(before, k) for k in _DISCOVERY_KEYS)
         if asks_differently or shared_changed.get(up.discovery, False):
             served.watch_task.cancel()
