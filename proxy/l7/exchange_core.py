@@ -27,6 +27,8 @@ from proxy.l7.exchange import BODY_HIGH_WATER, REPLAY_LIMIT
 from proxy.l7.hashkey import key_function
 from proxy.l7.headers import (
     LAST_CHUNK,
+    PROTO_HTTP,
+    PROTO_HTTPS,
     REASONS,
     chunk,
     encode_error,
@@ -86,12 +88,16 @@ class ExchangePolicy:
     """What an exchange needs from its upstream's configuration, built once per upstream
     (and per reload), not per request: the runtime it works for and the limits."""
 
-    __slots__ = ("default_host", "hash_key", "idle_timeout", "request_timeout", "runtime",
-                 "unrouted")
+    __slots__ = ("default_host", "hash_key", "idle_timeout", "proto_line", "request_timeout",
+                 "runtime", "unrouted")
 
-    def __init__(self, runtime: UpstreamRuntime, unrouted: bool = False) -> None:
+    def __init__(self, runtime: UpstreamRuntime, unrouted: bool = False,
+                 client_tls: bool = False) -> None:
         cfg = runtime.config
         self.runtime = runtime
+        # Clients of this listener came over TLS (it terminates it): X-Forwarded-Proto says
+        # https when the client sent none.
+        self.proto_line = PROTO_HTTPS if client_tls else PROTO_HTTP
         # A routed listener's own policy, handed to a request that matched no route: it is
         # answered 404 before any attempt (its runtime has no instances to try).
         self.unrouted = unrouted
@@ -181,7 +187,7 @@ class ExchangeCore:
         self.request_id = request_id
         self.request_bytes = encode_request(head, client_ip=client_ip,
                                             default_host=policy.default_host,
-                                            request_id=added)
+                                            request_id=added, proto_line=policy.proto_line)
 
     # -- attempts -----------------------------------------------------------------------
     def begin_attempt(self) -> int:
