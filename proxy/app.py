@@ -101,6 +101,7 @@ class RoutedListener:
     catalog_task: asyncio.Task[None] | None = None
     tag_routes: dict[str, tuple[TagRoute, ...]] = field(default_factory=dict)
     tags_seen: asyncio.Event = field(default_factory=asyncio.Event)
+    serving: ServingCertificate | None = None  # its listen_tls; SIGHUP reloads it
 
 
 class ProxyApp:
@@ -394,15 +395,25 @@ class ProxyApp:
             except TimeoutError:
                 log.warning("event=catalog_routes_missing listen=%s", lc.listen)
             await self._wait_catalog_answers(list(self.catalog_served))
+        listen_tls = lc.defaults.listen_tls
+        try:
+            if listen_tls is not None:
+                routed.serving = ServingCertificate(runtime.name, listen_tls)
+        except TlsFileError as e:  # checked by config.load; replaced since, then
+            self._close_routed(lc.listen)
+            raise StartupError(f"listener {lc.listen}: listen_tls.{e.key}: {e.reason}") from None
+        serving = routed.serving
         try:
             routed.server = await loop.create_server(
                 routed.listener.protocol_factory, lc.listen.host, lc.listen.port,
-                reuse_address=True, reuse_port=self.reuse_port, backlog=1024)
+                reuse_address=True, reuse_port=self.reuse_port, backlog=1024,
+                ssl=serving.context if serving else None,
+                ssl_handshake_timeout=lc.defaults.header_timeout if serving else None)
         except OSError as e:
             self._close_routed(lc.listen)
             raise cannot_listen(f"listener {lc.listen}", lc.listen, e) from None
-        log.info("event=listening listener=%s routes=%d catalog_routes=%s", lc.listen,
-                 len(lc.routes), str(lc.catalog_routes).lower())
+        log.info("event=listening listener=%s routes=%d catalog_routes=%s tls=%s", lc.listen,
+                 len(lc.routes), str(lc.catalog_routes).lower(), "on" if serving else "off")
 
     def _set_routes(self, routed: RoutedListener) -> None:
         """Build `routed`'s table from the current runtimes: configured routes first (they
@@ -503,6 +514,9 @@ class ProxyApp:
             self._close_routed(listen)
         for listen, lc in wanted.items():
             routed = self.routed.get(listen)
+            if routed is not None and (lc.defaults.listen_tls is None) != (routed.serving is None):
+                self._close_routed(listen)  # TLS on or off: a new socket, as for an upstream
+                routed = None
             if routed is None:
                 try:
                     await self._open_routed(lc)
@@ -510,6 +524,8 @@ class ProxyApp:
                     log.error('event=reload_listen_failed listener=%s error="%s"', listen, e)
                 continue
             before, routed.config = routed.config, lc
+            if routed.serving is not None and lc.defaults.listen_tls is not None:
+                routed.serving.reload(lc.defaults.listen_tls)  # the files may have been renewed
             if lc.defaults != before.defaults:
                 routed.runtime.config = dataclasses.replace(
                     lc.defaults, name=routed.runtime.name, discovery="none")

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from proxy import tls
 from proxy.model import Address
+from proxy.tls import ListenTlsConfig, UpstreamTlsConfig
 
 MODES = ("http", "tcp")
 DISCOVERY_KINDS = ("consul", "dns", "file", "static", "etcd", "zookeeper")
@@ -120,27 +121,6 @@ class HealthConfig:
     fall: int = 3  # consecutive failed probes -> ejected
     rise: int = 2  # consecutive good probes -> back in the pool
     expect: tuple[str, ...] = ("2xx",)  # status classes ("2xx") or codes ("404") that pass
-
-
-@dataclass(frozen=True)
-class UpstreamTlsConfig:
-    """`[upstreams.tls]`: sdproxy speaks TLS to the instances (SPEC "TLS"). Present and
-    `enabled` (the default) = on; the contexts are proxy.tls's."""
-
-    upstream: str  # the upstream this section belongs to, for log lines
-    server_name: str  # SNI and the name certificates must carry; default: the upstream name
-    ca_file: str = ""  # "" = the system's CAs
-    verify: bool = True  # false: encrypted, but any certificate is accepted
-    cert_file: str = ""  # a client certificate, for instances that ask for one (mTLS)
-    key_file: str = ""
-
-
-@dataclass(frozen=True)
-class ListenTlsConfig:
-    """`[upstreams.listen_tls]`: the listener terminates TLS; SIGHUP reloads the files."""
-
-    cert_file: str
-    key_file: str
 
 
 @dataclass(frozen=True)
@@ -846,7 +826,7 @@ def _read_upstreams(
         name = own["name"]
         merged["tls"] = _upstream_tls(p, prefix, name, _subtable(defaults, own, "tls"),
                                       "tls" in defaults or "tls" in own)
-        merged["listen_tls"] = _listen_tls(p, prefix, name,
+        merged["listen_tls"] = _listen_tls(p, prefix, f'upstream "{name}"',
                                            _subtable(defaults, own, "listen_tls"),
                                            "listen_tls" in defaults or "listen_tls" in own)
         upstream = UpstreamConfig(**merged)
@@ -882,12 +862,14 @@ def _upstream_tls(p: _Problems, prefix: str, name: str, table: dict[str, Any],
     return cfg
 
 
-def _listen_tls(p: _Problems, prefix: str, name: str, table: dict[str, Any],
+def _listen_tls(p: _Problems, prefix: str, whose: str, table: dict[str, Any],
                 present: bool) -> ListenTlsConfig | None:
-    """`[upstreams.listen_tls]`: both files required, and they must be a matching pair.
+    """`[upstreams.listen_tls]` (or a `[[listeners]]` entry's): both files required, and
+    they must be a matching pair.
 
-    A file problem names the upstream as well as the key: on a SIGHUP it is what the
-    rejection's log line says, and certificates are renewed by upstream, not by index.
+    A file problem names the upstream (`whose`: `upstream "web"`, `listener ADDR`) as well
+    as the key: on a SIGHUP it is what the rejection's log line says, and certificates are
+    renewed by upstream, not by index.
     """
     if not present:
         return None
@@ -903,7 +885,7 @@ def _listen_tls(p: _Problems, prefix: str, name: str, table: dict[str, Any],
         try:
             tls.server_context(cfg.cert_file, cfg.key_file)
         except tls.TlsFileError as e:
-            p.add(f"{prefix}.listen_tls.{e.key}", f'upstream "{name}": {e.reason}')
+            p.add(f"{prefix}.listen_tls.{e.key}", f"{whose}: {e.reason}")
     return cfg
 
 
@@ -960,6 +942,7 @@ _LISTENER: Schema = {
     "mode": _choice(("http",)),  # routes are by Host and path: HTTP only
     "catalog_routes": _boolean,
     "tag_prefix": _nonempty_string,
+    "listen_tls": _LISTEN_TLS,  # else [defaults.listen_tls], as for an upstream's listener
 }
 
 
@@ -994,8 +977,13 @@ def _with_listeners(p: _Problems, cfg: Config, tables: object,
         if "listen" not in own:
             continue
         _claim(p, listens, own["listen"], f"{prefix}.listen")
+        listen_tls = template.get("listen_tls")
+        if "listen_tls" in own:
+            listen_tls = _listen_tls(p, prefix, f'listener {own["listen"]}',
+                                     own.pop("listen_tls"), True)
         listeners.append(ListenerConfig(
-            defaults=UpstreamConfig(**{**template, "listen": own["listen"]}),
+            defaults=UpstreamConfig(**{**template, "listen": own["listen"],
+                                       "listen_tls": listen_tls}),
             routes=routes, **own))
     for i, u in enumerate(cfg.upstreams):
         if u.listen is None and u.name not in routed:

@@ -22,10 +22,30 @@ from __future__ import annotations
 import logging
 import re
 import ssl
-from typing import TYPE_CHECKING, Final
+from dataclasses import dataclass
+from typing import Final
 
-if TYPE_CHECKING:
-    from proxy.config import ListenTlsConfig, UpstreamTlsConfig
+
+@dataclass(frozen=True)
+class UpstreamTlsConfig:
+    """`[upstreams.tls]`: sdproxy speaks TLS to the instances (SPEC "TLS"). Present and
+    `enabled` (the default) = on; the contexts are built here."""
+
+    upstream: str  # the upstream this section belongs to, for log lines
+    server_name: str  # SNI and the name certificates must carry; default: the upstream name
+    ca_file: str = ""  # "" = the system's CAs
+    verify: bool = True  # false: encrypted, but any certificate is accepted
+    cert_file: str = ""  # a client certificate, for instances that ask for one (mTLS)
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class ListenTlsConfig:
+    """`[upstreams.listen_tls]`: the listener terminates TLS; SIGHUP reloads the files."""
+
+    cert_file: str
+    key_file: str
+
 
 log = logging.getLogger("sdproxy.tls")
 

@@ -29,7 +29,7 @@ from proxy.tls import ORIGINATIONS, log_connect_failure
 from proxy.upstream.host import Host
 
 if TYPE_CHECKING:
-    from proxy.config import UpstreamTlsConfig
+    from proxy.tls import UpstreamTlsConfig
 
 
 class ConnectionOwner(ExchangeCore):

@@ -26,8 +26,8 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from proxy.config import HealthConfig, UpstreamTlsConfig
-from proxy.tls import ORIGINATIONS, describe
+from proxy.config import HealthConfig
+from proxy.tls import ORIGINATIONS, UpstreamTlsConfig, describe
 from proxy.upstream.health_state import (
     CONNECTED,
     ProbeResult,

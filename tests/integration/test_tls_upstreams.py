@@ -275,3 +275,38 @@ async def test_sighup_reloads_the_listener_certificate(
     resp = await fetch(addr)
     assert (resp.status, resp.text) == (200, "plain")
     print(f"test ran {time.monotonic() - started:.1f}s")
+
+
+async def test_a_routed_listener_terminates_tls_and_reloads_its_certificate(
+        pki: Pki, start_backends: StartBackends, proxies: list[ProxyProcess],
+        tmp_path: Path) -> None:
+    """`[[listeners]]` with `listen_tls`: the same termination and SIGHUP reload as an
+    upstream's own listener, in front of its routes."""
+    (plain,) = start_backends("plain")
+    cert, key = tmp_path / "routed.pem", tmp_path / "routed-key.pem"
+    cert.write_bytes(pki.listener.cert_file.read_bytes())
+    key.write_bytes(pki.listener.key_file.read_bytes())
+    listen = f"127.0.0.1:{free_port()}"
+    text = build_config(
+        f'[[upstreams]]\nname = "behind"\ndiscovery = "static"\n'
+        f'endpoints = ["127.0.0.1:{plain.port}"]\n\n'
+        f'[[listeners]]\nlisten = "{listen}"\n'
+        f'routes = [{{ path_prefix = "/", upstream = "behind" }}]\n'
+        f'[listeners.listen_tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n',
+        admin_listen=f"127.0.0.1:{free_port()}", consul={"address": f"127.0.0.1:{free_port()}"})
+    proxy = launch_proxy(text)
+    proxies.append(proxy)
+    (line,) = [e for e in proxy.events("listening") if e.get("listener") == listen]
+    assert line["tls"] == "on", line
+    addr = ("127.0.0.1", int(listen.rsplit(":", 1)[1]))
+    resp = await fetch(addr, tls=client_context(pki))
+    assert (resp.status, resp.text) == (200, "plain")
+    assert await asyncio.to_thread(served_serial, addr) == pki.listener.serial
+
+    cert.write_bytes(pki.renewed.cert_file.read_bytes())
+    key.write_bytes(pki.renewed.key_file.read_bytes())
+    proxy.proc.send_signal(signal.SIGHUP)
+    await poll(lambda: proxy.events("reloaded"), "the reload")
+    assert await asyncio.to_thread(served_serial, addr) == pki.renewed.serial
+    resp = await fetch(addr, tls=client_context(pki))
+    assert (resp.status, resp.text) == (200, "plain")

@@ -12,7 +12,8 @@ import pytest
 from support.tls import IssuedCertificate, TestCA
 from test_cli_check import sdproxy
 
-from proxy.config import ConfigError, ListenTlsConfig, UpstreamTlsConfig, load
+from proxy.config import ConfigError, load
+from proxy.tls import ListenTlsConfig, UpstreamTlsConfig
 
 UPSTREAM = '[[upstreams]]\nname = "web"\nlisten = "127.0.0.1:8081"\n'
 
@@ -130,3 +131,22 @@ def test_sdproxy_check_reports_a_mismatched_pair(tmp_path: Path, leaf: IssuedCer
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.startswith(f'{path}: upstreams[0].listen_tls.key_file: upstream "web": '
                                     f'"{other.key_file}" is not the private key'), result.stderr
+
+
+def test_a_routed_listener_takes_listen_tls_of_its_own_or_from_defaults(
+        tmp_path: Path, leaf: IssuedCertificate, other: IssuedCertificate) -> None:
+    routed = ('[[upstreams]]\nname = "web"\n\n[[listeners]]\nlisten = "127.0.0.1:8080"\n'
+              'routes = [{ path_prefix = "/", upstream = "web" }]\n')
+    own = f'[listeners.listen_tls]\ncert_file = "{leaf.cert_file}"\nkey_file = "{leaf.key_file}"\n'
+    (lc,) = load(write(tmp_path, routed + own), {}).listeners
+    assert lc.defaults.listen_tls == ListenTlsConfig(str(leaf.cert_file), str(leaf.key_file))
+    inherited = (f'[defaults.listen_tls]\ncert_file = "{leaf.cert_file}"\n'
+                 f'key_file = "{leaf.key_file}"\n\n')
+    (lc,) = load(write(tmp_path, inherited + routed), {}).listeners
+    assert lc.defaults.listen_tls == ListenTlsConfig(str(leaf.cert_file), str(leaf.key_file))
+    # A mismatched pair names the listener's key and the listener.
+    bad = f'[listeners.listen_tls]\ncert_file = "{leaf.cert_file}"\nkey_file = "{other.key_file}"\n'
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, routed + bad), {})
+    assert "sdproxy.toml: listeners[0].listen_tls.key_file: listener 127.0.0.1:8080: " \
+        in str(caught.value), str(caught.value)

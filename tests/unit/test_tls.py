@@ -16,8 +16,14 @@ from pathlib import Path
 import pytest
 from support.tls import IssuedCertificate, TestCA, served_serial
 
-from proxy.config import ListenTlsConfig, UpstreamTlsConfig
-from proxy.tls import Originations, ServingCertificate, TlsFileError, client_context
+from proxy.tls import (
+    ListenTlsConfig,
+    Originations,
+    ServingCertificate,
+    TlsFileError,
+    UpstreamTlsConfig,
+    client_context,
+)
 
 
 @pytest.fixture(scope="module")

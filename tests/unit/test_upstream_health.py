@@ -12,9 +12,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from proxy.config import HealthConfig, UpstreamConfig, UpstreamTlsConfig
+from proxy.config import HealthConfig, UpstreamConfig
 from proxy.devconsul import free_port
 from proxy.model import Address, CatalogAnswer, Endpoint
+from proxy.tls import UpstreamTlsConfig
 from proxy.upstream.health import HealthChecker, probe_instance, probe_request
 from proxy.upstream.health_state import (
     CONNECTED,
