@@ -302,6 +302,9 @@ async def test_a_routed_listener_terminates_tls_and_reloads_its_certificate(
     resp = await fetch(addr, tls=client_context(pki))
     assert (resp.status, resp.text) == (200, "plain")
     assert await asyncio.to_thread(served_serial, addr) == pki.listener.serial
+    # Its routes' instances are told the client came over https, as behind an upstream's.
+    resp = await fetch(addr, path="/headers", tls=client_context(pki))
+    assert json.loads(resp.body)["x-forwarded-proto"] == "https", resp.text
 
     cert.write_bytes(pki.renewed.cert_file.read_bytes())
     key.write_bytes(pki.renewed.key_file.read_bytes())
