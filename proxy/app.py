@@ -35,12 +35,15 @@ import dataclasses
 import errno
 import logging
 import os
+import random
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import aiohttp
 import uvloop
 
 from proxy import config as config_mod
@@ -51,7 +54,7 @@ from proxy.discovery import Rereadable
 from proxy.discovery.catalog_routes import CatalogRoutesWatch, TagRoute
 from proxy.discovery.consul_register import SelfRegistration, start_self_registration
 from proxy.discovery.registry import UnsupportedDiscovery, make_watcher
-from proxy.model import Address
+from proxy.model import Address, CatalogAnswer, Endpoint
 from proxy.protocols import Listener, make_listener
 from proxy.protocols.http import HttpListener
 from proxy.routing import Route
@@ -63,6 +66,10 @@ from proxy.upstream.manager import UpstreamRuntime
 log = logging.getLogger("sdproxy.app")
 
 FIRST_ANSWER_WAIT = 3.0  # seconds to wait for first catalog answers before listening
+# Consul's default `limits { http_max_conns_per_client }`: the agent resets connections
+# from one address beyond it, and every blocking query (watch) holds one.
+CONSUL_CONNS_PER_CLIENT = 200
+WATCHES_WARN_ABOVE = 190  # sdproxy's watches past this: one warning line
 ACCESS_CLOSE_TIMEOUT = 2.0  # seconds the access log gets to write what it holds at a stop
 DRAIN_POLL = 0.02  # how often a drain looks whether in-flight work has finished
 
@@ -102,6 +109,38 @@ class RoutedListener:
     tag_routes: dict[str, tuple[TagRoute, ...]] = field(default_factory=dict)
     tags_seen: asyncio.Event = field(default_factory=asyncio.Event)
     serving: ServingCertificate | None = None  # its listen_tls; SIGHUP reloads it
+    # What the table was last built from: a change that leaves it equal builds nothing.
+    table_input: list[tuple[Route, UpstreamRuntime]] = field(default_factory=list)
+    # The table entries of each routed service's tags, made once per change of its tags
+    # or runtime (the same objects each time: comparing table_input is identity checks).
+    tag_route_objects: dict[str, tuple[tuple[TagRoute, ...], UpstreamRuntime,
+                                       tuple[tuple[Route, UpstreamRuntime], ...]]] = field(
+        default_factory=dict)
+
+
+class AnswerSink:
+    """The sink of a catalog upstream's watcher: passes everything on to its runtime, and
+    tells the app when the first answer came (its routes can be added then, not at the
+    next poll)."""
+
+    def __init__(self, runtime: UpstreamRuntime, on_first_answer: Callable[[], None]) -> None:
+        self.runtime = runtime
+        self._on_first_answer: Callable[[], None] | None = on_first_answer
+
+    def on_catalog_answer(self, answer: CatalogAnswer) -> None:
+        self.runtime.on_catalog_answer(answer)
+        first, self._on_first_answer = self._on_first_answer, None
+        if first is not None:
+            first()
+
+    def on_catalog_error(self, error: str) -> None:
+        self.runtime.on_catalog_error(error)
+
+    def on_catalog_alive(self) -> None:
+        self.runtime.on_catalog_alive()
+
+    def on_catalog_down(self, down: Iterable[tuple[Endpoint, str]]) -> None:
+        self.runtime.on_catalog_down(down)
 
 
 class ProxyApp:
@@ -122,6 +161,14 @@ class ProxyApp:
         # [[listeners]] by address, and the upstreams their catalog routes made (by name).
         self.routed: dict[Address, RoutedListener] = {}
         self.catalog_served: dict[str, Served] = {}
+        # One HTTP session (connection pool) for every Consul watch of this app; made at
+        # the first watch, closed by stop().
+        self.consul_session: aiohttp.ClientSession | None = None
+        # The jitter of every Consul watch's backoff and every catalog upstream's health
+        # probes: a random.Random holds 2.5 KiB of state, two per routed service else.
+        self.rng = random.Random()
+        self.watches_warned = False  # the near-the-agent's-limit warning is out
+        self.routes_refresh: asyncio.Handle | None = None  # a table rebuild scheduled
 
     # -- start --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,14 +182,20 @@ class ProxyApp:
         for lc in self.config.listeners:
             await self._open_routed(lc)
         self._publish()
+        self._warn_near_watch_limit()  # configured Consul upstreams count too
         if self.with_admin:
             await self._start_admin()
             self.self_registration = start_self_registration(self.config.consul,
                                                              self.config.admin.listen)
 
-    def _watch(self, up: UpstreamConfig, runtime: UpstreamRuntime) -> Served:
+    def _watch(self, up: UpstreamConfig, runtime: UpstreamRuntime,
+               sink: AnswerSink | None = None) -> Served:
+        # Consul watches share one session (a session per watch costs about 7 KiB more
+        # per watch, hundreds of times over with catalog routes) and one rng.
+        shared = ({"session": self._consul_session(), "rng": self.rng}
+                  if up.discovery == "consul" else {})
         try:
-            watcher = make_watcher(self.config, up, runtime)
+            watcher = make_watcher(self.config, up, sink or runtime, **shared)
         except UnsupportedDiscovery as e:
             raise StartupError(str(e)) from None
         task = asyncio.get_running_loop().create_task(watcher.run(), name=f"watch-{up.name}")
@@ -325,6 +378,8 @@ class ProxyApp:
                 host.pool.close_all()
         if served.listener is not None and hasattr(served.listener, "reconfigure"):
             served.listener.reconfigure(up)
+        if served.health is not None and up.health != before.health:
+            served.health.wake()  # off, it sleeps until told: checks may be on now
         asks_differently = any(getattr(up, k) != getattr(before, k) for k in _DISCOVERY_KEYS)
         if asks_differently or shared_changed.get(up.discovery, False):
             served.watch_task.cancel()
@@ -415,25 +470,51 @@ class ProxyApp:
         log.info("event=listening listener=%s routes=%d catalog_routes=%s tls=%s", lc.listen,
                  len(lc.routes), str(lc.catalog_routes).lower(), "on" if serving else "off")
 
-    def _set_routes(self, routed: RoutedListener) -> None:
+    def _set_routes(self, routed: RoutedListener, renew: bool = False) -> None:
         """Build `routed`'s table from the current runtimes: configured routes first (they
         win over a tag route with the same host and prefix), then the tag routes of
-        services whose catalog answered (a route with no pool yet would only 503)."""
-        runtimes = self.upstreams_by_name()
+        services whose catalog answered (a route with no pool yet would only 503).
+
+        Nothing is built when the routes and their runtimes are the ones of the table in
+        force (a tag change of another listener, a service that has not answered yet).
+        `renew` (a reload: configs may have changed in place) builds the table and every
+        upstream's ExchangePolicy afresh; otherwise an upstream already routed keeps its
+        policy."""
         routes: list[tuple[Route, UpstreamRuntime]] = []
         for rc in routed.config.routes:
-            runtime = runtimes.get(rc.upstream)
+            runtime = self._runtime_of(rc.upstream)
             if runtime is not None:
                 routes.append((Route(rc.host, rc.path_prefix, rc.upstream, rc.strip_prefix),
                                runtime))
+        made = routed.tag_route_objects
+        for service in [s for s in made if s not in routed.tag_routes]:
+            del made[service]
+        served_get, catalog_get = self.served.get, self.catalog_served.get  # per service
         for service, tag_routes in sorted(routed.tag_routes.items()):
-            runtime = runtimes.get(service)
-            if runtime is None or not runtime.answered:
+            served = served_get(service) or catalog_get(service)
+            if served is None or not served.runtime.answered:
                 continue
-            for tag in tag_routes:
-                routes.append((Route(tag.host or "", tag.path_prefix, service,
-                                     source="catalog"), runtime))
-        routed.listener.set_routes(routes)
+            runtime = served.runtime
+            entry = made.get(service)
+            if entry is None or entry[0] is not tag_routes or entry[1] is not runtime:
+                entry = made[service] = (tag_routes, runtime, tuple(
+                    (Route(tag.host or "", tag.path_prefix, service, source="catalog"),
+                     runtime) for tag in tag_routes))
+            routes += entry[2]
+        if routes == routed.table_input and not renew and routed.listener.routes is not None:
+            return  # same routes to the same runtimes: the table in force is right
+        routed.listener.set_routes(routes, keep_policies=not renew)
+        routed.table_input = routes
+
+    def _routable(self, name: str) -> bool:
+        """Whether a table may hold (or get) routes to this upstream: it has answered."""
+        runtime = self._runtime_of(name)
+        return runtime is not None and runtime.answered
+
+    def _runtime_of(self, name: str) -> UpstreamRuntime | None:
+        """The runtime of an upstream by name: a configured one wins over a catalog one."""
+        served = self.served.get(name) or self.catalog_served.get(name)
+        return served.runtime if served is not None else None
 
     @property
     def dynamic_upstreams(self) -> frozenset[str]:
@@ -441,59 +522,108 @@ class ProxyApp:
         that registers must not make the proxy unready while its first answer comes)."""
         return frozenset(self.catalog_served)
 
-    def upstreams_by_name(self) -> dict[str, UpstreamRuntime]:
-        return {**{n: s.runtime for n, s in self.catalog_served.items()},
-                **{n: s.runtime for n, s in self.served.items()}}
-
-    def _refresh_all_routes(self) -> None:
+    def _refresh_all_routes(self, renew: bool = False) -> None:
+        if self.routes_refresh is not None:  # done now: the scheduled one has nothing left
+            self.routes_refresh.cancel()
+            self.routes_refresh = None
         for routed in self.routed.values():
-            self._set_routes(routed)
+            self._set_routes(routed, renew)
+
+    def _schedule_routes_refresh(self) -> None:
+        """Rebuild the tables at the next loop iteration: the catalog upstreams that
+        answered meanwhile (hundreds at start) are added by one rebuild, not one each."""
+        if self.routes_refresh is None:
+            self.routes_refresh = asyncio.get_running_loop().call_soon(self._scheduled_refresh)
+
+    def _scheduled_refresh(self) -> None:
+        self.routes_refresh = None
+        self._refresh_all_routes()
+
+    def _consul_session(self) -> aiohttp.ClientSession:
+        """The app's one session for Consul. No limit on its pool: each watch holds one
+        connection for its blocking query, so the watches are what bound it (aiohttp's
+        default of 100 would queue the 101st watch behind the others' long polls)."""
+        if self.consul_session is None or self.consul_session.closed:
+            self.consul_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0))
+        return self.consul_session
 
     def _start_catalog_routes(self, routed: RoutedListener) -> None:
         def on_change(mapping: dict[str, tuple[TagRoute, ...]]) -> None:
             if self.routed.get(routed.config.listen) is not routed:
                 return  # closed or replaced meanwhile
-            routed.tag_routes = dict(mapping)
+            before, routed.tag_routes = routed.tag_routes, dict(mapping)
             routed.tags_seen.set()
-            self._sync_catalog_upstreams()
+            # The watch hands an unchanged service's routes as the same tuple.
+            touched = [s for s in before.keys() | mapping.keys()
+                       if before.get(s) is not mapping.get(s)]
+            self._sync_catalog_upstreams(touched=touched)
 
-        watch = CatalogRoutesWatch(self.config.consul, routed.config.tag_prefix, on_change)
+        watch = CatalogRoutesWatch(self.config.consul, routed.config.tag_prefix, on_change,
+                                   session=self._consul_session())
         routed.catalog_task = asyncio.get_running_loop().create_task(
             watch.run(), name=f"catalog-routes-{routed.config.listen}")
 
-    def _sync_catalog_upstreams(self) -> None:
+    def _sync_catalog_upstreams(self, renew: bool = False,
+                                touched: list[str] | None = None) -> None:
         """One upstream (Consul discovery, the listener's defaults) per service that some
         listener's tags route to and the config does not name; started and stopped as
-        the tags change. A new one's routes appear once its catalog answered."""
-        wanted: dict[str, UpstreamConfig] = {}
+        the tags change. A new one's routes appear once its catalog answered (its sink
+        schedules the rebuild). Costs set operations over the names, and a config only
+        for the services added. `touched`: the only services whose tags changed; when
+        none of them is routable yet (a new service, until its first answer), no table
+        can change and none is looked at."""
+        wanted: set[str] = set()
         for routed in self.routed.values():
-            for service in routed.tag_routes:
-                if service not in self.served and service not in wanted:
-                    wanted[service] = dataclasses.replace(
-                        routed.config.defaults, name=service, listen=None, discovery="consul")
-        added = [n for n in wanted if n not in self.catalog_served]
-        removed = [n for n in self.catalog_served if n not in wanted]
+            wanted.update(routed.tag_routes)
+        wanted.difference_update(self.served)
+        added = sorted(wanted.difference(self.catalog_served))
+        removed = sorted(set(self.catalog_served).difference(wanted))
         for name in added:
-            served = self.catalog_served[name] = self._watch(wanted[name],
-                                                              UpstreamRuntime(wanted[name]))
-            served.health = HealthChecker(served.runtime)
-            served.health.start()
-        self._refresh_all_routes()  # routes to removed services go before they stop
+            defaults = next(r.config.defaults for r in self.routed.values()
+                            if name in r.tag_routes)
+            up = dataclasses.replace(defaults, name=name, listen=None, discovery="consul")
+            runtime = UpstreamRuntime(up)
+            served = self.catalog_served[name] = self._watch(
+                up, runtime, AnswerSink(runtime, self._schedule_routes_refresh))
+            if up.health is not None:  # fixed for its life: a reload does not change it
+                # (without, a checker would still wake each second: hundreds of wake-ups
+                # a second with hundreds of routed services)
+                served.health = HealthChecker(served.runtime, rng=self.rng)
+                served.health.start()
+        if touched is None or renew or any(self._routable(name) for name in touched):
+            self._refresh_all_routes(renew)  # routes to removed services go before they stop
         for name in removed:
             self._retire_served(name, self.catalog_served.pop(name))
-        self._publish()
+        if added or removed or renew:
+            self._publish()
         if added or removed:
             log.info("event=catalog_upstreams added=%s removed=%s", ",".join(added) or "-",
                      ",".join(removed) or "-")
-        if added:
-            task = asyncio.get_running_loop().create_task(self._route_when_answered(added),
-                                                          name="catalog-routes-add")
-            self.retiring.add(task)
-            task.add_done_callback(self.retiring.discard)
+            self._warn_near_watch_limit()
 
-    async def _route_when_answered(self, names: list[str]) -> None:
-        await self._wait_catalog_answers(names)
-        self._refresh_all_routes()
+    def _warn_near_watch_limit(self) -> None:
+        """One warning line when sdproxy's watches (one connection to the agent each)
+        pass WATCHES_WARN_ABOVE, again only after they fell back below it."""
+        watches = self._consul_watches()
+        if watches <= WATCHES_WARN_ABOVE:
+            self.watches_warned = False
+        elif not self.watches_warned:
+            self.watches_warned = True
+            log.warning('event=consul_watches_near_limit watches=%d agent_default_limit=%d '
+                        'hint="each watch holds one connection to the Consul agent, which '
+                        'resets connections from one address beyond limits { '
+                        'http_max_conns_per_client } (default %d): raise it on the agent"',
+                        watches, CONSUL_CONNS_PER_CLIENT, CONSUL_CONNS_PER_CLIENT)
+
+    def _consul_watches(self) -> int:
+        """Blocking queries this app holds on the agent: one per catalog upstream, per
+        datacenter of a configured Consul upstream, per listener's service-list watch."""
+        configured = sum(max(1, len(s.runtime.config.datacenters))
+                         for s in self.served.values()
+                         if s.runtime.config.discovery == "consul")
+        listeners = sum(1 for r in self.routed.values() if r.catalog_task is not None)
+        return len(self.catalog_served) + configured + listeners
 
     async def _wait_catalog_answers(self, names: list[str]) -> None:
         """Until each of these catalog upstreams answered (or is gone), within a bound."""
@@ -504,7 +634,7 @@ class ProxyApp:
                        and not self.catalog_served[n].runtime.answered]
             if not waiting:
                 return
-            await asyncio.sleep(0.005)  # watchers have no "answered" event; bounded
+            await asyncio.sleep(0.005)  # start only; bounded
 
     async def _reload_routed(self, old: Config, new: Config) -> None:
         """Apply a reload to the routed listeners: matched by address, a changed one keeps
@@ -538,7 +668,7 @@ class ProxyApp:
                 routed.tag_routes = {}
                 if lc.catalog_routes:
                     self._start_catalog_routes(routed)
-        self._sync_catalog_upstreams()
+        self._sync_catalog_upstreams(renew=True)  # configs may have changed in place
 
     def _close_routed(self, listen: Address, stopping: bool = False) -> None:
         """Stop accepting on a routed listener now; drain its requests in the background.
@@ -580,6 +710,10 @@ class ProxyApp:
         await asyncio.gather(*list(self.retiring), return_exceptions=True)
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()  # type: ignore[attr-defined]
+        if self.routes_refresh is not None:
+            self.routes_refresh.cancel()
+        if self.consul_session is not None:  # every watch was cancelled above
+            await self.consul_session.close()
         access, self.access = self.access, None
         if access is not None:  # the drained requests' lines are queued: write them
             await close_access_log(access)

@@ -19,7 +19,9 @@ try, in order, worked out once per distinct value: case, port and wildcards are 
 redone per request; skipped when no route names a host), then per group one dict lookup
 per distinct prefix length present, longest first, never a scan of the routes. A table is immutable once built; a change builds a new one, which the
 listener swaps in one assignment. Each entry's request counter is carried into the next
-table by the route's key, so a counter never goes backwards across changes.
+table by the route's key, so a counter never goes backwards across changes; an entry whose
+route and target did not change is carried over as it is (a change to one route of 500
+builds one entry, and the dicts that index them).
 """
 
 from __future__ import annotations
@@ -140,16 +142,23 @@ class RouteTable(Generic[T]):
         self.entries: list[Routed[T]] = []
         # Host value as sent -> the groups to try for it, most specific first.
         self.by_host: dict[bytes | None, tuple[_Group[T], ...]] = {}
-        counts: dict[tuple[str, str, str], int] = {}
+        before: dict[tuple[str, str, str], Routed[T]] = {}
         if previous is not None:
             for old in previous.entries:
-                counts[old.route.key()] = old.requests
+                before[old.route.key()] = old
         for route, target in routes:
             group = self._group_of(route.host)
-            routed: Routed[T] = Routed(route, target)
+            routed = before.get(route.key())
+            if routed is None or routed.target is not target or (
+                    routed.route is not route and routed.route != route):
+                fresh: Routed[T] = Routed(route, target)
+                if routed is not None:
+                    fresh.requests = routed.requests
+                routed = fresh
+            # else: the same route to the same target is carried over whole, so that a
+            # request counted on the old table while this one is built is not lost.
             if routed.prefix in group.by_prefix:
                 continue
-            routed.requests = counts.get(route.key(), 0)
             group.add(routed)
             self.entries.append(routed)
         for group in [*self.exact.values(), *self.wildcards.values(), *self._any_host_only()]:

@@ -53,6 +53,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import random
@@ -93,11 +94,18 @@ ERROR_BODY_CHARS = 200  # of a non-200 body quoted in the error
 ACL_LACKS = "ACL: token lacks service:read/node:read"  # how every ACL error starts
 AUTHORIZE_PATH = "/v1/internal/acl/authorize"
 AUTHORIZE_TIMEOUT = CONNECT_TIMEOUT + TIMEOUT_MARGIN
+# An agent past `limits { http_max_conns_per_client }` (200 by default) for our address
+# answers a new connection with 429 or resets it: each watch holds one connection, so the
+# usual cause is sdproxy's own watches (or other clients on the same host).
+HTTP_TOO_MANY_REQUESTS = 429
+CONN_LIMIT_HINT = (" (restarting, or past the agent's limits { http_max_conns_per_client } for "
+                   "this address? each watch holds one connection)")
 
 
 class ConsulHTTPError(Exception):
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"HTTP {status}: {body}" if body else f"HTTP {status}")
+        self.status = status
 
 
 class ConsulACLError(Exception):
@@ -486,7 +494,12 @@ def describe_error(exc: Exception, timeout: float) -> str:
     if isinstance(exc, TimeoutError):  # the whole request passed wait + jitter + margin
         return f"timeout after {timeout:g}s"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "server disconnected"
+        # What an agent past its per-client limit mostly does to a new connection.
+        return f"server disconnected{CONN_LIMIT_HINT}"
+    if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET:
+        return f"connection reset by the agent{CONN_LIMIT_HINT}"
+    if isinstance(exc, ConsulHTTPError) and exc.status == HTTP_TOO_MANY_REQUESTS:
+        return f"{exc}{CONN_LIMIT_HINT}"
     if isinstance(exc, ConsulHTTPError):
         return str(exc)
     if isinstance(exc, DecodeError):

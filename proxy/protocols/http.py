@@ -106,15 +106,31 @@ class HttpListener:
                                      client_tls=self.client_tls)
         self.tick = sweep_interval(cfg)
 
-    def set_routes(self, routes: list[tuple[Route, UpstreamRuntime]]) -> None:
+    def set_routes(self, routes: list[tuple[Route, UpstreamRuntime]],
+                   keep_policies: bool = False) -> None:
         """Make this a routed listener with `routes` (the first of two with the same host
         and prefix wins), swapped in one assignment: requests already routed keep their
-        upstream, open connections stay."""
+        upstream, open connections stay.
+
+        `keep_policies`: the runtimes' configs did not change since the last table (a
+        catalog change, not a reload), so an upstream already in the table keeps its
+        ExchangePolicy object and only new upstreams get one: a change costs a policy per
+        added upstream, not one per routed upstream."""
+        known: dict[int, ExchangePolicy] = {}
+        if keep_policies and self.routes is not None:
+            for entry in self.routes.entries:
+                known[id(entry.target.runtime)] = entry.target
         destinations: dict[int, ExchangePolicy] = {}
         for _route, runtime in routes:
-            if id(runtime) not in destinations:
-                destinations[id(runtime)] = ExchangePolicy(runtime, client_tls=self.client_tls)
-        self.policy = ExchangePolicy(self.runtime, unrouted=True, client_tls=self.client_tls)
+            key = id(runtime)
+            if key not in destinations:
+                # By id: the old table's policies keep their runtimes alive, so an id
+                # in `known` is still that runtime's.
+                policy = known.get(key)
+                destinations[key] = (policy if policy is not None
+                                     else ExchangePolicy(runtime, client_tls=self.client_tls))
+        if not (keep_policies and self.policy.unrouted):
+            self.policy = ExchangePolicy(self.runtime, unrouted=True, client_tls=self.client_tls)
         self.routes = RouteTable(((route, destinations[id(runtime)]) for route, runtime in routes),
                                  previous=self.routes)
         self.pooled = [d.runtime for d in destinations.values()]

@@ -43,8 +43,9 @@ from proxy.upstream.manager import Snapshot, UpstreamRuntime
 
 log = logging.getLogger("sdproxy.health")
 
-# How often, at least, the task looks at the config (a reload may turn checks on or off)
-# and at the pool (a new instance gets its first probe within RECHECK + one interval).
+# How often, at least, the task of an upstream with checks on looks at its config and at
+# the pool (a new instance gets its first probe within RECHECK + one interval). With
+# checks off it sleeps until `wake()` (a reload that may have turned them on).
 RECHECK: Final = 1.0
 STATUS_LINE_LIMIT: Final = 8192  # bytes; a longer first line is not an HTTP answer we read
 USER_AGENT: Final = "sdproxy-health"
@@ -138,25 +139,30 @@ class HealthChecker:
             self._task = None
         self._cancel_probes()
 
+    def wake(self) -> None:
+        """Look at the config now (a reload changed the upstream)."""
+        self._wake.set()
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
             delay = self.step(loop.time())
             try:
-                async with asyncio.timeout(delay):
+                async with asyncio.timeout(delay):  # None: until woken
                     await self._wake.wait()
             except TimeoutError:
                 pass
 
-    def step(self, now: float) -> float:
-        """Start the probes due at `now`; return how long until the next look."""
+    def step(self, now: float) -> float | None:
+        """Start the probes due at `now`; return how long until the next look (None: not
+        before `wake()`, the checks are off)."""
         cfg = self.runtime.config.health
         if cfg != self.config:
             self._configure(cfg)
         schedule = self.schedule
         if cfg is None or schedule is None:
-            return RECHECK
+            return None
         current = self.runtime.current
         if current is not self._synced:  # the catalog changed the pool
             schedule.sync(current.hosts, now)

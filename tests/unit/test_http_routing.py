@@ -70,3 +70,41 @@ def test_a_clients_prefix_is_replaced_and_its_forwarded_host_kept(parser: str) -
 def test_host_field(parser: str) -> None:
     assert host_field(parse(b"GET / HTTP/1.1\r\nX-A: b\r\nHOST: h:1\r\n\r\n", parser)) == b"h:1"
     assert host_field(parse(b"GET / HTTP/1.0\r\n\r\n", parser)) is None
+
+
+async def test_a_catalog_change_keeps_the_policies_of_untouched_upstreams() -> None:
+    import asyncio
+
+    from proxy.config import UpstreamConfig
+    from proxy.protocols.http import HttpListener
+    from proxy.upstream.manager import UpstreamRuntime
+
+    def runtime(name: str) -> UpstreamRuntime:
+        return UpstreamRuntime(UpstreamConfig(name=name, listen=None, discovery="none"))
+
+    own, ua, ub = runtime("listener"), runtime("ua"), runtime("ub")
+    listener = HttpListener(own, asyncio.get_running_loop())
+    try:
+        listener.set_routes([(Route("", "/a/", "ua"), ua)])
+        first = listener.routes
+        assert first is not None
+        policy_a, unrouted = first.entries[0].target, listener.policy
+        assert unrouted.unrouted and policy_a.runtime is ua
+        # A service added by the catalog: only it gets a new policy.
+        listener.set_routes([(Route("", "/a/", "ua"), ua), (Route("", "/b/", "ub"), ub)],
+                            keep_policies=True)
+        second = listener.routes
+        assert second is not None and second is not first
+        assert second.entries[0].target is policy_a
+        assert second.entries[1].target.runtime is ub
+        assert listener.policy is unrouted
+        assert listener.pooled == [ua, ub]
+        # A reload (configs may have changed in place): every policy afresh.
+        listener.set_routes([(Route("", "/a/", "ua"), ua)])
+        third = listener.routes
+        assert third is not None
+        assert third.entries[0].target is not policy_a
+        assert third.entries[0].target.runtime is ua
+        assert listener.policy is not unrouted and listener.policy.unrouted
+    finally:
+        listener.close_all()

@@ -151,3 +151,22 @@ def test_the_host_memo_stays_bounded_and_gives_the_same_answers() -> None:
         assert pick(t, b"A.example", b"/") == "a"
         assert len(t.by_host) <= MAX_REMEMBERED_HOSTS
     assert pick(t, b"other", b"/") == "any"
+
+
+def test_an_unchanged_route_to_the_same_target_is_carried_over_whole() -> None:
+    a, b = Route("", "/a/", "ua"), Route("", "/b/", "ub")
+    first = RouteTable([(a, "A"), (b, "B")])
+    entry_a = first.lookup(None, b"/a/")
+    entry_b = first.lookup(None, b"/b/")
+    assert entry_a is not None and entry_b is not None
+    entry_b.requests = 5
+    # /a/ unchanged; /b/ now leads elsewhere: a new entry, its counter kept.
+    second = RouteTable([(Route("", "/a/", "ua"), "A"), (b, "B2"),
+                         (Route("", "/c/", "uc"), "C")], previous=first)
+    assert second.lookup(None, b"/a/x") is entry_a
+    moved = second.lookup(None, b"/b/x")
+    assert moved is not None and moved is not entry_b
+    assert (moved.target, moved.requests) == ("B2", 5)
+    # A request counted on the old table after the new one was built still counts.
+    entry_a.requests += 1
+    assert [e.requests for e in second.entries] == [1, 5, 0]

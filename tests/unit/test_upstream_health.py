@@ -229,6 +229,11 @@ async def test_checks_turned_off_by_a_reload_lift_ejections_and_stop_probing() -
         assert len(prober.calls) == calls
         rt.config = UpstreamConfig(name="web", listen=Address("127.0.0.1", 1),
                                    health=HealthConfig(interval=0.05, fall=1))
+        # Off, the checker sleeps (no wake-up a second per upstream) until the reload
+        # that changed the section tells it.
+        await asyncio.sleep(0.2)
+        assert len(prober.calls) == calls
+        checker.wake()  # as the app's reload does
         await until(lambda: rt.hosts["a"].state == "ejected", timeout=3.0)  # on again
     finally:
         checker.stop()
