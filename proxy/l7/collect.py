@@ -58,6 +58,15 @@ _KINDS: Final = {
     **KIND_OF_NAME,
     **{b"-".join(p.capitalize() for p in n.split(b"-")): k for n, k in KIND_OF_NAME.items()},
     b"TE": HOP_BY_HOP,
+    # Usual fields of those lengths that are none of them (kind 0): found at once too,
+    # instead of missing, lowercasing the name and missing again.
+    **dict.fromkeys((
+        b"Date", b"date", b"Vary", b"vary", b"ETag", b"etag", b"Link", b"link",
+        b"Referer", b"referer", b"Expires", b"expires",
+        b"User-Agent", b"user-agent", b"Set-Cookie", b"set-cookie",
+        b"Accept-Encoding", b"accept-encoding", b"Accept-Language", b"accept-language",
+        b"Content-Encoding", b"content-encoding", b"Content-Language", b"content-language",
+        b"If-Modified-Since", b"if-modified-since"), 0),
 }
 _KIND_LENGTHS: Final = sum(1 << n for n in frozenset(len(n) for n in KIND_OF_NAME))
 _LONGEST_KIND: Final = max(len(n) for n in KIND_OF_NAME)
@@ -138,9 +147,10 @@ class HeadCollector:
             headers.append((name, value))
             return
         kind = _KINDS.get(name)
-        if kind is None:
-            kind = KIND_OF_NAME.get(name.lower())
-            if kind is None:
+        if not kind:
+            if kind is None:  # not a usual spelling: another case of one, perhaps
+                kind = KIND_OF_NAME.get(name.lower())
+            if not kind:
                 headers.append((name, value))
                 return
         if kind & HOP_BY_HOP:

@@ -21,12 +21,15 @@ tests drive it directly with in-memory fakes (tests/unit/test_exchange_core.py).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Final
 
 from proxy.l7.exchange import BODY_HIGH_WATER, REPLAY_LIMIT
-from proxy.l7.hashkey import key_function
+from proxy.l7.hashkey import KeyFunction, key_function
 from proxy.l7.headers import (
     LAST_CHUNK,
+    PROTO_HTTP,
+    PROTO_HTTPS,
     REASONS,
     chunk,
     encode_error,
@@ -50,7 +53,7 @@ from proxy.outcomes import (
     TIMEOUT,
 )
 from proxy.upstream.host import Host
-from proxy.upstream.manager import UpstreamRuntime
+from proxy.upstream.manager import LATENCY_BUCKETS, UpstreamRuntime
 
 INFINITY: Final = float("inf")
 
@@ -86,18 +89,24 @@ class ExchangePolicy:
     """What an exchange needs from its upstream's configuration, built once per upstream
     (and per reload), not per request: the runtime it works for and the limits."""
 
-    __slots__ = ("default_host", "hash_key", "idle_timeout", "request_timeout", "runtime",
-                 "unrouted")
+    __slots__ = ("default_host", "hash_key", "idle_timeout", "proto_line", "request_timeout",
+                 "runtime", "unrouted")
 
-    def __init__(self, runtime: UpstreamRuntime, unrouted: bool = False) -> None:
+    def __init__(self, runtime: UpstreamRuntime, unrouted: bool = False,
+                 client_tls: bool = False) -> None:
         cfg = runtime.config
         self.runtime = runtime
+        # Clients of this listener came over TLS (it terminates it): X-Forwarded-Proto says
+        # https when the client sent none.
+        self.proto_line = PROTO_HTTPS if client_tls else PROTO_HTTP
         # A routed listener's own policy, handed to a request that matched no route: it is
         # answered 404 before any attempt (its runtime has no instances to try).
         self.unrouted = unrouted
         self.request_timeout: float = cfg.request_timeout
         self.idle_timeout: float = cfg.idle_timeout
-        self.hash_key = key_function(cfg.balance, cfg.hash_key)
+        # None unless a hash balancer needs a key: most requests make no call for it.
+        self.hash_key: KeyFunction | None = (key_function(cfg.balance, cfg.hash_key)
+                                             if cfg.balance == "hash" else None)
         self.default_host = runtime.name.encode()  # Host for an HTTP/1.0 request without one
 
 
@@ -181,7 +190,7 @@ class ExchangeCore:
         self.request_id = request_id
         self.request_bytes = encode_request(head, client_ip=client_ip,
                                             default_host=policy.default_host,
-                                            request_id=added)
+                                            request_id=added, proto_line=policy.proto_line)
 
     # -- attempts -----------------------------------------------------------------------
     def begin_attempt(self) -> int:
@@ -191,7 +200,9 @@ class ExchangeCore:
         policy = self.policy
         if policy.unrouted:
             return self.finish(self.answer_error(404, self._no_route()))
-        host = self.runtime.begin_attempt(tried, policy.hash_key(self.head, self.client_ip))
+        hash_key = policy.hash_key
+        host = self.runtime.begin_attempt(
+            tried, None if hash_key is None else hash_key(self.head, self.client_ip))
         if host is None:
             if tried:
                 names = ", ".join(h.id for h in tried)
@@ -248,7 +259,12 @@ class ExchangeCore:
         if self.finished:
             return NOTHING
         if outcome == DONE:
-            rt.latency.observe(now - self.started)
+            # rt.latency.observe(now - self.started), written out: once per request
+            latency = rt.latency
+            seconds = now - self.started
+            latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            latency.total += seconds
+            latency.count += 1
             # finish(self.client_keep), written out: this runs once per request
             self.finished = True
             rt.in_flight -= 1
@@ -356,8 +372,8 @@ class ExchangeCore:
         self.deadline = INFINITY
         host = self.host
         assert host is not None
-        host.record_latency(now - self.attempt_started, now)
         if status == 101:
+            host.record_latency(now - self.attempt_started, now)
             if not self.upgrade or self.response_started:
                 return REJECT
             host.on_success(101)
@@ -368,13 +384,14 @@ class ExchangeCore:
             return SWITCH
         code = BY_STATUS.get(status, 0) if status >= 500 else 0
         if code and self.runtime.retry_on >> code & 1:  # a 5xx listed in retry_on
+            host.record_latency(now - self.attempt_started, now)
             host.on_failure(status)
             if self.runtime.should_retry(code, self.head.method, self.replayable(),
                                          self.tried):
                 self.resolve(code, settle_after_read=True)
                 return RETRY_5XX
-        else:
-            host.on_success(status)
+        else:  # record_latency and on_success in one call
+            host.answered(status, now - self.attempt_started, now)
         self.response_head = head
         if not self.body_done or self.upgrade:
             # The client is still sending a body nobody reads, or offered a protocol the

@@ -3,7 +3,8 @@
 Requests go upstream as HTTP/1.1 with hop-by-hop headers dropped (RFC 9110 section 7.6.1:
 Connection and every header it names, Keep-Alive, Proxy-Connection, TE, Trailer,
 Transfer-Encoding, Upgrade), `X-Forwarded-For` appended with the client address and
-`X-Forwarded-Proto` set when the client did not send one. `Host` is kept. Framing is
+`X-Forwarded-Proto` set when the client did not send one (`https` when the client came over
+TLS: the caller passes `PROTO_HTTPS`). `Host` is kept. Framing is
 re-established by us: Content-Length is forwarded, chunked bodies are re-chunked.
 `X-Request-Id` is kept when the client sent one; otherwise the caller adds a new one
 (`next_request_id`: 128 random bits as 32 hex digits).
@@ -143,6 +144,10 @@ def _kept(head: MessageHead, raw: bytes) -> bytes:
 
 _X_REQUEST_ID: Final = b"x-request-id"
 _REQUEST_ID_LINE: Final = b"X-Request-Id: "
+# The X-Forwarded-Proto line added when the client sent none, by how the client came in;
+# the listener's policy holds one, so choosing costs nothing per request.
+PROTO_HTTP: Final = b"X-Forwarded-Proto: http\r\n"
+PROTO_HTTPS: Final = b"X-Forwarded-Proto: https\r\n"
 # Random bytes are read this many at a time: one getrandom(2) call per 256 request ids.
 _RANDOM_BLOCK: Final = 16 * 256
 
@@ -182,16 +187,17 @@ def next_request_id() -> bytes:
 
 
 def encode_request(head: MessageHead, *, client_ip: bytes, default_host: bytes,
-                   request_id: bytes = b"") -> bytes:
+                   request_id: bytes = b"", proto_line: bytes = PROTO_HTTP) -> bytes:
     """The request head as sent upstream; `request_id`, when given, is added as
-    X-Request-Id (the caller found none in the request)."""
+    X-Request-Id (the caller found none in the request); `proto_line` (PROTO_HTTP or
+    PROTO_HTTPS) is added when the client sent no X-Forwarded-Proto."""
     raw = head.raw
     kinds = head.kinds
     tokens = head.connection
     if (raw is not None and kinds is not None and not kinds & _NEEDS_FULL_PASS
             and (not tokens or _plain(head))):
         # The head as received, hop-by-hop lines cut out (`_plain`, the usual case inline).
-        proto = b"" if kinds & FORWARDED_PROTO else b"X-Forwarded-Proto: http\r\n"
+        proto = b"" if kinds & FORWARDED_PROTO else proto_line
         host = b"" if kinds & HOST else b"Host: " + default_host + _CRLF
         if request_id:
             return b"".join((raw[:len(raw) - 2] if head.drop_at is None else _kept(head, raw),
@@ -204,7 +210,7 @@ def encode_request(head: MessageHead, *, client_ip: bytes, default_host: bytes,
         kinds = head.kinds or 0
         lines.append(b"X-Forwarded-For: " + client_ip)
         if not kinds & FORWARDED_PROTO:
-            lines.append(b"X-Forwarded-Proto: http")
+            lines.append(proto_line[:-2])
         if not kinds & HOST:
             lines.append(b"Host: " + default_host)
         if request_id:
@@ -215,7 +221,7 @@ def encode_request(head: MessageHead, *, client_ip: bytes, default_host: bytes,
     xff = seen.get(_XFF)
     lines.append(b"X-Forwarded-For: " + (xff + b", " + client_ip if xff else client_ip))
     if _XFP not in seen:
-        lines.append(b"X-Forwarded-Proto: http")
+        lines.append(proto_line[:-2])
     if _HOST not in seen:  # an HTTP/1.0 client may omit Host; HTTP/1.1 upstreams need it
         lines.append(b"Host: " + default_host)
     if head.framing == CHUNKED:

@@ -74,8 +74,12 @@ class HttpListener:
         self.runtime = runtime
         self.cfg: UpstreamConfig = runtime.config
         self.loop = loop
+        # The listener terminates TLS: requests go upstream with X-Forwarded-Proto: https.
+        # Fixed for the listener's life (a reload that adds or drops TLS opens a new one);
+        # a routed listener's app sets it before set_routes, whose policies carry it.
+        self.client_tls = self.cfg.listen_tls is not None
         # What each exchange is handed: the upstream it works for, its limits and rules.
-        self.policy = ExchangePolicy(runtime)
+        self.policy = ExchangePolicy(runtime, client_tls=self.client_tls)
         # A listener of [[listeners]]: `runtime` is its own (connection limits, its own
         # answers); each request's upstream comes from this table (set_routes).
         self.routes: RouteTable[ExchangePolicy] | None = None
@@ -98,7 +102,8 @@ class HttpListener:
     def reconfigure(self, cfg: UpstreamConfig) -> None:
         """A reload changed the upstream: new connections use `cfg`, open ones keep theirs."""
         self.cfg = cfg
-        self.policy = ExchangePolicy(self.runtime, unrouted=self.routes is not None)
+        self.policy = ExchangePolicy(self.runtime, unrouted=self.routes is not None,
+                                     client_tls=self.client_tls)
         self.tick = sweep_interval(cfg)
 
     def set_routes(self, routes: list[tuple[Route, UpstreamRuntime]],
@@ -122,9 +127,10 @@ class HttpListener:
                 # By id: the old table's policies keep their runtimes alive, so an id
                 # in `known` is still that runtime's.
                 policy = known.get(key)
-                destinations[key] = policy if policy is not None else ExchangePolicy(runtime)
+                destinations[key] = (policy if policy is not None
+                                     else ExchangePolicy(runtime, client_tls=self.client_tls))
         if not (keep_policies and self.policy.unrouted):
-            self.policy = ExchangePolicy(self.runtime, unrouted=True)
+            self.policy = ExchangePolicy(self.runtime, unrouted=True, client_tls=self.client_tls)
         self.routes = RouteTable(((route, destinations[id(runtime)]) for route, runtime in routes),
                                  previous=self.routes)
         self.pooled = [d.runtime for d in destinations.values()]

@@ -190,7 +190,9 @@ class Exchange(ConnectionOwner):
 
     def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn
-        conn.attach(self, self.head.method, self.upgrade)
+        # conn.attach(self, ...), written out: this runs once per request
+        conn.exchange = self
+        conn.parser.expect(self.head.method, self.upgrade)
         transport = conn.transport
         assert transport is not None
         if self.down.write_paused:

@@ -112,13 +112,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.host.pool.discard(self)
         self.close()
 
-    def park(self) -> bool:
-        """Return the connection to its host's pool; False if it must be closed instead."""
+    def park(self, now: float) -> bool:
+        """Return the connection to its host's pool, idle since monotonic `now` (the
+        clock of the read that ended its response); False if it must be closed instead."""
         self.exchange = None
         if self.closed or self.host.draining or not self.host.pool.put(self):
             return False
         self.reused = True
-        self.idle_since = self.loop.time()
+        self.idle_since = now
         return True
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -199,7 +200,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         exchange.conn = None
         self.exchange = None  # what the instance sends after this is owed to nobody
-        if action != PARK or not self.park():
+        if action != PARK or not self.park(exchange.read_at):
             self.close()
 
 

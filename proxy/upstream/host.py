@@ -182,13 +182,26 @@ class Host:
             counts = self.status_counts
             counts[status] = counts.get(status, 0) + 1
 
+    def answered(self, status: int, seconds: float, now: float) -> None:
+        """A response head `status` after `seconds`, at monotonic `now`, not counted as a
+        failure: record_latency and on_success in one call (once per request)."""
+        ewma = 0.0 if now - self.ewma_at > EWMA_FORGET_AFTER else self.ewma
+        self.ewma = seconds if ewma == 0.0 else ewma + EWMA_ALPHA * (seconds - ewma)
+        self.ewma_at = now
+        if self.consecutive_failures or self.breaker.state != CLOSED:
+            self.consecutive_failures = 0
+            self.breaker.record_success()
+        counts = self.status_counts
+        counts[status] = counts.get(status, 0) + 1
+
     def latency_at(self, now: float) -> float:
         """The latency EWMA as of monotonic `now`: 0 (unmeasured) once forgotten."""
         return 0.0 if now - self.ewma_at > EWMA_FORGET_AFTER else self.ewma
 
     def record_latency(self, seconds: float, now: float) -> None:
         """An attempt's time to its response head (http), measured at monotonic `now`."""
-        ewma = self.latency_at(now)
+        # latency_at(now), written out: this runs once per request
+        ewma = 0.0 if now - self.ewma_at > EWMA_FORGET_AFTER else self.ewma
         self.ewma = seconds if ewma == 0.0 else ewma + EWMA_ALPHA * (seconds - ewma)
         self.ewma_at = now
 

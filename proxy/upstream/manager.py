@@ -52,7 +52,7 @@ from proxy.upstream.breaker import CLOSED, HALF_OPEN, OPEN, HostBreaker
 from proxy.upstream.health_state import EJECTED, HealthState, ProbeResult
 from proxy.upstream.host import DOWN, Host
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0)
 
 log = logging.getLogger("sdproxy.upstream")
@@ -355,7 +355,18 @@ class UpstreamRuntime:
         `tried` (`pick`), appended to `tried` and counted busy until `end_attempt`; a
         retry (`tried` was not empty) also counts in `retries_in_flight`. None when no
         instance may be picked: counted as a response for want of an instance."""
-        host = self.pick(tried, key)
+        snapshot = self.current
+        candidates = snapshot.available
+        if snapshot.next_trial_at == INFINITY and not snapshot.half_open and candidates:
+            # pick(tried, key), written out for the usual snapshot (no trial due, no
+            # half-open breaker): this runs once per request
+            host = self.balancer.pick(candidates, tried, key)
+            if host is None:
+                host = self._panic_pick(snapshot.panic_hosts, tried, key)
+                if host is not None and host.breaker.state == HALF_OPEN:
+                    host.breaker.on_attempt()
+        else:
+            host = self.pick(tried, key)
         if host is None:
             self.no_host_responses += 1
             return None

@@ -14,7 +14,7 @@ upstream of the first test; the reload test has its own, since it rewrites files
 - mTLS: an instance that requires a client certificate gets the configured one; without
   one configured the client gets 502.
 - tcp mode: plain client -> TLS to the instance (origination).
-- listen_tls in http and tcp modes; SIGHUP swaps the served certificate (seen through
+- listen_tls in http and tcp modes (X-Forwarded-Proto: https unless the client sent one); SIGHUP swaps the served certificate (seen through
   its serial number) while a connection opened before goes on, and a bad file on a
   reload keeps the old certificate with one error line.
 """
@@ -22,6 +22,7 @@ upstream of the first test; the reload test has its own, since it rewrites files
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import ssl
 import time
@@ -143,6 +144,8 @@ async def test_tls_to_instances_and_from_clients(
         for _ in range(6):
             resp = await conn.request("GET", "/headers")
             assert resp.status == 200, resp.text
+            # A plain listener: the instance is told the client came over http.
+            assert json.loads(resp.body)["x-forwarded-proto"] == "http", resp.text
             peers[resp.header("X-Backend") or "?"].add(resp.text.split('"_peer": "')[1]
                                                        .split('"')[0])
     assert {name: len(ports) for name, ports in peers.items()} == {"a": 1, "b": 1}, peers
@@ -193,6 +196,19 @@ async def test_tls_to_instances_and_from_clients(
         assert (resp.status, resp.text) == (200, "plain"), name
         serial = await asyncio.to_thread(served_serial, proxy.listen(name))
         assert serial == pki.listener.serial
+    # A TLS listener tells the instance the client came over https (X-Forwarded-Proto),
+    # unless the client said itself (as on a plain listener: sdproxy may sit behind another
+    # proxy); on keep-alive and on the fast path (head forwarded as received) alike.
+    async with await RawConnection.open(proxy.listen("tls-listen-http"),
+                                        tls=client_context(pki)) as conn:
+        resp = await conn.request("GET", "/headers")
+        assert json.loads(resp.body)["x-forwarded-proto"] == "https", resp.text
+        resp = await conn.request("GET", "/headers", headers=[("X-Forwarded-Proto", "http")])
+        assert json.loads(resp.body)["x-forwarded-proto"] == "http", resp.text
+        resp = await conn.request("GET", "/headers", headers=[("Connection", "x-hop"),
+                                                              ("X-Hop", "1")])
+        seen = json.loads(resp.body)
+        assert seen["x-forwarded-proto"] == "https" and "x-hop" not in seen, resp.text
     # A plain client of a TLS listener gets no HTTP answer.
     with pytest.raises((ConnectionError, OSError, asyncio.IncompleteReadError)):
         await fetch(proxy.listen("tls-listen-http"), timeout=3.0)
@@ -286,6 +302,9 @@ async def test_a_routed_listener_terminates_tls_and_reloads_its_certificate(
     resp = await fetch(addr, tls=client_context(pki))
     assert (resp.status, resp.text) == (200, "plain")
     assert await asyncio.to_thread(served_serial, addr) == pki.listener.serial
+    # Its routes' instances are told the client came over https, as behind an upstream's.
+    resp = await fetch(addr, path="/headers", tls=client_context(pki))
+    assert json.loads(resp.body)["x-forwarded-proto"] == "https", resp.text
 
     cert.write_bytes(pki.renewed.cert_file.read_bytes())
     key.write_bytes(pki.renewed.key_file.read_bytes())

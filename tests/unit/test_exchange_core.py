@@ -324,7 +324,7 @@ def pooled(rt: UpstreamRuntime, host_id: str,
     conn = UpstreamConnection(host, "httptools", 65536, 100, loop)
     transport = FakeTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]
-    assert conn.park()
+    assert conn.park(loop.time())
     return conn, transport
 
 
@@ -349,7 +349,7 @@ def test_a_pooled_connection_is_reused_for_the_next_request(
         assert downstream.take().endswith(b"\r\n\r\nok")
         assert down.exchange is None and not downstream.closing
         assert rt.hosts["a"].pool.take() is conn  # back in the pool after each response
-        assert conn.park()
+        assert conn.park(loop.time())
     assert rt.hosts["a"].requests == 3 and rt.hosts["a"].active == 0
     listener.close_all()
 

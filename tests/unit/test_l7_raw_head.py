@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from test_l7_parsers import MAX_HEAD, Recorder
 
-from proxy.l7.headers import encode_request, encode_response
+from proxy.l7.headers import PROTO_HTTPS, encode_request, encode_response
 from proxy.l7.message import MessageHead
 from proxy.l7.parsers import PARSERS
 
@@ -82,6 +82,19 @@ def test_a_request_not_as_forwarded_is_rewritten(data: bytes) -> None:
         out = forwarded_request(head, b"")
         assert out.startswith((b"GET / HTTP/1.1\r\n", b"POST / HTTP/1.1\r\n"))
         assert b"Host: h\r\n" in out
+
+
+@pytest.mark.parametrize("data", KEPT_REQUESTS + REWRITTEN_REQUESTS)
+def test_a_tls_client_is_said_to_have_come_over_https(data: bytes) -> None:
+    """Behind a TLS listener (PROTO_HTTPS) every path adds `X-Forwarded-Proto: https`,
+    where the client sent none; a client's own is forwarded as it is."""
+    head = parse([data], request=True)[0]
+    outs = [encode_request(h, client_ip=b"10.0.0.7", default_host=b"up.example",
+                           proto_line=PROTO_HTTPS) for h in (head, rebuilt(head))]
+    assert outs[0] == outs[1]
+    lines = outs[0].lower().split(b"\r\n")
+    sent = [line for line in lines if line.startswith(b"x-forwarded-proto:")]
+    assert sent == [b"x-forwarded-proto: https"], outs[0]
 
 
 @pytest.mark.parametrize("fields", [
