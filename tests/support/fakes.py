@@ -4,6 +4,8 @@
   the `clock=`/`monotonic=` a component takes (DESIGN "Inject time").
 - `State` and `Listener`: what `proxy.admin` reads (`proxy.admin.state.AppState` and a
   listener's counters), without an application around them.
+- `HeadSink` and `parse_request`: the heads a real parser (httptools or h11) makes of
+  bytes, for tests of what is done with a head.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.l7.message import MessageHead
+from proxy.l7.parsers import PARSERS
 from proxy.upstream.manager import UpstreamRuntime
 
 T0 = 1_700_000_000.0  # a wall-clock reading (unix time) for tests that need one
@@ -38,3 +42,27 @@ class State:
     upstreams: dict[str, UpstreamRuntime]
     listeners: dict[str, Any] = field(default_factory=dict)
     started_at: float = T0
+
+
+class HeadSink:
+    """A parser sink that keeps the heads the parser makes (bodies are dropped)."""
+
+    def __init__(self) -> None:
+        self.heads: list[MessageHead] = []
+
+    def on_head(self, head: MessageHead) -> None:
+        self.heads.append(head)
+
+    def on_body(self, data: bytes) -> None:
+        pass
+
+    def on_end(self) -> None:
+        pass
+
+
+def parse_request(raw: bytes, parser: str = "httptools") -> MessageHead:
+    """The head `parser` (a name in proxy.l7.parsers.PARSERS) makes of one request."""
+    sink = HeadSink()
+    PARSERS[parser][0](sink, 65536).feed(raw)
+    (head,) = sink.heads
+    return head

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from support.fakes import HeadSink, parse_request
 
 from proxy.config import UpstreamConfig
 from proxy.l7.exchange import REPLAY_LIMIT
@@ -45,30 +46,12 @@ from proxy.upstream.manager import UpstreamRuntime
 T = 100.0  # the loop time events are reported at
 
 
-class Heads:
-    """A parser sink that keeps the heads the real (httptools) parser makes."""
-
-    def __init__(self) -> None:
-        self.heads: list[MessageHead] = []
-
-    def on_head(self, head: MessageHead) -> None:
-        self.heads.append(head)
-
-    def on_body(self, data: bytes) -> None:
-        pass
-
-    def on_end(self) -> None:
-        pass
-
-
 def request(raw: bytes) -> MessageHead:
-    sink = Heads()
-    PARSERS["httptools"][0](sink, 65536).feed(raw)
-    return sink.heads[0]
+    return parse_request(raw)
 
 
 def response(raw: bytes, method: bytes = b"GET", upgrade: bool = False) -> MessageHead:
-    sink = Heads()
+    sink = HeadSink()
     parser = PARSERS["httptools"][1](sink, 65536)
     parser.expect(method, upgrade)
     parser.feed(raw)

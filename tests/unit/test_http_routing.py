@@ -4,33 +4,16 @@ read off the head as it is forwarded."""
 from __future__ import annotations
 
 import pytest
+from support.fakes import parse_request
 
 from proxy.l7.headers import encode_request, host_field
 from proxy.l7.message import MessageHead
-from proxy.l7.parsers import PARSERS
 from proxy.protocols.http import strip_prefix
 from proxy.routing import Route, RouteTable
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.heads: list[MessageHead] = []
-
-    def on_head(self, head: MessageHead) -> None:
-        self.heads.append(head)
-
-    def on_body(self, data: bytes) -> None:
-        pass
-
-    def on_end(self) -> None:
-        pass
-
-
 def parse(raw: bytes, parser: str) -> MessageHead:
-    sink = Sink()
-    PARSERS[parser][0](sink, 65536).feed(raw)
-    (head,) = sink.heads
-    return head
+    return parse_request(raw, parser)
 
 
 def forwarded(raw: bytes, parser: str, prefix: str = "/v1/") -> bytes:

@@ -14,6 +14,7 @@ import h11
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.fakes import HeadSink
 
 from proxy.l7.exchange import CONNECT_FAILURE, RESET, TIMEOUT, may_retry
 from proxy.l7.framing import (
@@ -572,27 +573,13 @@ fields = st.lists(st.tuples(st.sampled_from(FIELD_NAMES),
                   max_size=6)
 
 
-class _Heads:
-    def __init__(self) -> None:
-        self.heads: list[MessageHead] = []
-
-    def on_head(self, head: MessageHead) -> None:
-        self.heads.append(head)
-
-    def on_body(self, data: bytes) -> None:
-        pass
-
-    def on_end(self) -> None:
-        pass
-
-
 def _parsed(first: bytes, pairs: Headers, connection: list[bytes], parser_name: str,
             side: int) -> MessageHead | None:
     """The head `parser_name` makes of `first`, `pairs` and Connection fields of
     `connection` (side 0: request, 1: response); None when the parser refuses it."""
     fields = [*pairs, *((b"Connection", v) for v in connection)]
     data = first + b"".join(n + b": " + v + b"\r\n" for n, v in fields) + b"\r\n"
-    sink = _Heads()
+    sink = HeadSink()
     parser = PARSERS[parser_name][side](sink, 65536)
     if side:
         parser.expect(b"GET")

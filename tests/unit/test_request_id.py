@@ -11,6 +11,7 @@ import os
 import re
 
 import pytest
+from support.fakes import parse_request
 
 from proxy.l7.headers import encode_request, next_request_id, request_id_of
 from proxy.l7.message import HOST, MessageHead
@@ -20,20 +21,7 @@ HEX32 = re.compile(rb"[0-9a-f]{32}")
 
 
 def parse(raw: bytes, parser: str) -> MessageHead:
-    heads: list[MessageHead] = []
-
-    class Sink:
-        def on_head(self, head: MessageHead) -> None:
-            heads.append(head)
-
-        def on_body(self, data: bytes) -> None:
-            pass
-
-        def on_end(self) -> None:
-            pass
-
-    PARSERS[parser][0](Sink(), 65536).feed(raw)
-    return heads[0]
+    return parse_request(raw, parser)
 
 
 @pytest.mark.parametrize("parser", sorted(PARSERS))
