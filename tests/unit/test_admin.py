@@ -4,19 +4,15 @@ of SPEC "Admin API", fed by real UpstreamRuntime objects and an injected clock."
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
-from support.fakes import T0, FakeClock, Listener, State
+from support.fakes import T0, FakeClock, Listener, State, serve_admin
 
 from proxy.admin.server import build_app, start_admin
 from proxy.config import UpstreamConfig
-from proxy.devconsul import free_port
 from proxy.model import Address, CatalogAnswer, Endpoint
 from proxy.upstream.manager import UpstreamRuntime
 
@@ -61,25 +57,13 @@ def state(clock: FakeClock) -> State:
     return State({"web": web, "api": api}, listeners={"web": Listener(5, 1)})
 
 
-@asynccontextmanager
-async def serve(state: State) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
-    """start_admin on a free loopback port, as the composition root runs it."""
-    port = free_port()
-    runner = await start_admin(state, Address("127.0.0.1", port))
-    try:
-        async with aiohttp.ClientSession() as session:
-            yield session, f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
 async def get(state: State, path: str) -> tuple[int, str, str]:
-    async with serve(state) as (session, base), session.get(base + path) as resp:
+    async with serve_admin(state) as (session, base), session.get(base + path) as resp:
         return resp.status, resp.headers.get("Content-Type", ""), await resp.text()
 
 
 async def get_json(state: State, path: str) -> Any:
-    async with serve(state) as (session, base), session.get(base + path) as resp:
+    async with serve_admin(state) as (session, base), session.get(base + path) as resp:
         assert resp.status == 200
         return await resp.json()
 
@@ -94,7 +78,7 @@ async def test_healthz(state: State) -> None:
 
 
 async def test_ready_names_the_unanswered_upstreams_then_turns_ready(state: State) -> None:
-    async with serve(state) as (session, base):
+    async with serve_admin(state) as (session, base):
         async with session.get(base + "/ready") as resp:
             assert resp.status == 503
             assert await resp.text() == "not ready: api"
@@ -166,7 +150,7 @@ async def test_upstreams_shows_a_removed_instance_draining(state: State) -> None
 
 async def test_stale_seconds_grow_while_the_catalog_fails(state: State, clock: FakeClock) -> None:
     web = state.upstreams["web"]
-    async with serve(state) as (session, base):
+    async with serve_admin(state) as (session, base):
         async def stale() -> float:
             async with session.get(base + "/upstreams") as resp:
                 return float((await resp.json())[0]["stale_seconds"])
@@ -256,7 +240,7 @@ async def test_dashboard_shows_staleness(state: State, clock: FakeClock) -> None
 
 async def test_a_reload_replacing_the_upstreams_is_seen_at_the_next_request(
         state: State, clock: FakeClock) -> None:
-    async with serve(state) as (session, base):
+    async with serve_admin(state) as (session, base):
         state.upstreams = {"db": runtime("db", 3, clock)}
         async with session.get(base + "/upstreams") as resp:
             assert [u["name"] for u in await resp.json()] == ["db"]

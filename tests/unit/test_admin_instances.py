@@ -4,20 +4,16 @@ its access rules (proxy.admin.auth)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.fakes import T0, FakeClock, State
+from support.fakes import T0, FakeClock, State, serve_admin
 
 from proxy.admin.auth import is_loopback
-from proxy.admin.server import start_admin
 from proxy.config import AdminConfig, Config, HealthConfig, UpstreamConfig
-from proxy.devconsul import free_port
 from proxy.model import Address, CatalogAnswer, Endpoint
 from proxy.upstream.health_state import ProbeResult
 from proxy.upstream.manager import UpstreamRuntime
@@ -42,17 +38,6 @@ def make_state(admin: AdminConfig | None = None) -> ConfiguredState:
                            config=Config(path="test.toml", admin=admin or AdminConfig()))
 
 
-@asynccontextmanager
-async def serve(state: State) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
-    port = free_port()
-    runner = await start_admin(state, Address("127.0.0.1", port))
-    try:
-        async with aiohttp.ClientSession() as session:
-            yield session, f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
 async def endpoints(session: aiohttp.ClientSession, base: str) -> dict[str, dict[str, Any]]:
     async with session.get(base + "/upstreams") as resp:
         return {e["id"]: e for e in (await resp.json())[0]["endpoints"]}
@@ -64,7 +49,7 @@ async def test_every_endpoint_has_a_reason_and_down_ones_are_listed() -> None:
     state = make_state()
     state.upstreams["web"].on_probe_result(state.upstreams["web"].hosts["web-2"],
                                            ProbeResult("timeout", "timeout 1s"))
-    async with serve(state) as (session, base):
+    async with serve_admin(state) as (session, base):
         eps = await endpoints(session, base)
         async with session.get(base + "/upstreams") as resp:
             up = (await resp.json())[0]
@@ -81,7 +66,7 @@ async def test_every_endpoint_has_a_reason_and_down_ones_are_listed() -> None:
 
 
 async def test_dashboard_shows_down_instances_greyed_with_their_reason() -> None:
-    async with serve(make_state()) as (session, base), session.get(base + "/") as resp:
+    async with serve_admin(make_state()) as (session, base), session.get(base + "/") as resp:
         page = await resp.text()
     assert '<tr class="down">' in page and "web-9" in page
     assert "HTTP GET http://10.0.0.9:9009/health: 503" in page
@@ -92,7 +77,7 @@ async def test_metrics_count_probes_by_result_and_down_instances() -> None:
     web = state.upstreams["web"]
     for result in ("pass", "pass", "fail", "timeout"):
         web.on_probe_result(web.hosts["web-1"], ProbeResult(result, "x"))
-    async with serve(state) as (session, base), session.get(base + "/metrics") as resp:
+    async with serve_admin(state) as (session, base), session.get(base + "/metrics") as resp:
         text = await resp.text()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
@@ -112,7 +97,7 @@ async def test_metrics_count_probes_by_result_and_down_instances() -> None:
 
 async def test_drain_and_enable_on_a_loopback_admin() -> None:
     state = make_state()
-    async with serve(state) as (session, base):
+    async with serve_admin(state) as (session, base):
         url = base + "/upstreams/web/endpoints/web-1"
         async with session.post(url + "/drain") as resp:
             assert resp.status == 200
@@ -131,7 +116,7 @@ async def test_drain_and_enable_on_a_loopback_admin() -> None:
 async def test_an_id_with_a_slash_is_reached_percent_encoded() -> None:
     state = make_state()
     url = "/upstreams/web/endpoints/odd%2Fid/drain"
-    async with serve(state) as (session, base), session.post(base + url) as resp:
+    async with serve_admin(state) as (session, base), session.post(base + url) as resp:
         assert resp.status == 200, await resp.text()
     assert state.upstreams["web"].hosts["odd/id"].operator_drained
 
@@ -141,13 +126,13 @@ async def test_an_id_with_a_slash_is_reached_percent_encoded() -> None:
     ("/upstreams/web/endpoints/web-7/drain", 404, "upstream web has no instance web-7"),
 ])
 async def test_unknown_names_are_404(path: str, status: int, text: str) -> None:
-    async with serve(make_state()) as (session, base), session.post(base + path) as resp:
+    async with serve_admin(make_state()) as (session, base), session.post(base + path) as resp:
         assert (resp.status, (await resp.text()).strip()) == (status, text)
 
 
 async def test_drain_is_a_post() -> None:
     url = "/upstreams/web/endpoints/web-1/drain"
-    async with serve(make_state()) as (session, base), session.get(base + url) as resp:
+    async with serve_admin(make_state()) as (session, base), session.get(base + url) as resp:
         assert resp.status == 405
 
 
@@ -173,7 +158,7 @@ async def test_drain_is_a_post() -> None:
 async def test_who_may_drain(admin: AdminConfig, headers: dict[str, str], status: int) -> None:
     state = make_state(admin)
     url = "/upstreams/web/endpoints/web-1/drain"
-    async with serve(state) as (session, base), session.post(base + url,
+    async with serve_admin(state) as (session, base), session.post(base + url,
                                                              headers=headers) as resp:
         assert resp.status == status, await resp.text()
         if status == 401:
@@ -183,7 +168,7 @@ async def test_who_may_drain(admin: AdminConfig, headers: dict[str, str], status
 
 async def test_a_same_origin_request_from_the_dashboard_is_allowed() -> None:
     state = make_state()
-    async with serve(state) as (session, base):
+    async with serve_admin(state) as (session, base):
         headers = {"Origin": base, "Sec-Fetch-Site": "same-origin"}
         async with session.post(base + "/upstreams/web/endpoints/web-1/drain",
                                 headers=headers) as resp:

@@ -7,23 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from support.fakes import T0, FakeClock
+from support.fakes import T0, FakeClock, serve_admin
 
 from proxy.admin import operator
 from proxy.admin.merge import Reading
 from proxy.admin.readings import DRAINS_FILE, ReadingFiles, read_all
-from proxy.admin.server import start_admin
 from proxy.admin.views import process_reading
 from proxy.config import UpstreamConfig
-from proxy.devconsul import free_port
 from proxy.model import Address, CatalogAnswer, Endpoint
 from proxy.upstream.manager import UpstreamRuntime
 
@@ -50,17 +45,6 @@ def worker(tmp_path: Path, number: int) -> WorkerState:
 
 def routable(state: WorkerState) -> set[str]:
     return {h.id for h in state.upstreams["web"].available}
-
-
-@asynccontextmanager
-async def admin_of(state: WorkerState) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
-    port = free_port()
-    runner = await start_admin(state, Address("127.0.0.1", port))
-    try:
-        async with aiohttp.ClientSession() as session:
-            yield session, f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 async def publishing(state: WorkerState, every: float = 0.05) -> None:
@@ -128,7 +112,7 @@ async def test_the_answer_waits_until_every_worker_drains(tmp_path: Path) -> Non
     w1.publish()
     sibling = asyncio.create_task(publishing(w1))
     try:
-        async with admin_of(w0) as (session, base):
+        async with serve_admin(w0) as (session, base):
             url = base + "/upstreams/web/endpoints/a"
             async with session.post(url + "/drain") as resp:
                 assert resp.status == 200, await resp.text()
@@ -152,7 +136,7 @@ async def test_a_worker_that_does_not_answer_is_named(tmp_path: Path,
     w0, w1 = worker(tmp_path, 0), worker(tmp_path, 1)
     w1.publish()  # then nothing more: a worker stuck in a long callback, say
     monkeypatch.setattr("proxy.admin.handlers.CONFIRM_TIMEOUT", 0.3)
-    async with admin_of(w0) as (session, base), session.post(
+    async with serve_admin(w0) as (session, base), session.post(
             base + "/upstreams/web/endpoints/a/drain") as resp:
         assert resp.status == 200
         assert (await resp.json())["workers_pending"] == [1]
