@@ -29,7 +29,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from support.consul import Registration, register_backend, unique_service, wait_passing
-from support.http import Sample, fetch, paced_requests
+from support.http import Sample, all_ok, paced_requests, seconds_until
 from support.procs import Backend, ProxyProcess
 from support.tomlconf import toml_table
 
@@ -63,26 +63,6 @@ def catalog_errors_metric(proxy: ProxyProcess, upstream: str) -> float:
         if f'upstream="{upstream}"' in labels:
             return float(value)
     raise AssertionError(f"sdproxy_catalog_errors_total for {upstream} missing")
-
-
-async def all_ok(addr: tuple[str, int], n: int) -> set[str]:
-    """`n` GETs, each must answer 200; the set of backends that answered."""
-    bodies = set()
-    for _ in range(n):
-        resp = await fetch(addr, timeout=3.0)
-        assert resp.status == 200, (resp.status, resp.text)
-        bodies.add(resp.text)
-    return bodies
-
-
-async def wait_for(what: str, predicate: Callable[[], bool], timeout: float) -> float:
-    """Poll `predicate` (blocking, so in a thread) until true; seconds it took."""
-    started = time.monotonic()
-    while not await asyncio.to_thread(predicate):
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 # -- a: the agent is killed, then replaced at the same address ----------------------------
@@ -129,7 +109,7 @@ async def test_agent_killed_last_pool_serves_then_watch_resumes(
         for b in (b1, b2):
             register_backend(replacement, service, b.port, service_id=f"{service}-{b.name}")
         restarted = time.monotonic()
-        resumed = await wait_for(
+        resumed = await seconds_until(
             "stale_seconds back to 0",
             lambda: proxy.upstream(service)["stale_seconds"] == 0, timeout=15.0)
         await asyncio.to_thread(proxy.wait_routable, service, ids, 5.0)

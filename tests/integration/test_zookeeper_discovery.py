@@ -28,7 +28,7 @@ import pytest
 from kazoo.client import KazooClient
 from kazoo.retry import KazooRetry
 from support.consul import unique_service
-from support.http import fetch
+from support.http import all_ok, seconds_until
 from support.procs import Backend, ProxyProcess, launch_proxy
 from support.tomlconf import toml_table
 from support.watch import AliveSink, ids, running
@@ -221,26 +221,6 @@ def proxy_config(hosts: str, service: str) -> str:
     ])
 
 
-async def all_ok(addr: tuple[str, int], n: int) -> set[str]:
-    """`n` GETs, each must answer 200; the set of backends that answered."""
-    bodies = set()
-    for _ in range(n):
-        resp = await fetch(addr, timeout=3.0)
-        assert resp.status == 200, (resp.status, resp.text)
-        bodies.add(resp.text)
-    return bodies
-
-
-async def wait_until(what: str, predicate: Callable[[], bool], timeout: float) -> float:
-    """Poll `predicate` (blocking: in a thread) until true; seconds it took."""
-    started = time.monotonic()
-    while not await asyncio.to_thread(predicate):
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
-
-
 async def test_server_killed_last_pool_serves_then_watches_resume(
         start_backends: StartBackends) -> None:
     service = unique_service("zk-killed")
@@ -277,7 +257,7 @@ async def test_server_killed_last_pool_serves_then_watches_resume(
 
             # Back on the same port with the same data: sessions and znodes survive.
             await asyncio.to_thread(server.start)
-            resumed = await wait_until(
+            resumed = await seconds_until(
                 "stale_seconds back to 0",
                 lambda: proxy.upstream(service)["stale_seconds"] == 0, timeout=15.0)
             # The watches are armed again: a change reaches the pool, no restart. (kazoo's

@@ -267,3 +267,23 @@ async def paced_requests(
         tasks.append(asyncio.create_task(one(time.monotonic())))
         i += 1
     return list(await asyncio.gather(*tasks))
+
+
+async def all_ok(addr: tuple[str, int], n: int) -> set[str]:
+    """`n` GETs, each must answer 200; the set of bodies (backend names) that answered."""
+    bodies = set()
+    for _ in range(n):
+        resp = await fetch(addr, timeout=3.0)
+        assert resp.status == 200, (resp.status, resp.text)
+        bodies.add(resp.text)
+    return bodies
+
+
+async def seconds_until(what: str, predicate: Callable[[], bool], timeout: float) -> float:
+    """Poll `predicate` (blocking, so in a thread) until true; the seconds it took."""
+    started = time.monotonic()
+    while not await asyncio.to_thread(predicate):
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
