@@ -1,7 +1,8 @@
 """The route table of one listener: which upstream a request goes to, by Host and path.
 
-Owns the matching rules of SPEC "Routing several upstreams on one listener", and nothing
-else: it knows neither sockets nor runtimes (the value a route leads to is the caller's,
+Owns the matching rules of SPEC "Routing several upstreams on one listener" and what a
+stripping route changes in a request head (`strip_prefix`), and nothing else: it knows
+neither sockets nor runtimes (the value a route leads to is the caller's,
 `target`), so it is unit-tested as plain data and compiled with mypyc.
 
 Rules:
@@ -17,17 +18,20 @@ Rules:
 Cost per request: a dict lookup on the Host value as sent (it gives the host groups to
 try, in order, worked out once per distinct value: case, port and wildcards are not
 redone per request; skipped when no route names a host), then per group one dict lookup
-per distinct prefix length present, longest first, never a scan of the routes. A table is immutable once built; a change builds a new one, which the
-listener swaps in one assignment. Each entry's request counter is carried into the next
-table by the route's key, so a counter never goes backwards across changes; an entry whose
-route and target did not change is carried over as it is (a change to one route of 500
-builds one entry, and the dicts that index them).
+per distinct prefix length present, longest first, never a scan of the routes. A table
+is immutable once built; a change builds a new one, which the listener swaps in one
+assignment. Each entry's request counter is carried into the next table by the route's
+key, so a counter never goes backwards across changes; an entry whose route and target did
+not change is carried over as it is (a change to one route of 500 builds one entry, and
+the dicts that index them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Final, Generic, TypeVar
+
+from proxy.l7.message import MessageHead
 
 T = TypeVar("T")
 
@@ -251,3 +255,34 @@ def path_of(target: bytes) -> bytes:
         return target
     slash = target.find(b"/", scheme + 3)
     return target[slash:] if slash >= 0 else b"/"
+
+
+# -- what a stripping route changes in a request head ------------------------------------
+
+_X_FORWARDED_HOST: Final = b"x-forwarded-host"
+_X_FORWARDED_PREFIX: Final = b"x-forwarded-prefix"
+
+
+def strip_prefix(head: MessageHead, routed: Routed[T], host: bytes | None) -> None:
+    """Forward `head` with the route's prefix taken off its target (a leading "/" kept),
+    `X-Forwarded-Prefix` set to that prefix (a client's replaced) and `X-Forwarded-Host` to
+    the Host it asked for (a client's kept, as X-Forwarded-Proto: sdproxy sits behind the
+    frontend that knows). Fields are replaced in place or appended, so the parser's
+    indexes of the hop-by-hop fields stay right. The access log shows the rewritten
+    target: what the instance was asked."""
+    head.target = routed.rewrite(head.target)
+    head.raw = None  # the head as received is not what goes on: encode it field by field
+    headers = head.headers
+    prefix = routed.forwarded_prefix
+    replaced = has_host = False
+    for i, (name, _value) in enumerate(headers):
+        size = len(name)
+        if size == 18 and name.lower() == _X_FORWARDED_PREFIX:
+            headers[i] = (name, prefix)
+            replaced = True
+        elif size == 16 and name.lower() == _X_FORWARDED_HOST:
+            has_host = True
+    if not replaced:
+        headers.append((b"X-Forwarded-Prefix", prefix))
+    if not has_host and host is not None:
+        headers.append((b"X-Forwarded-Host", host))

@@ -31,7 +31,7 @@ from proxy.l7.message import HeadTooLarge, MessageHead, ParseError
 from proxy.l7.parsers import PARSERS
 from proxy.protocols.http_exchange import ClientSide, Exchange, LoggedExchange
 from proxy.protocols.relay import Relay, abort_with_reset
-from proxy.routing import Route, Routed, RouteTable
+from proxy.routing import Route, RouteTable, strip_prefix
 from proxy.upstream.manager import UpstreamRuntime
 
 if TYPE_CHECKING:
@@ -567,34 +567,3 @@ class HttpDownstream(asyncio.Protocol, ClientSide):
         self._clear_header_deadline()
         if self.transport is not None:
             self.transport.close()
-
-
-# --- routed listeners: what a route changes in a request --------------------------------
-
-_X_FORWARDED_HOST: Final = b"x-forwarded-host"
-_X_FORWARDED_PREFIX: Final = b"x-forwarded-prefix"
-
-
-def strip_prefix(head: MessageHead, routed: Routed[ExchangePolicy], host: bytes | None) -> None:
-    """Forward `head` with the route's prefix taken off its target (a leading "/" kept),
-    `X-Forwarded-Prefix` set to that prefix (a client's replaced) and `X-Forwarded-Host` to
-    the Host it asked for (a client's kept, as X-Forwarded-Proto: sdproxy sits behind the
-    frontend that knows). Fields are replaced in place or appended, so the parser's
-    indexes of the hop-by-hop fields stay right. The access log shows the rewritten
-    target: what the instance was asked."""
-    head.target = routed.rewrite(head.target)
-    head.raw = None  # the head as received is not what goes on: encode it field by field
-    headers = head.headers
-    prefix = routed.forwarded_prefix
-    replaced = has_host = False
-    for i, (name, _value) in enumerate(headers):
-        size = len(name)
-        if size == 18 and name.lower() == _X_FORWARDED_PREFIX:
-            headers[i] = (name, prefix)
-            replaced = True
-        elif size == 16 and name.lower() == _X_FORWARDED_HOST:
-            has_host = True
-    if not replaced:
-        headers.append((b"X-Forwarded-Prefix", prefix))
-    if not has_host and host is not None:
-        headers.append((b"X-Forwarded-Host", host))

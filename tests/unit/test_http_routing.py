@@ -8,8 +8,7 @@ from support.fakes import parse_request
 
 from proxy.l7.headers import encode_request, host_field
 from proxy.l7.message import MessageHead
-from proxy.protocols.http import strip_prefix
-from proxy.routing import Route, RouteTable
+from proxy.routing import Route, RouteTable, strip_prefix
 
 
 def parse(raw: bytes, parser: str) -> MessageHead:
