@@ -133,6 +133,7 @@ async def test_tls_to_instances_and_from_clients(
                                                  "server_name": UPSTREAM}},
         "tls-mutual-no-cert": {**static(mutual), "tls": {**trust, "server_name": UPSTREAM}},
         "tls-tcp": {**static(a), "mode": "tcp", "tls": {**trust, "server_name": UPSTREAM}},
+        "tls-no-verify": {**static(stranger), "tls": {"verify": False}},
         "tls-listen-http": {**static(plain), "listen_tls": listen_tls},
         "tls-listen-tcp": {**static(plain), "mode": "tcp", "listen_tls": listen_tls},
     })
@@ -177,6 +178,11 @@ async def test_tls_to_instances_and_from_clients(
                                   if e["state"] == "ejected"], "the stranger is ejected")
     assert ejected[0]["reason"].startswith("health: tls: "), ejected[0]
     assert "mismatch" in ejected[0]["reason"].lower(), ejected[0]
+
+    # verify = false: encrypted, and a certificate for another name from an unknown CA
+    # (no ca_file: the system's CAs) is accepted.
+    resp = await fetch(proxy.listen("tls-no-verify"))
+    assert (resp.status, resp.text) == (200, "stranger"), resp.text
 
     # mTLS: the instance requires a client certificate and gets sdproxy's.
     resp = await fetch(proxy.listen("tls-mutual"))
